@@ -1,0 +1,39 @@
+"""hbfl_pyro: hierarchical Bayesian federated learning (FedHB) in Pyro.
+
+One Pyro model of the hierarchy, with a clients plate, is fitted federated: each client
+optimises its own block of the ELBO on its private data, and the server updates the global
+variational factor from what clients send (never data). See Kim & Hospedales, "FedHB:
+Hierarchical Bayesian Federated Learning", arXiv:2305.04979.
+"""
+
+from .client import Client, LocalConfig
+from .data import DataValidationError, FederatedData, collate, num_clients
+from .families import ClosedFormFamily, InverseWishart, NIWDiag, NIWFull, NIWIso, NormalNormal
+from .guides import GuideError
+from .server import ClientFailureWarning, Server
+from .structure import ModelStructure, ModelStructureError, discover_structure
+from .svi import FederatedSVI
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "ClientFailureWarning",
+    "ClosedFormFamily",
+    "DataValidationError",
+    "FederatedData",
+    "FederatedSVI",
+    "GuideError",
+    "InverseWishart",
+    "LocalConfig",
+    "ModelStructure",
+    "ModelStructureError",
+    "NIWDiag",
+    "NIWFull",
+    "NIWIso",
+    "NormalNormal",
+    "Server",
+    "collate",
+    "discover_structure",
+    "num_clients",
+]

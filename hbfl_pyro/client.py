@@ -1,0 +1,177 @@
+"""One client: its private data, its own ``q_i(theta_i)``, and its local update.
+
+A client receives what its objective needs of the global factor, runs local SVI steps on
+its own block of the ELBO, and replies. The reply holds only global-sized quantities:
+the gradient of its block with respect to the global variational parameters (gradient
+mode) or its sufficient summary of ``q_i`` (closed-form mode), its block's ELBO value,
+and its number of examples. Its data and local parameters never leave it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from pyro import poutine
+
+from .data import ClientData, collate
+from .elbo import client_terms
+from .families.base import ClosedFormFamily
+from .guides import build_local_guide, local_moments, private_params
+from .seeding import seeded
+from .structure import ModelStructure
+
+
+@dataclass
+class LocalConfig:
+    """How a client optimises its block.
+
+    :ivar steps: local SVI steps per round.
+    :ivar lr: Adam learning rate of the local steps in round 1.
+    :ivar lr_decay: multiplicative decay of that rate per round (round ``r`` uses
+        ``lr * lr_decay ** (r - 1)``). The client's Adam state persists across rounds:
+        a fresh Adam each round takes steps of size ``lr`` in the sign of a noisy
+        gradient, a random walk that never settles.
+    :ivar num_particles: Monte Carlo particles per local step.
+    :ivar grad_particles: particles for the gradient sent to the server.
+    :ivar moment_matched: moment-matched guide noise (:mod:`hbfl_pyro.noise`): exact
+        expectations for Gaussian-quadratic blocks; needs ``num_particles >= 2``.
+    """
+
+    steps: int = 10
+    lr: float = 0.05
+    lr_decay: float = 1.0
+    num_particles: int = 1
+    grad_particles: int = 8
+    moment_matched: bool = False
+
+
+class Client:
+    """A federated client holding one client's data and local variational parameters.
+
+    :param name: the client's name (used in every message and error).
+    :param data: the client's own data ``{key: tensor}``.
+    :param model: the shared Pyro model.
+    :param structure: the model's site roles.
+    :param global_guide: a template of ``q(phi)`` (deep-copied: the client owns its copy).
+    :param local_guide: ``"auto"``, an autoguide class, or a PyroModule template.
+    :param family: the closed-form family, or ``None`` in gradient mode.
+    :param config: the :class:`LocalConfig`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data: ClientData,
+        model: Callable,
+        structure: ModelStructure,
+        global_guide,
+        local_guide,
+        family: Optional[ClosedFormFamily],
+        config: LocalConfig,
+        per_client=(),
+    ):
+        self.name = name
+        self._batch = collate([data], per_client=per_client)
+        self._model = model
+        self._structure = structure
+        self._family = family
+        self.config = config
+        self.num_examples = int(self._batch["mask"].sum()) if "mask" in self._batch else 1
+        self.global_guide = copy.deepcopy(global_guide) if global_guide is not None else None
+        self.local_guide = build_local_guide(model, structure, self._batch, local_guide)
+        self.optim = torch.optim.Adam(self.local_guide.parameters(), lr=config.lr)
+
+    # ------------------------------------------------------------------ objective
+    def _terms(self, message, num_particles: int) -> torch.Tensor:
+        if self._family is None:
+            return client_terms(
+                self._model,
+                self.global_guide,
+                self.local_guide,
+                self._batch,
+                self._structure,
+                1,
+                num_particles,
+                moment_matched=self.config.moment_matched,
+            )
+        params = message["family_params"]
+        model = poutine.condition(self._model, data=self._family.point_values(params))
+        return client_terms(
+            model,
+            None,
+            self.local_guide,
+            self._batch,
+            self._structure,
+            1,
+            num_particles,
+            self._family,
+            params,
+            moment_matched=self.config.moment_matched,
+        )
+
+    def elbo(self, message, num_particles: int = 64) -> float:
+        """A Monte Carlo estimate of this client's ELBO term under ``message``."""
+        with private_params(), torch.no_grad():
+            self._load_global(message)
+            return float(self._terms(message, num_particles).sum())
+
+    def _load_global(self, message) -> None:
+        if self._family is None:
+            self.global_guide.load_state_dict(message["global_params"])
+
+    # ------------------------------------------------------------------ the round
+    def update(self, message: Dict) -> Dict:
+        """Run the local steps of one round and return the reply to the server."""
+        with private_params(), seeded(message["seed"]):
+            self._load_global(message)
+            local = list(self.local_guide.parameters())
+            lr = self.config.lr * self.config.lr_decay ** (message["round"] - 1)
+            for group in self.optim.param_groups:
+                group["lr"] = lr
+            for _ in range(self.config.steps):
+                loss = -self._terms(message, self.config.num_particles).sum()
+                self.optim.zero_grad()
+                loss.backward(inputs=local)
+                self.optim.step()
+            reply = {
+                "client": self.name,
+                "round": message["round"],
+                "num_examples": self.num_examples,
+            }
+            if self._family is not None:
+                mean, var = local_moments(self.local_guide, self._family.local_site)
+                with torch.no_grad():
+                    reply["stats"] = {
+                        k: v.detach()
+                        for k, v in self._family.client_summary(mean.detach(), var.detach()).items()
+                    }
+                    reply["elbo"] = float(self._terms(message, self.config.grad_particles).sum())
+            else:
+                names, params = zip(*self.global_guide.named_parameters())
+                value = self._terms(message, self.config.grad_particles).sum()
+                grads = torch.autograd.grad(-value, params, allow_unused=True)
+                reply["grads"] = {
+                    n: (torch.zeros_like(p) if g is None else g.detach())
+                    for n, p, g in zip(names, params, grads)
+                }
+                reply["elbo"] = float(value.detach())
+        if not math.isfinite(reply["elbo"]):
+            reply["elbo"] = float("nan")
+        return reply
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict:
+        """The client's local variational parameters and optimiser state (kept locally)."""
+        return {
+            "guide": {k: v.detach().clone() for k, v in self.local_guide.state_dict().items()},
+            "optim": copy.deepcopy(self.optim.state_dict()),
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        with private_params():
+            self.local_guide.load_state_dict(state["guide"])
+        self.optim.load_state_dict(copy.deepcopy(state["optim"]))

@@ -1,0 +1,179 @@
+"""The blocks of the ELBO: the server's term and one term per client.
+
+With ``q(phi, theta) = q(phi) prod_i q_i(theta_i)`` the ELBO splits exactly
+(method.md §2)::
+
+    ELBO = E_q[log p(phi) - log q(phi)]                                   (server term)
+         + sum_i E_q[log p(theta_i|phi) + log p(D_i|theta_i,phi) - log q_i(theta_i)]   (client terms)
+
+Both are computed from ordinary Pyro traces (guide traced, model replayed against it) of
+reparameterised guides; the per-client terms come out as a vector over the clients
+plate, so one client, a batch of clients and the pooled data all use the same code.
+Expectations are single- or multi-sample estimates over a vectorised particle plate, as
+in Pyro's ``Trace_ELBO(vectorize_particles=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+
+from .families.base import ClosedFormFamily
+from .noise import MomentMatchedNoise
+from .structure import ModelStructure
+
+PARTICLE_PLATE = "_hbfl_particles"
+
+
+def with_particles(
+    fn: Callable, num_particles: int, max_plate_nesting: int, moment_matched: bool = False
+) -> Callable:
+    """Run ``fn`` inside a vectorised particle plate left of every model plate.
+
+    :param moment_matched: draw Normal sites with moment-matched noise
+        (:class:`~hbfl_pyro.noise.MomentMatchedNoise`); for guides only.
+    """
+    if num_particles == 1:
+        return fn
+    dim = -(max_plate_nesting + 1)
+
+    def wrapped(*args, **kwargs):
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=dim):
+            return fn(*args, **kwargs)
+
+    return MomentMatchedNoise(dim)(wrapped) if moment_matched else wrapped
+
+
+def site_log_prob(site, family: Optional[ClosedFormFamily] = None, family_params=None):
+    """A site's log density with its scale and mask applied (as Pyro's ``Trace`` does).
+
+    For the local site of a closed-form family the density is replaced by its
+    expectation under ``q(phi)`` (:meth:`ClosedFormFamily.expected_log_prior`).
+    """
+    fn, value = site["fn"], site["value"]
+    if family is not None and site["name"] == family.local_site:
+        event_dim = fn.event_dim
+        batch_shape = value.shape[: value.dim() - event_dim]
+        flat = value.reshape(batch_shape + (-1,))
+        log_p = family.expected_log_prior(flat, family_params)
+    else:
+        log_p = fn.log_prob(value)
+    return scale_and_mask(log_p, site["scale"], site["mask"])
+
+
+def _axis(log_p: torch.Tensor, site, plate: str) -> Optional[int]:
+    for frame in site["cond_indep_stack"]:
+        if frame.name == plate and log_p.dim() >= -frame.dim:
+            return log_p.dim() + frame.dim
+    return None
+
+
+def _reduce(log_p: torch.Tensor, site, plate: Optional[str], num_clients: int) -> torch.Tensor:
+    """Sum ``log_p`` over every dim but the clients plate; average over particles."""
+    p_axis = _axis(log_p, site, PARTICLE_PLATE)
+    c_axis = _axis(log_p, site, plate) if plate is not None else None
+    keep = [a for a in (p_axis, c_axis) if a is not None]
+    drop = [d for d in range(log_p.dim()) if d not in keep]
+    summed = log_p.sum(drop) if drop else log_p  # (torch sums everything for dim=[])
+    if p_axis is not None:
+        summed = summed.mean(0)
+    if plate is None:
+        return summed
+    if c_axis is None:
+        raise ValueError(
+            f"site {site['name']!r} has no batch dimension for the clients plate; "
+            "it must be sampled inside the plate"
+        )
+    if summed.shape != (num_clients,):
+        raise ValueError(
+            f"site {site['name']!r}: expected {num_clients} client values, got shape "
+            f"{tuple(summed.shape)}"
+        )
+    return summed
+
+
+def _guide_sites(trace):
+    return [
+        site
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    ]
+
+
+def client_terms(
+    model: Callable,
+    global_guide: Optional[Callable],
+    local_guide: Callable,
+    batch: Dict[str, torch.Tensor],
+    structure: ModelStructure,
+    num_clients: int,
+    num_particles: int = 1,
+    family: Optional[ClosedFormFamily] = None,
+    family_params=None,
+    moment_matched: bool = False,
+) -> torch.Tensor:
+    """The clients' ELBO terms, a vector of length ``num_clients``.
+
+    :param model: the user's model (in closed-form mode, conditioned on values of the
+        global sites: they do not enter the objective, the family's expectation does).
+    :param global_guide: ``q(phi)`` (gradient mode), or ``None`` (closed-form mode).
+    :param local_guide: the clients' ``q_i(theta_i)``; every one of its sample sites,
+        auxiliary ones included (``AutoNormal`` samples ``<site>_unconstrained``), counts
+        towards ``log q_i``.
+    :param batch: the collated data of these clients.
+    :param moment_matched: use moment-matched guide noise (see :mod:`hbfl_pyro.noise`).
+    """
+    nesting = structure.max_plate_nesting
+    guide_trace = Trace()
+    if global_guide is not None:
+        global_guide = with_particles(global_guide, num_particles, nesting, moment_matched)
+        guide_trace = poutine.trace(global_guide).get_trace(batch)
+    local_guide = with_particles(local_guide, num_particles, nesting, moment_matched)
+    local_trace = poutine.trace(poutine.replay(local_guide, trace=guide_trace)).get_trace(batch)
+    for name, node in local_trace.nodes.items():
+        if name not in guide_trace.nodes:
+            guide_trace.add_node(name, **node)
+    model = with_particles(model, num_particles, nesting)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+    total = 0.0
+    for name in structure.local_sites + structure.observed_sites:
+        site = model_trace.nodes[name]
+        log_p = site_log_prob(site, family, family_params)
+        total = total + _reduce(log_p, site, structure.plate, num_clients)
+    for site in _guide_sites(local_trace):
+        total = total - _reduce(site_log_prob(site), site, structure.plate, num_clients)
+    return total
+
+
+def server_term(
+    model: Callable,
+    global_guide: Callable,
+    placeholder: Dict[str, torch.Tensor],
+    structure: ModelStructure,
+    num_particles: int = 1,
+    moment_matched: bool = False,
+) -> torch.Tensor:
+    """``E_q[log p(phi) - log q(phi)]`` by Monte Carlo, for a guide of the global sites.
+
+    The model runs on a data-free placeholder input (validation has shown the global
+    sites' priors do not depend on client data); only the global sites are read.
+    """
+    guide = with_particles(global_guide, num_particles, structure.max_plate_nesting, moment_matched)
+    model = with_particles(model, num_particles, structure.max_plate_nesting)
+    guide_trace = poutine.trace(guide).get_trace(placeholder)
+    # The placeholder's values need not lie in the likelihood's support: don't validate.
+    with pyro.validation_enabled(False):
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(placeholder)
+    total = 0.0
+    for name in structure.global_sites:
+        site = model_trace.nodes[name]
+        total = total + _reduce(site_log_prob(site), site, None, 0)
+    for site in _guide_sites(guide_trace):
+        total = total - _reduce(site_log_prob(site), site, None, 0)
+    return total

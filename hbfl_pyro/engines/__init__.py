@@ -1,0 +1,5 @@
+"""Transports between the server and the clients."""
+
+from .inprocess import InProcessEngine
+
+__all__ = ["InProcessEngine"]

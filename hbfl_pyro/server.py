@@ -1,0 +1,219 @@
+"""The server: owns ``q(phi)``, samples clients, and updates from their replies.
+
+Two modes (method.md §3):
+
+- **closed form**: a :class:`~hbfl_pyro.families.base.ClosedFormFamily` solves the
+  server block exactly from the sum of the clients' summaries;
+- **gradient**: any guide of the global sites; the server adds the gradient of its own
+  term ``E_q[log p(phi) - log q(phi)]`` to the clients' gradients of their terms and takes
+  an Adam step.
+
+Partial participation: ``"scaled"`` multiplies the sum over the round's clients by
+``N / |S|`` (an unbiased estimate of the sum over all clients); ``"stale"`` keeps each
+client's latest reply and sums over every client heard from so far (exact at a fixed
+point, and the default in closed-form mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .elbo import server_term
+from .families.base import ClosedFormFamily
+from .guides import private_params
+from .seeding import derive_seed, seeded
+from .structure import ModelStructure
+
+logger = logging.getLogger("hbfl_pyro")
+
+
+class ClientFailureWarning(UserWarning):
+    """A client's reply was unusable and left out of a round."""
+
+
+def _finite(reply: Dict) -> bool:
+    tensors = list(reply.get("grads", {}).values()) + list(reply.get("stats", {}).values())
+    return math.isfinite(reply.get("elbo", float("nan"))) and all(
+        bool(torch.isfinite(t).all()) for t in tensors
+    )
+
+
+class Server:
+    """The server side of federated SVI.
+
+    :param client_names: names of all ``N`` clients.
+    :param model: the Pyro model (run only on a data-free placeholder).
+    :param structure: the model's site roles.
+    :param placeholder: the placeholder model input (schema only).
+    :param global_guide: ``q(phi)`` in gradient mode, else ``None``.
+    :param family: the closed-form family, else ``None``.
+    :param fraction: fraction of clients sampled per round.
+    :param min_clients: fewest good replies for the server to update.
+    :param participation: ``"scaled"`` or ``"stale"``.
+    :param lr: Adam learning rate (gradient mode).
+    :param lr_decay: multiplicative learning-rate decay per round (gradient mode).
+    :param num_particles: particles for the server term's gradient.
+    :param seed: the run's seed.
+    """
+
+    def __init__(
+        self,
+        client_names: Sequence[str],
+        model: Callable,
+        structure: ModelStructure,
+        placeholder,
+        global_guide=None,
+        family: Optional[ClosedFormFamily] = None,
+        *,
+        fraction: float = 1.0,
+        min_clients: int = 1,
+        participation: str = "scaled",
+        lr: float = 0.05,
+        lr_decay: float = 1.0,
+        num_particles: int = 8,
+        seed: int = 0,
+    ):
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        if participation not in ("scaled", "stale"):
+            raise ValueError(f"participation must be 'scaled' or 'stale', got {participation!r}")
+        self.client_names = list(client_names)
+        self.model, self.structure, self.placeholder = model, structure, placeholder
+        self.global_guide, self.family = global_guide, family
+        self.fraction, self.min_clients = fraction, min_clients
+        self.participation = participation
+        self.num_particles, self.seed = num_particles, seed
+        self.stale: Dict[str, Dict] = {}
+        if family is not None:
+            self.family_params = family.init_params()
+            self.optim = self.scheduler = None
+        else:
+            self.family_params = None
+            self.optim = torch.optim.Adam(self.global_guide.parameters(), lr=lr)
+            self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optim, gamma=lr_decay)
+
+    @property
+    def mode(self) -> str:
+        return "closed_form" if self.family is not None else "gradient"
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_names)
+
+    # ------------------------------------------------------------------ configure
+    def select(self, server_round: int) -> List[str]:
+        """The clients sampled for a round (seeded by ``(seed, round)``)."""
+        n = self.num_clients
+        k = max(1, int(round(self.fraction * n)))
+        if k == n:
+            return list(self.client_names)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "select"))
+        chosen = torch.randperm(n, generator=gen)[:k].sort().values
+        return [self.client_names[i] for i in chosen]
+
+    def message(self, server_round: int, client: str) -> Dict:
+        """What a client needs of ``q(phi)`` this round."""
+        msg = {
+            "round": server_round,
+            "mode": self.mode,
+            "seed": derive_seed(self.seed, server_round, client),
+        }
+        if self.family is not None:
+            msg["family_params"] = {k: v.detach().clone() for k, v in self.family_params.items()}
+        else:
+            msg["global_params"] = {
+                k: v.detach().clone() for k, v in self.global_guide.state_dict().items()
+            }
+        return msg
+
+    # ------------------------------------------------------------------ aggregate
+    def aggregate(
+        self, server_round: int, replies: Dict[str, Dict], failed: Sequence[str] = ()
+    ) -> Dict:
+        """Update ``q(phi)`` from the round's replies; returns the round's record."""
+        good, bad = {}, list(failed)
+        for name, reply in replies.items():
+            if _finite(reply):
+                good[name] = reply
+            else:
+                bad.append(name)
+                warnings.warn(
+                    f"round {server_round}: client {name!r} returned a non-finite update; "
+                    "it is left out of this round",
+                    ClientFailureWarning,
+                    stacklevel=2,
+                )
+        record = {
+            "round": server_round,
+            "clients": sorted(good),
+            "failed": sorted(bad),
+            "updated": False,
+        }
+        if len(good) < self.min_clients:
+            warnings.warn(
+                f"round {server_round}: only {len(good)} good replies (min_clients="
+                f"{self.min_clients}); the global factor is not updated this round",
+                ClientFailureWarning,
+                stacklevel=2,
+            )
+            record["elbo"] = float("nan")
+            return record
+        if self.participation == "stale":
+            self.stale.update(good)
+            pool, scale = self.stale, self.num_clients / len(self.stale)
+        else:
+            pool, scale = good, self.num_clients / len(good)
+        client_elbo = scale * sum(r["elbo"] for r in pool.values())
+        if self.family is not None:
+            keys = next(iter(pool.values()))["stats"].keys()
+            sums = {k: scale * sum(r["stats"][k] for r in pool.values()) for k in keys}
+            self.family_params = self.family.server_update(sums, self.num_clients)
+            own = float(self.family.neg_kl(self.family_params))
+        else:
+            with private_params(), seeded(derive_seed(self.seed, server_round, "server")):
+                own_term = server_term(
+                    self.model,
+                    self.global_guide,
+                    self.placeholder,
+                    self.structure,
+                    self.num_particles,
+                )
+                self.optim.zero_grad()
+                (-own_term).backward()
+            for name, param in self.global_guide.named_parameters():
+                total = sum(r["grads"][name] for r in pool.values())
+                param.grad = param.grad + scale * total if param.grad is not None else scale * total
+            self.optim.step()
+            self.scheduler.step()
+            own = float(own_term.detach())
+        record["updated"] = True
+        record["elbo"] = own + client_elbo
+        return record
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict:
+        state = {"stale": self.stale}
+        if self.family is not None:
+            state["family_params"] = {k: v.clone() for k, v in self.family_params.items()}
+        else:
+            state["global_guide"] = {
+                k: v.detach().clone() for k, v in self.global_guide.state_dict().items()
+            }
+            state["optim"] = self.optim.state_dict()
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.stale = dict(state["stale"])
+        if self.family is not None:
+            self.family_params = dict(state["family_params"])
+        else:
+            with private_params():
+                self.global_guide.load_state_dict(state["global_guide"])
+            self.optim.load_state_dict(state["optim"])
+            self.scheduler.load_state_dict(state["scheduler"])

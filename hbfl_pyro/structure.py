@@ -1,0 +1,195 @@
+"""Discovery of the roles of a model's sample sites, and up-front validation.
+
+The roles come from traces of the user's own Pyro model (architecture rule 1): a latent
+site inside the clients plate is *local* (one value per client), a latent site outside it
+is *global*, and observed sites must lie inside it. Everything here runs before any
+training, and every error names the site (and the client) and says how to fix it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import is_identically_zero
+from pyro.poutine.util import site_is_subsample
+
+from .data import FederatedData
+
+
+class ModelStructureError(ValueError):
+    """The model cannot be split into a server block and client blocks as written."""
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """The roles of a model's sites, discovered from traces.
+
+    :ivar plate: name of the clients plate.
+    :ivar plate_dim: the plate's (negative) batch dimension.
+    :ivar global_sites: latent sites outside the plate (``phi``), in model order.
+    :ivar local_sites: latent sites inside the plate (``theta_i``), in model order.
+    :ivar observed_sites: observed sites (inside the plate).
+    :ivar likelihood_globals: global sites the observed sites depend on directly
+        ("fixed effects"); when non-empty no closed-form server update exists.
+    :ivar max_plate_nesting: as Pyro's ELBOs use it.
+    """
+
+    plate: str
+    plate_dim: int
+    global_sites: Tuple[str, ...]
+    local_sites: Tuple[str, ...]
+    observed_sites: Tuple[str, ...]
+    likelihood_globals: Tuple[str, ...]
+    max_plate_nesting: int
+    deterministic_sites: Tuple[str, ...] = ()
+    event_dims: Tuple[Tuple[str, int], ...] = ()
+
+    def event_dim(self, site: str) -> int:
+        return dict(self.event_dims)[site]
+
+
+def _sample_sites(trace) -> Dict[str, dict]:
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    }
+
+
+def _in_plate(site, plate: str) -> bool:
+    return any(frame.name == plate for frame in site["cond_indep_stack"])
+
+
+def _trace(model: Callable, batch, what: str):
+    try:
+        return poutine.trace(model).get_trace(batch)
+    except Exception as exc:
+        raise ModelStructureError(
+            f"the model failed when run on {what}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def discover_structure(
+    model: Callable, data: FederatedData, plate: str = "clients"
+) -> ModelStructure:
+    """Trace ``model`` on the clients' data, assign site roles, and validate them.
+
+    :param model: a Pyro model taking one collated data dict.
+    :param data: the federation's data (only used locally, as each client would).
+    :param plate: the name of the clients plate.
+    :returns: the :class:`ModelStructure`.
+    :raises ModelStructureError: naming the offending site (and client) and the fix.
+    """
+    one = _trace(model, data.collate([0]), f"client {data.names[0]!r}")
+    sites = _sample_sites(one)
+    plated = [n for n, s in sites.items() if _in_plate(s, plate)]
+    if not plated:
+        raise ModelStructureError(
+            f"no sample site is inside a plate named {plate!r}; wrap the per-client part "
+            f"of the model in `with pyro.plate({plate!r}, num_clients):` (or pass the "
+            "plate's name as `plate=`)"
+        )
+    plate_dim = next(
+        f.dim for s in sites.values() for f in s["cond_indep_stack"] if f.name == plate
+    )
+    globals_, locals_, observed, deterministic = [], [], [], []
+    for name, site in sites.items():
+        inside = _in_plate(site, plate)
+        if site["infer"].get("_deterministic"):
+            deterministic.append(name)
+        elif site["is_observed"]:
+            if not inside:
+                raise ModelStructureError(
+                    f"observed site {name!r} is outside the {plate!r} plate: every "
+                    f"observation belongs to a client; move it inside `pyro.plate({plate!r}, ...)`"
+                )
+            observed.append(name)
+        elif inside:
+            locals_.append(name)
+        else:
+            globals_.append(name)
+    if not observed:
+        raise ModelStructureError("the model has no observed site: pass the data as `obs=`")
+    max_nesting = max(
+        [-f.dim for s in sites.values() for f in s["cond_indep_stack"] if f.dim is not None] + [0]
+    )
+    if len(data) > 1:
+        _check_globals_are_global(model, data, one, globals_, plate)
+    likelihood_globals = _likelihood_globals(model, data, one, globals_, observed)
+    return ModelStructure(
+        plate=plate,
+        plate_dim=plate_dim,
+        global_sites=tuple(globals_),
+        local_sites=tuple(locals_),
+        observed_sites=tuple(observed),
+        likelihood_globals=likelihood_globals,
+        max_plate_nesting=max_nesting,
+        deterministic_sites=tuple(deterministic),
+        event_dims=tuple((n, s["fn"].event_dim) for n, s in sites.items()),
+    )
+
+
+def _check_globals_are_global(model, data, one, globals_, plate) -> None:
+    """A global site's value shape and density must not depend on the clients' data."""
+    two = _trace(model, data.collate([0, 1]), f"clients {data.names[:2]}")
+    for name in globals_:
+        a, b = one.nodes[name]["value"], two.nodes[name]["value"]
+        if a.shape != b.shape:
+            raise ModelStructureError(
+                f"site {name!r} has a value per client (shape {tuple(a.shape)} with one "
+                f"client, {tuple(b.shape)} with two) but is outside the {plate!r} plate; "
+                f"sample it inside `with pyro.plate({plate!r}, num_clients):`"
+            )
+    values = {name: one.nodes[name]["value"] for name in globals_}
+    ref = None
+    for i in range(len(data)):
+        conditioned = poutine.condition(model, data=values)
+        trace = _trace(conditioned, data.collate([i]), f"client {data.names[i]!r}")
+        log_probs = {
+            name: trace.nodes[name]["fn"].log_prob(values[name]).sum() for name in globals_
+        }
+        if ref is None:
+            ref = log_probs
+            continue
+        for name in globals_:
+            if not torch.allclose(log_probs[name], ref[name], rtol=1e-9, atol=1e-12):
+                raise ModelStructureError(
+                    f"the distribution of global site {name!r} depends on client data: it "
+                    f"differs between client {data.names[0]!r} and client {data.names[i]!r}. "
+                    "A global prior may only use constants or other global sites; compute "
+                    "data-dependent quantities inside the clients plate"
+                )
+
+
+def _likelihood_globals(model, data, one, globals_, observed) -> Tuple[str, ...]:
+    """Globals that change an observed site's density when moved with the locals held fixed."""
+    if not globals_:
+        return ()
+    batch = data.collate([0])
+    base = {n: s["value"] for n, s in _sample_sites(one).items() if not s["is_observed"]}
+
+    def obs_log_prob(values):
+        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(batch)
+        return torch.stack(
+            [trace.nodes[n]["fn"].log_prob(trace.nodes[n]["value"]).sum() for n in observed]
+        )
+
+    ref = obs_log_prob(base)
+    found = []
+    for name in globals_:
+        site = one.nodes[name]
+        transform = torch.distributions.biject_to(site["fn"].support)
+        unconstrained = transform.inv(site["value"])
+        moved = dict(base)
+        moved[name] = transform(unconstrained + 0.37)
+        with pyro.validation_enabled(False):
+            lp = obs_log_prob(moved)
+        if not is_identically_zero(lp - ref) and not torch.allclose(
+            lp, ref, rtol=1e-10, atol=1e-12
+        ):
+            found.append(name)
+    return tuple(found)

@@ -1,0 +1,57 @@
+"""Eight schools (Rubin 1981; Gelman et al., BDA3 §5.5): one client per school.
+
+Each school is a client holding its own estimated coaching effect ``y`` and its standard
+error ``sigma``. Globals: the population mean ``mu`` and spread ``tau``; local: each
+school's true effect ``theta``. Both parametrisations are here: ``centered`` samples
+``theta`` directly (a funnel for VI and NUTS alike), ``noncentered`` samples a standard
+normal ``theta_trans`` and records ``theta = mu + tau * theta_trans``.
+
+Reference posterior: posteriordb ``eight_schools_noncentered`` (``../shared/data``).
+"""
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from hbfl_pyro import num_clients
+
+SCHOOLS = ["A", "B", "C", "D", "E", "F", "G", "H"]
+Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
+SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
+
+
+def load_data():
+    """``{school: {"y": effect, "sigma": standard error}}``; one observation per client."""
+    return {
+        school: {"y": torch.tensor(y), "sigma": torch.tensor(s)}
+        for school, y, s in zip(SCHOOLS, Y, SIGMA)
+    }
+
+
+def centered(data):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("clients", num_clients(data)):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, data["sigma"]), obs=data["y"])
+
+
+def noncentered(data):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("clients", num_clients(data)):
+        theta_trans = pyro.sample("theta_trans", dist.Normal(0.0, 1.0))
+        theta = pyro.deterministic("theta", mu + tau * theta_trans)
+        pyro.sample("y", dist.Normal(theta, data["sigma"]), obs=data["y"])
+
+
+model = noncentered
+
+#: Defaults for ``hbfl fit`` (each can be overridden on the command line).
+fit_options = {
+    "rounds": 600,
+    "local_steps": 5,
+    "local_lr": 0.05,
+    "server_lr": 0.05,
+    "lr_decay": 0.997,
+}

@@ -1,0 +1,28 @@
+"""Shared test set-up: float64, fixed seeds, the model zoo on the path, ../shared/data."""
+
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "models"))
+
+
+@pytest.fixture(autouse=True)
+def _float64_and_seed():
+    torch.set_default_dtype(torch.float64)
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.fail(f"{SHARED_DATA} is missing: tests read the reference data from ../shared/data")
+    return SHARED_DATA
