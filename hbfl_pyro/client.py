@@ -31,8 +31,9 @@ class LocalConfig:
 
     :ivar steps: local SVI steps per round.
     :ivar lr: Adam learning rate of the local steps in round 1.
-    :ivar lr_decay: multiplicative decay of that rate per round (round ``r`` uses
-        ``lr * lr_decay ** (r - 1)``). The client's Adam state persists across rounds:
+    :ivar lr_decay: multiplicative decay of that rate per round the client takes part in
+        (its ``k``-th update uses ``lr * lr_decay ** k``), so a client sampled rarely is
+        not slowed by rounds it missed. The client's Adam state persists across rounds:
         a fresh Adam each round takes steps of size ``lr`` in the sign of a noisy
         gradient, a random walk that never settles.
     :ivar num_particles: Monte Carlo particles per local step.
@@ -84,6 +85,7 @@ class Client:
         self.global_guide = copy.deepcopy(global_guide) if global_guide is not None else None
         self.local_guide = build_local_guide(model, structure, self._batch, local_guide)
         self.optim = torch.optim.Adam(self.local_guide.parameters(), lr=config.lr)
+        self.updates = 0  # rounds this client has taken part in
 
     # ------------------------------------------------------------------ objective
     def _terms(self, message, num_particles: int) -> torch.Tensor:
@@ -129,7 +131,7 @@ class Client:
         with private_params(), seeded(message["seed"]):
             self._load_global(message)
             local = list(self.local_guide.parameters())
-            lr = self.config.lr * self.config.lr_decay ** (message["round"] - 1)
+            lr = self.config.lr * self.config.lr_decay**self.updates
             for group in self.optim.param_groups:
                 group["lr"] = lr
             for _ in range(self.config.steps):
@@ -137,6 +139,7 @@ class Client:
                 self.optim.zero_grad()
                 loss.backward(inputs=local)
                 self.optim.step()
+            self.updates += 1
             reply = {
                 "client": self.name,
                 "round": message["round"],
@@ -169,9 +172,11 @@ class Client:
         return {
             "guide": {k: v.detach().clone() for k, v in self.local_guide.state_dict().items()},
             "optim": copy.deepcopy(self.optim.state_dict()),
+            "updates": self.updates,
         }
 
     def load_state_dict(self, state: Dict) -> None:
         with private_params():
             self.local_guide.load_state_dict(state["guide"])
         self.optim.load_state_dict(copy.deepcopy(state["optim"]))
+        self.updates = state["updates"]

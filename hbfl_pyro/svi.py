@@ -89,7 +89,7 @@ class FederatedSVI:
         gradient mode.
     :param min_clients: fewest good replies for a round to update the server.
     :param local_steps: local SVI steps per round; ``local_lr``: their Adam step size in
-        round 1; ``local_lr_decay``: its decay per round.
+        a client's first round; ``local_lr_decay``: its decay per round the client takes part in.
     :param num_particles: particles of the local steps; ``grad_particles`` of the
         gradient sent up; ``server_particles`` of the server term.
     :param moment_matched: moment-matched guide noise in the clients' estimates

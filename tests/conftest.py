@@ -26,3 +26,23 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.fail(f"{SHARED_DATA} is missing: tests read the reference data from ../shared/data")
     return SHARED_DATA
+
+
+_REPORT_LINES = []
+
+
+@pytest.fixture
+def report():
+    """Add lines to the fidelity report printed at the end of the test session."""
+
+    def add(line: str) -> None:
+        _REPORT_LINES.append(line)
+
+    return add
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT_LINES:
+        terminalreporter.section("hbfl_pyro fidelity report")
+        for line in _REPORT_LINES:
+            terminalreporter.write_line(line)
