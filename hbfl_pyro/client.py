@@ -50,6 +50,52 @@ class LocalConfig:
     moment_matched: bool = False
 
 
+def local_objective(
+    model: Callable,
+    structure: ModelStructure,
+    family: Optional[ClosedFormFamily],
+    message: Dict,
+    global_guide,
+    local_guide,
+    batch,
+    num_clients: int,
+    num_particles: int,
+    moment_matched: bool = False,
+) -> torch.Tensor:
+    """The ELBO terms of ``num_clients`` clients (a vector) under the server's ``message``.
+
+    Gradient mode: ``phi`` is drawn from the global guide (holding the message's
+    parameters), so the terms are differentiable in them. Closed-form mode: the family's
+    expectation ``E_q(phi)[log p(theta_i | phi)]`` replaces the local prior, and the global
+    sites are held at a point value that enters nothing else.
+    """
+    if family is None:
+        return client_terms(
+            model,
+            global_guide,
+            local_guide,
+            batch,
+            structure,
+            num_clients,
+            num_particles,
+            moment_matched=moment_matched,
+        )
+    params = message["family_params"]
+    conditioned = poutine.condition(model, data=family.point_values(params))
+    return client_terms(
+        conditioned,
+        None,
+        local_guide,
+        batch,
+        structure,
+        num_clients,
+        num_particles,
+        family,
+        params,
+        moment_matched=moment_matched,
+    )
+
+
 class Client:
     """A federated client holding one client's data and local variational parameters.
 
@@ -76,6 +122,8 @@ class Client:
         per_client=(),
     ):
         self.name = name
+        self.data = data
+        self.per_client = tuple(per_client)
         self._batch = collate([data], per_client=per_client)
         self._model = model
         self._structure = structure
@@ -89,30 +137,17 @@ class Client:
 
     # ------------------------------------------------------------------ objective
     def _terms(self, message, num_particles: int) -> torch.Tensor:
-        if self._family is None:
-            return client_terms(
-                self._model,
-                self.global_guide,
-                self.local_guide,
-                self._batch,
-                self._structure,
-                1,
-                num_particles,
-                moment_matched=self.config.moment_matched,
-            )
-        params = message["family_params"]
-        model = poutine.condition(self._model, data=self._family.point_values(params))
-        return client_terms(
-            model,
-            None,
+        return local_objective(
+            self._model,
+            self._structure,
+            self._family,
+            message,
+            self.global_guide,
             self.local_guide,
             self._batch,
-            self._structure,
             1,
             num_particles,
-            self._family,
-            params,
-            moment_matched=self.config.moment_matched,
+            self.config.moment_matched,
         )
 
     def elbo(self, message, num_particles: int = 64) -> float:

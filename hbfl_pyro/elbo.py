@@ -3,8 +3,9 @@
 With ``q(phi, theta) = q(phi) prod_i q_i(theta_i)`` the ELBO splits exactly
 (method.md §2)::
 
-    ELBO = E_q[log p(phi) - log q(phi)]                                   (server term)
-         + sum_i E_q[log p(theta_i|phi) + log p(D_i|theta_i,phi) - log q_i(theta_i)]   (client terms)
+    ELBO = E_q[log p(phi) - log q(phi)]                                 (server term)
+         + sum_i E_q[log p(theta_i|phi) + log p(D_i|theta_i,phi) - log q_i(theta_i)]
+                                                                        (client terms)
 
 Both are computed from ordinary Pyro traces (guide traced, model replayed against it) of
 reparameterised guides; the per-client terms come out as a vector over the clients

@@ -4,11 +4,13 @@ With ``K >= 2`` particles, the standard-normal noise of each Normal guide site i
 recentred and rescaled along the particle axis so that its sample mean is exactly 0 and
 its sample variance exactly 1 (moment matching, a classical variance-reduction scheme;
 e.g. Glasserman, *Monte Carlo Methods in Financial Engineering*, §4.5). For integrands
-that are quadratic in the latent variables — Gaussian likelihoods and Gaussian priors,
-as in conjugate Normal blocks — the Monte Carlo ELBO and its gradient are then *exact*,
-so a client's local optimisation converges to its block's optimum rather than hovering
-at Monte Carlo noise. For other integrands the estimate is consistent, with an
-``O(1/K)`` bias.
+that are a sum of quadratics in single latent coordinates — a closed-form client block
+with a Gaussian local factor and Gaussian likelihood, where ``phi`` is integrated
+analytically — the Monte Carlo ELBO and its gradient are then *exact*, so a client's
+local optimisation converges to its block's optimum rather than hovering at Monte Carlo
+noise. Products of two sampled coordinates (``theta * mu`` when both are drawn) keep
+their sampling error, since only each coordinate's own moments are matched. For other
+integrands the estimate is consistent, with an ``O(1/K)`` bias.
 """
 
 from __future__ import annotations

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from .client import Client, LocalConfig
 from .data import FederatedData
 from .elbo import server_term, with_particles
-from .engines import InProcessEngine
+from .engines import ENGINES
 from .families.base import ClosedFormFamily
 from .families.normal import NormalNormal
 from .guides import build_global_guide, private_params
+from .seeding import derive_seed, seeded
 from .server import Server
 from .structure import ModelStructure, ModelStructureError, discover_structure
 
@@ -98,20 +99,22 @@ class FederatedSVI:
         per-round multiplicative decay.
     :param seed: the run's seed; every random choice derives from it.
     :param plate: the clients plate's name.
+    :param engine: ``"inprocess"`` (a loop over client objects, the default and the
+        reference) or ``"vectorised"`` (a round's clients in one batched computation; for
+        simulations with many clients).
     :param on_message: hook ``(direction, client, message)`` called on every message.
 
     Example::
 
         >>> import torch, pyro, pyro.distributions as dist
-        >>> from hbfl_pyro import FederatedSVI
+        >>> from hbfl_pyro import FederatedSVI, num_clients
         >>> def model(data):
         ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
-        ...     with pyro.plate("clients", data["y"].shape[0]):
+        ...     with pyro.plate("clients", num_clients(data)):
         ...         theta = pyro.sample("theta", dist.Normal(mu, 1.0))
-        ...         with pyro.plate("obs", data["y"].shape[1], dim=-1):
-        ...             pass
-        ...         pyro.sample("y", dist.Normal(theta, 1.0).expand(data["y"].shape[:1]), obs=data["y"].mean(-1))
-        >>> clients = {f"site{i}": {"y": torch.randn(5) + i} for i in range(3)}
+        ...         pyro.sample("y", dist.Normal(theta, data["sigma"]), obs=data["y"])
+        >>> clients = {f"site{i}": {"y": torch.tensor(i + 0.5), "sigma": torch.tensor(1.0)}
+        ...            for i in range(3)}
         >>> fit = FederatedSVI(model, clients, seed=0)
         >>> fit.server.mode
         'closed_form'
@@ -141,12 +144,14 @@ class FederatedSVI:
         seed: int = 0,
         plate: str = "clients",
         per_client=(),
+        engine: str = "inprocess",
         on_message=None,
     ):
         self.model = model
         self.data = data if isinstance(data, FederatedData) else FederatedData(data, per_client)
         self.seed = seed
-        with private_params():
+        # Guide initialisation may sample (e.g. init_to_median): seed it like everything else.
+        with private_params(), seeded(derive_seed(seed, "init")):
             self.structure = discover_structure(model, self.data, plate)
             self.family = _choose_family(server, model, self.structure, self.data)
             placeholder = self.data.placeholder()
@@ -189,7 +194,9 @@ class FederatedSVI:
             num_particles=server_particles,
             seed=seed,
         )
-        self.engine = InProcessEngine(self.clients, on_message)
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
+        self.engine = ENGINES[engine](self.clients, on_message)
         self.round = 0
         self.history: List[Dict] = []
 

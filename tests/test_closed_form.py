@@ -100,7 +100,10 @@ def test_normal_server_update_maximises_the_server_block():
     loc = torch.zeros(1, requires_grad=True)
     log_scale = torch.zeros(1, requires_grad=True)
     optim = torch.optim.LBFGS(
-        [loc, log_scale], tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+        [loc, log_scale],
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
     )
 
     def closure():

@@ -114,9 +114,7 @@ def test_normal_normal_closed_form_equals_pooled(report):
     fit.run(12, progress=False)
     q = fit.server.family_params
     fed = {"mu": (q["loc"], q["scale"])}
-    locs, scales = zip(
-        *(c.local_guide._get_loc_and_scale("theta") for c in fit.clients.values())
-    )
+    locs, scales = zip(*(c.local_guide._get_loc_and_scale("theta") for c in fit.clients.values()))
     fed["theta"] = (torch.cat(locs).reshape(-1).detach(), torch.cat(scales).reshape(-1).detach())
     ref = _loc_scale(pooled, ["mu", "theta"])
     elbo_ref = pooled_elbo(normal_normal.model, pooled, data, num_particles=20000)

@@ -89,14 +89,17 @@ def test_blocks_sum_to_pooled_elbo_and_gradients(case):
         )
         for i, client in enumerate(clients):
             own = _slice_client(guide_trace, i, fit.structure)
-            total = total + client_terms(
-                model,
-                poutine.replay(fit.server.global_guide, trace=own),
-                poutine.replay(client.local_guide, trace=own),
-                client._batch,
-                fit.structure,
-                num_clients=1,
-            ).sum()
+            total = (
+                total
+                + client_terms(
+                    model,
+                    poutine.replay(fit.server.global_guide, trace=own),
+                    poutine.replay(client.local_guide, trace=own),
+                    client._batch,
+                    fit.structure,
+                    num_clients=1,
+                ).sum()
+            )
 
     torch.testing.assert_close(total, reference, rtol=RTOL, atol=0.0)
     leaves = list(global_params.values()) + [p for d in local_leaves for p in d.values()]

@@ -1,5 +1,8 @@
 """Transports between the server and the clients."""
 
 from .inprocess import InProcessEngine
+from .vectorised import VectorisedEngine
 
-__all__ = ["InProcessEngine"]
+ENGINES = {"inprocess": InProcessEngine, "vectorised": VectorisedEngine}
+
+__all__ = ["ENGINES", "InProcessEngine", "VectorisedEngine"]

@@ -58,7 +58,10 @@ class ClosedFormFamily:
         raise NotImplementedError
 
     def expected_log_prior(self, theta: torch.Tensor, params: Params) -> torch.Tensor:
-        """``E_{q(phi)}[log p(theta | phi)]`` for ``theta`` of shape ``(..., d)``; returns ``(...)``."""
+        """``E_{q(phi)}[log p(theta | phi)]`` for ``theta`` of shape ``(..., d)``.
+
+        :returns: a tensor of shape ``(...)``.
+        """
         raise NotImplementedError
 
     def neg_kl(self, params: Params) -> torch.Tensor:

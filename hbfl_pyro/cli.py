@@ -1,0 +1,308 @@
+"""The ``hbfl`` command line: fit a model file by federated SVI and summarise the posterior.
+
+Usage::
+
+    hbfl fit MODEL_FILE[:NAME] [--rounds R] [--fraction F] [--seed S] [--out DIR] ...
+    python -m hbfl_pyro fit MODEL_FILE[:NAME] ...
+
+See :mod:`hbfl_pyro.modelfile` for what a model file defines, and ``hbfl fit --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+DESCRIPTION = "Hierarchical Bayesian federated learning (FedHB) in Pyro."
+
+FIT_DESCRIPTION = """\
+Fit the model of MODEL_FILE to the clients of its load_data() by federated SVI (in one
+process, each client on its own data), print the posterior summary of every site
+(mean, sd, 5% and 95% quantiles; local sites per client) and write it to DIR/summary.csv.
+
+MODEL_FILE is a Python file defining model(data) and load_data(); MODEL_FILE:NAME picks
+another model callable of the file (e.g. models/eight_schools.py:centered). Its optional
+fit_options dict sets defaults for the options below; a flag given here overrides it.
+Computation is in float64.
+"""
+
+#: Command-line flag -> FederatedSVI keyword (``rounds`` goes to ``run``).
+_SVI_FLAGS = {
+    "fraction": "fraction",
+    "seed": "seed",
+    "local_steps": "local_steps",
+    "local_lr": "local_lr",
+    "server_lr": "server_lr",
+    "lr_decay": "lr_decay",
+    "server": "server",
+    "num_particles": "num_particles",
+}
+DEFAULT_ROUNDS = 100
+
+
+class UsageError(ValueError):
+    """A user error: reported as one line, without a traceback."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _svi_defaults() -> Dict[str, Any]:
+    """FederatedSVI's own keyword defaults, quoted in ``--help`` so they never drift."""
+    from .svi import FederatedSVI
+
+    params = inspect.signature(FederatedSVI.__init__).parameters
+    return {name: p.default for name, p in params.items() if p.default is not p.empty}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hbfl`` argument parser (one sub-command, ``fit``)."""
+    from . import __version__
+
+    d = _svi_defaults()
+
+    parser = argparse.ArgumentParser(prog="hbfl", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fit = commands.add_parser(
+        "fit",
+        help="fit a model file by federated SVI and summarise its posterior",
+        description=FIT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fit.add_argument(
+        "model_file",
+        metavar="MODEL_FILE",
+        help="path of the model file, optionally with :NAME choosing its model (default: model)",
+    )
+    # Defaults are None: "not given", so the model file's fit_options can fill them in.
+    fit.add_argument(
+        "--rounds",
+        type=_nonnegative_int,
+        metavar="R",
+        help=f"federated rounds to run (default: fit_options['rounds'], else {DEFAULT_ROUNDS})",
+    )
+    fit.add_argument(
+        "--fraction",
+        type=_fraction,
+        metavar="F",
+        help=f"fraction of clients sampled each round, in (0, 1] (default: {d['fraction']:g})",
+    )
+    fit.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed of the run and of the summary's draws (default: 0)",
+    )
+    fit.add_argument(
+        "--out",
+        metavar="DIR",
+        help="directory for summary.csv, created if missing (default: runs/<model-file-stem>)",
+    )
+    fit.add_argument(
+        "--local-steps",
+        type=_positive_int,
+        metavar="K",
+        help=f"local SVI steps of each sampled client per round (default: {d['local_steps']})",
+    )
+    fit.add_argument(
+        "--local-lr",
+        type=_positive_float,
+        metavar="LR",
+        help=f"Adam step size of the clients' local steps (default: {d['local_lr']:g})",
+    )
+    fit.add_argument(
+        "--server-lr",
+        type=_positive_float,
+        metavar="LR",
+        help=f"Adam step size of the server, gradient mode only (default: {d['server_lr']:g})",
+    )
+    fit.add_argument(
+        "--lr-decay",
+        type=_positive_float,
+        metavar="G",
+        help="per-round multiplicative decay of the server step size, gradient mode only "
+        f"(default: {d['lr_decay']:g})",
+    )
+    fit.add_argument(
+        "--server",
+        choices=("auto", "closed_form", "gradient"),
+        help="server update: closed_form (a conjugate family, found automatically), "
+        f"gradient (any model), or auto: closed form when possible (default: {d['server']})",
+    )
+    fit.add_argument(
+        "--num-particles",
+        type=_positive_int,
+        metavar="P",
+        help=f"Monte Carlo particles per local SVI step (default: {d['num_particles']})",
+    )
+    fit.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=2000,
+        metavar="M",
+        help="posterior draws behind the summary (default: 2000)",
+    )
+    fit.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="do not show the progress bar (on stderr)",
+    )
+    return parser
+
+
+def _svi_options(args: argparse.Namespace, file_options: Dict[str, Any]) -> Dict[str, Any]:
+    """The model file's options, overridden by every flag given on the command line."""
+    options = dict(file_options)
+    for flag, keyword in _SVI_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            options[keyword] = value
+    return options
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def fit_command(args: argparse.Namespace, out=None) -> int:
+    """Run ``hbfl fit``; returns the exit status. User errors raise :class:`UsageError`."""
+    import pyro
+    import torch
+
+    from .data import DataValidationError
+    from .guides import GuideError
+    from .modelfile import ModelFileError, load_model_file
+    from .structure import ModelStructureError
+    from .summary import format_table, posterior_summary, write_csv
+    from .svi import FederatedSVI
+
+    out = sys.stdout if out is None else out
+    # Before the model file is imported, so that its constants are float64 too.
+    torch.set_default_dtype(torch.float64)
+    pyro.set_rng_seed(args.seed)
+    user_errors = (ModelFileError, DataValidationError, ModelStructureError, GuideError)
+    try:
+        spec = load_model_file(args.model_file)
+        data = spec.load_data()
+        if not isinstance(data, (Mapping, list, tuple)):
+            raise ModelFileError(
+                f"{spec.path}: load_data() returned {type(data).__name__}; it must return "
+                "{client_name: {key: array}}"
+            )
+    except user_errors as exc:
+        raise UsageError(_one_line(exc)) from exc
+    options = _svi_options(args, spec.options)
+    rounds = args.rounds if args.rounds is not None else spec.rounds
+    rounds = DEFAULT_ROUNDS if rounds is None else rounds
+    try:
+        fit = FederatedSVI(spec.model, data, **options)
+    except user_errors as exc:
+        raise UsageError(_one_line(exc)) from exc
+    except ValueError as exc:
+        # FederatedSVI rejects bad option values (e.g. a fit_options entry) with ValueError;
+        # errors of the model's own code arrive wrapped in ModelStructureError.
+        raise UsageError(f"{spec.label}: {_one_line(exc)}") from exc
+
+    out_dir = Path(args.out) if args.out is not None else Path("runs") / spec.path.stem
+    mode = fit.server.mode
+    if fit.family is not None:
+        mode += f" ({type(fit.family).__name__})"
+    header = [
+        ("model file", spec.label),
+        ("clients", str(len(fit.data))),
+        ("sites", _sites_line(fit.structure)),
+        ("server", mode),
+        ("rounds", str(rounds)),
+        ("seed", str(args.seed)),
+    ]
+    width = max(len(k) for k, _ in header)
+    for key, value in header:
+        print(f"{key.ljust(width)}  {value}", file=out)
+    out.flush()
+
+    fit.run(rounds, progress=not args.no_progress)
+    if fit.history:
+        print(f"\nfinal ELBO estimate (round {fit.round}): {fit.history[-1]['elbo']:.6g}", file=out)
+    rows = posterior_summary(fit, num_samples=args.num_samples, seed=args.seed)
+    print("\n" + format_table(rows), file=out)
+    path = write_csv(rows, out_dir / "summary.csv")
+    print(f"\nwrote {path}", file=out)
+    return 0
+
+
+def _sites_line(structure) -> str:
+    parts = [f"global {', '.join(structure.global_sites) or '-'}"]
+    parts.append(f"local {', '.join(structure.local_sites) or '-'}")
+    if structure.deterministic_sites:
+        parts.append(f"deterministic {', '.join(structure.deterministic_sites)}")
+    return "; ".join(parts)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``hbfl`` and ``python -m hbfl_pyro``.
+
+    :param argv: the arguments (default: ``sys.argv[1:]``).
+    :returns: the exit status: 0 on success, 1 on a user error (reported on stderr as
+        one line ``hbfl: error: ...``), 2 on bad usage, 130 when interrupted, 141 when
+        stdout is closed early (a broken pipe).
+
+    Example::
+
+        >>> main(["fit", "models/normal_normal.py", "--rounds", "3", "--no-progress"])
+        ... # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fit":
+            return fit_command(args)
+        parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+    except UsageError as exc:
+        print(f"hbfl: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hbfl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output piped into e.g. `head`, which exited: stop quietly, as Unix tools do.
+        # Python flushes stdout again at exit, so point it at devnull first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    return 0  # pragma: no cover
+
+
+__all__: List[str] = ["build_parser", "fit_command", "main"]

@@ -1,0 +1,209 @@
+"""Loading a *model file*: one Python file that defines a model and its clients' data.
+
+The protocol (what ``hbfl fit`` reads):
+
+* ``model(data)`` -- required: a Pyro model taking one collated data dict, with a plate
+  named ``"clients"`` (see :mod:`hbfl_pyro.data`). Another callable of the file can be
+  chosen with a ``FILE:NAME`` suffix, e.g. ``models/eight_schools.py:centered``.
+* ``load_data()`` -- required: returns ``{client_name: {key: array}}``.
+* ``global_guide``, ``local_guide``, ``server`` -- optional: passed to
+  :class:`~hbfl_pyro.FederatedSVI` as the keywords of the same names.
+* ``per_client`` -- optional: a tuple of keys that are per-client values.
+* ``fit_options`` -- optional: a dict of :class:`~hbfl_pyro.FederatedSVI` keyword
+  defaults, plus ``"rounds"``; command-line flags override them.
+
+The file is imported by path (it need not be on ``sys.path`` nor be part of a package);
+its own directory is on ``sys.path`` only while it is imported, so it can import helper
+modules that sit next to it.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import inspect
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+
+DEFAULT_ATTRIBUTE = "model"
+#: Module attributes passed to FederatedSVI under the same keyword.
+SVI_ATTRIBUTES = ("global_guide", "local_guide", "server", "per_client")
+
+
+class ModelFileError(ValueError):
+    """A model file cannot be used; the message names the file and what to add or fix."""
+
+
+@dataclass
+class ModelFile:
+    """A loaded model file.
+
+    :ivar path: the file's path, as given.
+    :ivar attribute: the name of the model callable in the file.
+    :ivar module: the imported module.
+    :ivar model: the Pyro model.
+    :ivar load_data: the file's ``load_data`` function.
+    :ivar options: :class:`~hbfl_pyro.FederatedSVI` keywords from the file (its
+        ``global_guide``/``local_guide``/``server``/``per_client`` attributes, then its
+        ``fit_options`` without ``"rounds"``).
+    :ivar rounds: ``fit_options["rounds"]`` if given, else ``None``.
+    """
+
+    path: Path
+    attribute: str
+    module: ModuleType
+    model: Callable
+    load_data: Callable
+    options: Dict[str, Any] = field(default_factory=dict)
+    rounds: Optional[int] = None
+
+    @property
+    def label(self) -> str:
+        """``FILE`` or ``FILE:NAME`` as a user would type it."""
+        if self.attribute == DEFAULT_ATTRIBUTE:
+            return str(self.path)
+        return f"{self.path}:{self.attribute}"
+
+
+def parse_model_spec(spec: Union[str, os.PathLike]) -> Tuple[Path, str]:
+    """Split ``FILE[:NAME]`` into the file's path and the model attribute's name.
+
+    :param spec: a path, optionally followed by ``:NAME`` (a Python identifier).
+    :returns: ``(path, name)``; ``name`` is ``"model"`` when no suffix is given.
+
+    Example::
+
+        >>> parse_model_spec("models/eight_schools.py:centered")
+        (PosixPath('models/eight_schools.py'), 'centered')
+        >>> parse_model_spec("models/normal_normal.py")[1]
+        'model'
+    """
+    text = os.fspath(spec)
+    head, sep, tail = text.rpartition(":")
+    # A Windows drive ("C:\\models\\m.py") also contains a colon: only an identifier after
+    # the last colon, with something longer than a drive letter before it, is a suffix.
+    if sep and tail.isidentifier() and len(head) > 1:
+        return Path(head), tail
+    return Path(text), DEFAULT_ATTRIBUTE
+
+
+def _module_name(path: Path) -> str:
+    # Prefixed so a file called e.g. ``types.py`` or ``model.py`` never shadows (or is
+    # shadowed by) an importable module of the same name in ``sys.modules``.
+    stem = re.sub(r"\W", "_", path.stem)
+    return f"_hbfl_model_{stem}"
+
+
+def _import_file(path: Path) -> ModuleType:
+    name = _module_name(path)
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
+    spec = importlib.util.spec_from_loader(name, loader)
+    module = importlib.util.module_from_spec(spec)
+    directory = str(path.parent)
+    # Registered before running, as ``import`` does: dataclasses and pickling of objects
+    # defined in the file look their module up in ``sys.modules``.
+    sys.modules[name] = module
+    sys.path.insert(0, directory)
+    try:
+        loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        # Remove our own entry only (the file may itself have edited sys.path).
+        if directory in sys.path:
+            sys.path.remove(directory)
+    return module
+
+
+def _svi_keywords() -> Tuple[str, ...]:
+    from .svi import FederatedSVI
+
+    params = inspect.signature(FederatedSVI.__init__).parameters
+    return tuple(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def load_model_file(spec: Union[str, os.PathLike], attribute: Optional[str] = None) -> ModelFile:
+    """Import a model file and check it follows the protocol (module docstring).
+
+    :param spec: the file's path, optionally with a ``:NAME`` suffix choosing the model.
+    :param attribute: the model's name in the file; overrides a suffix of ``spec``.
+    :returns: a :class:`ModelFile`.
+    :raises ModelFileError: if the file is missing, or lacks the model or ``load_data``,
+        or its optional attributes have the wrong type; the message says what to add.
+        Exceptions raised by the file's own code while it is imported propagate unchanged.
+
+    Example::
+
+        >>> mf = load_model_file("models/eight_schools.py:centered")
+        >>> mf.model.__name__, sorted(mf.load_data())[:2], mf.rounds
+        ('centered', ['A', 'B'], 300)
+    """
+    path, name = parse_model_spec(spec)
+    name = attribute or name
+    if not path.exists():
+        raise ModelFileError(f"model file {str(path)!r} not found")
+    if not path.is_file():
+        raise ModelFileError(f"model file {str(path)!r} is not a file")
+    module = _import_file(path.resolve())
+
+    model = getattr(module, name, None)
+    if model is None:
+        found = sorted(
+            n
+            for n, v in vars(module).items()
+            if inspect.isfunction(v) and v.__module__ == module.__name__ and n != "load_data"
+        )
+        hint = f" (functions defined there: {', '.join(found)})" if found else ""
+        raise ModelFileError(
+            f"{path} defines no {name!r}: add a Pyro model `def {name}(data): ...` with a "
+            f'`pyro.plate("clients", ...)`, or choose one with {path}:NAME{hint}'
+        )
+    if not callable(model):
+        raise ModelFileError(
+            f"{path}: {name!r} is a {type(model).__name__}, not a callable Pyro model"
+        )
+    load_data = getattr(module, "load_data", None)
+    if load_data is None or not callable(load_data):
+        raise ModelFileError(
+            f"{path} defines no `load_data()`: add `def load_data(): return "
+            "{client_name: {key: array}}` returning each client's data"
+        )
+
+    options: Dict[str, Any] = {
+        key: getattr(module, key) for key in SVI_ATTRIBUTES if hasattr(module, key)
+    }
+    if "per_client" in options:
+        per_client = options["per_client"]
+        if isinstance(per_client, str) or not all(isinstance(k, str) for k in per_client):
+            raise ModelFileError(
+                f"{path}: per_client must be a tuple of data keys, e.g. "
+                f'per_client = ("x",), got {per_client!r}'
+            )
+        options["per_client"] = tuple(per_client)
+    raw = getattr(module, "fit_options", None)
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ModelFileError(
+            f"{path}: fit_options must be a dict of FederatedSVI keywords (and 'rounds'), "
+            f"got {type(raw).__name__}"
+        )
+    fit_options = dict(raw or {})
+    rounds = fit_options.pop("rounds", None)
+    allowed = _svi_keywords()
+    unknown = sorted(set(fit_options) - set(allowed))
+    if unknown:
+        raise ModelFileError(
+            f"{path}: unknown fit_options {unknown}; allowed: 'rounds', "
+            + ", ".join(repr(k) for k in allowed)
+        )
+    options.update(fit_options)
+    if rounds is not None and (
+        isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0
+    ):
+        raise ModelFileError(f"{path}: fit_options['rounds'] must be an integer >= 0")
+    return ModelFile(path, name, module, model, load_data, options, rounds)

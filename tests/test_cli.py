@@ -1,0 +1,313 @@
+"""The ``hbfl`` command line, model-file loading, and posterior summaries."""
+
+import csv
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from hbfl_pyro import FederatedSVI
+from hbfl_pyro.cli import build_parser, main
+from hbfl_pyro.modelfile import ModelFileError, load_model_file, parse_model_spec
+from hbfl_pyro.summary import (
+    COLUMNS,
+    deterministic_samples,
+    format_number,
+    format_table,
+    posterior_summary,
+    write_csv,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = [
+    "--rounds",
+    "--fraction",
+    "--seed",
+    "--out",
+    "--local-steps",
+    "--local-lr",
+    "--server-lr",
+    "--lr-decay",
+    "--server",
+    "--num-particles",
+    "--num-samples",
+    "--no-progress",
+]
+
+# A model with a vector global, a vector local, its clients plate at dim=-2, ragged
+# clients, and deterministic sites of every kind: global, per client with and without
+# event_dim, and per observation.
+VECTOR_MODEL = """
+import pyro, pyro.distributions as dist, torch
+from pyro import poutine
+from hbfl_pyro import num_clients
+
+def model(data):
+    mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 5.0).to_event(1))
+    tau = pyro.sample("tau", dist.HalfNormal(2.0))
+    pyro.deterministic("tau2", tau**2)
+    y, mask = data["y"], data["mask"]
+    with pyro.plate("clients", num_clients(data), dim=-2):
+        theta = pyro.sample("theta", dist.Normal(mu, tau.unsqueeze(-1)).to_event(1))
+        s = pyro.deterministic("s", theta.sum(-1))
+        pyro.deterministic("v", 2 * theta, event_dim=1)
+        with pyro.plate("obs", y.shape[-1], dim=-1), poutine.mask(mask=mask):
+            pyro.deterministic("m", s + 0.0 * y)
+            pyro.sample("y", dist.Normal(s, 1.0), obs=y)
+
+def load_data():
+    g = torch.Generator().manual_seed(0)
+    return {f"c{i}": {"y": torch.randn(i + 2, generator=g) + i} for i in range(3)}
+
+fit_options = {"rounds": 2, "local_steps": 1, "server": "gradient"}
+"""
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        return next(reader), list(reader)
+
+
+def _run(command):
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def _hbfl_script():
+    script = Path(sys.executable).parent / ("hbfl.exe" if sys.platform == "win32" else "hbfl")
+    if script.exists():
+        return str(script)
+    found = shutil.which("hbfl")
+    if found is None:
+        pytest.skip("the `hbfl` console script is not installed (pip install -e .)")
+    return found
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_module_entry_point_normal_normal(tmp_path):
+    out = tmp_path / "nn"
+    cmd = [sys.executable, "-m", "hbfl_pyro", "fit", "models/normal_normal.py"]
+    result = _run(cmd + ["--rounds", "3", "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    names = [f"client{i:02d}" for i in range(10)]
+    assert "closed_form" in result.stdout and "clients     10" in result.stdout
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:1] == ["mu"] for line in lines)
+    for name in names:
+        assert any(line.split()[:2] == ["theta", name] for line in lines), name
+    header, rows = _read_csv(out / "summary.csv")
+    assert header == list(COLUMNS)
+    # mu is a scalar; theta (shape (C, 1) in the model) one scalar per client.
+    assert [r[:3] for r in rows] == [["mu", "", ""]] + [["theta", n, ""] for n in names]
+
+
+def test_console_script_eight_schools_centered(tmp_path):
+    out = tmp_path / "es"
+    cmd = [_hbfl_script(), "fit", "models/eight_schools.py:centered", "--rounds", "3"]
+    result = _run(cmd + ["--local-steps", "1", "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    schools = list("ABCDEFGH")
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert "eight_schools.py:centered" in result.stdout and "gradient" in result.stdout
+    assert any(words[:1] == ["mu"] for words in lines)
+    assert any(words[:1] == ["tau"] for words in lines)
+    for school in schools:
+        assert any(words[:2] == ["theta", school] for words in lines), school
+    header, rows = _read_csv(out / "summary.csv")
+    assert header == list(COLUMNS)
+    expected = [["mu", "", ""], ["tau", "", ""]] + [["theta", s, ""] for s in schools]
+    assert [r[:3] for r in rows] == expected
+    assert all(float(r[5]) <= float(r[3]) <= float(r[6]) for r in rows)  # q5 <= mean <= q95
+
+
+def test_bad_model_path_is_one_line_error_subprocess(tmp_path):
+    cmd = [sys.executable, "-m", "hbfl_pyro", "fit", "models/no_such_model.py"]
+    result = _run(cmd)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "hbfl: error: model file 'models/no_such_model.py' not found"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in FLAGS:
+        assert flag in text, flag
+    # Every option of the parser is in the list above (and so documented in the README).
+    fit_parser = build_parser()._subparsers._group_actions[0].choices["fit"]
+    options = {s for a in fit_parser._actions for s in a.option_strings} - {"-h", "--help"}
+    assert options == set(FLAGS)
+    assert all(a.help for a in fit_parser._actions)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("def load_data():\n    return {}\n", "defines no 'model'"),
+        ("def model(data):\n    pass\n", "defines no `load_data()`"),
+        (
+            VECTOR_MODEL.replace("def load_data():", "def load_data():\n    return None\n"),
+            "load_data() returned NoneType",
+        ),
+        (
+            VECTOR_MODEL.replace("+ i} for i", "* float('nan')} for i"),
+            "client 'c0', key 'y'",
+        ),
+        (VECTOR_MODEL.replace('"rounds": 2', '"round": 2'), "unknown fit_options ['round']"),
+    ],
+)
+def test_user_errors_exit_nonzero_with_one_line(tmp_path, capsys, text, message):
+    path = _write(tmp_path, "bad.py", text)
+    assert main(["fit", str(path), "--no-progress", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("hbfl: error: ")
+    assert message in err
+
+
+def test_flags_override_fit_options(tmp_path, capsys):
+    path = _write(tmp_path, "vec.py", VECTOR_MODEL)
+    argv = ["fit", str(path), "--rounds", "1", "--seed", "3", "--no-progress"]
+    assert main(argv + ["--num-samples", "50", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "rounds      1" in out and "seed        3" in out
+    assert "deterministic tau2, s, v, m" in out
+    header, rows = _read_csv(tmp_path / "o" / "summary.csv")
+    # mu[2] + tau + theta 3x[2] + tau2 + s 3x1 + v 3x[2] + m (2 + 3 + 4 observations)
+    assert len(rows) == 2 + 1 + 6 + 1 + 3 + 6 + 9
+
+
+# ---------------------------------------------------------------------------- summaries
+@pytest.fixture
+def eight_schools_fit():
+    spec = load_model_file(ROOT / "models" / "eight_schools.py")  # non-centered
+    return FederatedSVI(spec.model, spec.load_data(), local_steps=1)
+
+
+def test_summary_rows_global_local_and_deterministic(eight_schools_fit):
+    fit = eight_schools_fit
+    fit.run(2, progress=False)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    rows = posterior_summary(fit, num_samples=400, seed=7)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG is untouched
+    assert rows == posterior_summary(fit, num_samples=400, seed=7)  # reproducible
+    assert all(set(r) == set(COLUMNS) for r in rows)
+    schools = fit.data.names
+    assert [(r["site"], r["client"], r["index"]) for r in rows] == (
+        [("mu", "", ""), ("tau", "", "")]
+        + [("theta_trans", s, "") for s in schools]
+        + [("theta", s, "") for s in schools]
+    )
+    # theta = mu + tau * theta_trans, recomputed from the same draws.
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        g, loc = fit.global_samples(400), fit.local_samples(400)
+    theta = g["mu"][:, None] + g["tau"][:, None] * loc["theta_trans"]
+    by_key = {(r["site"], r["client"]): r for r in rows}
+    for i, school in enumerate(schools):
+        row = by_key[("theta", school)]
+        assert row["mean"] == pytest.approx(float(theta[:, i].mean()))
+        assert row["sd"] == pytest.approx(float(theta[:, i].std()))
+        assert row["q5"] < row["mean"] < row["q95"]
+
+
+def test_deterministic_samples_shapes_and_values(tmp_path):
+    spec = load_model_file(_write(tmp_path, "vec.py", VECTOR_MODEL))
+    fit = FederatedSVI(spec.model, spec.load_data(), **spec.options)
+    g, loc = fit.global_samples(5), fit.local_samples(5)
+    assert loc["theta"].shape == (5, 3, 1, 2)
+    batches = {name: c._batch for name, c in fit.clients.items()}
+    det = deterministic_samples(fit.model, batches, g, loc, fit.structure)
+    assert list(det) == ["tau2", "s", "v", "m"]
+    assert list(det["tau2"]) == [""]  # outside the clients plate: one value, no client
+    assert torch.allclose(det["tau2"][""], g["tau"] ** 2)
+    for i, name in enumerate(fit.data.names):
+        theta = loc["theta"][:, i].reshape(5, 2)
+        assert torch.allclose(det["s"][name], theta.sum(-1))
+        assert torch.allclose(det["v"][name], 2 * theta)
+        assert det["m"][name].shape == (5, i + 2)  # each client's own observations
+    rows = posterior_summary(fit, num_samples=50)
+    keys = [(r["site"], r["client"], r["index"]) for r in rows]
+    assert keys[:3] == [("mu", "", "[0]"), ("mu", "", "[1]"), ("tau", "", "")]
+    assert ("theta", "c2", "[1]") in keys and ("v", "c0", "[1]") in keys
+    assert ("s", "c1", "") in keys and ("m", "c2", "[3]") in keys
+
+
+def test_write_csv_and_format_table(tmp_path, eight_schools_fit):
+    rows = posterior_summary(eight_schools_fit, num_samples=100)
+    path = write_csv(rows, tmp_path / "new" / "summary.csv")
+    header, body = _read_csv(path)
+    assert header == list(COLUMNS) and len(body) == len(rows)
+    assert float(body[0][3]) == rows[0]["mean"]  # full precision
+    lines = format_table(rows).splitlines()
+    assert lines[0].split() == list(COLUMNS) and len(lines) == len(rows) + 1
+    assert len({len(line) for line in lines[1:]}) == 1  # right-aligned last column
+    assert [format_number(x) for x in (4.3789, 0.012345, 1234.5, -0.5, 0.0, 2.5e-7)] == [
+        "4.38",
+        "0.0123",
+        "1234",
+        "-0.500",
+        "0",
+        "2.50e-07",
+    ]
+
+
+# ---------------------------------------------------------------------------- model files
+def test_parse_model_spec():
+    assert parse_model_spec("models/eight_schools.py:centered") == (
+        Path("models/eight_schools.py"),
+        "centered",
+    )
+    assert parse_model_spec("models/normal_normal.py") == (Path("models/normal_normal.py"), "model")
+    assert parse_model_spec("C:\\models\\m.py") == (Path("C:\\models\\m.py"), "model")
+
+
+def test_load_model_file_options_and_sys_path(tmp_path):
+    _write(tmp_path, "helper_for_hbfl_test.py", "SCALE = 2.0\n")
+    text = VECTOR_MODEL + "from helper_for_hbfl_test import SCALE\nper_client = []\n"
+    before = list(sys.path)
+    spec = load_model_file(f"{_write(tmp_path, 'vec.py', text)}:model")
+    assert sys.path == before  # the file's directory was on sys.path only while importing
+    assert spec.module.SCALE == 2.0 and spec.attribute == "model" and spec.rounds == 2
+    assert spec.options == {"per_client": (), "local_steps": 1, "server": "gradient"}
+    centered = load_model_file("models/eight_schools.py:centered")
+    assert centered.model.__name__ == "centered" and centered.rounds == 600
+    assert centered.label == "models/eight_schools.py:centered"
+
+
+def test_model_file_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(ModelFileError, match="'nowhere.py' not found"):
+        load_model_file("nowhere.py")
+    with pytest.raises(ModelFileError, match="is not a file"):
+        load_model_file(tmp_path)
+    path = _write(tmp_path, "m.py", "def load_data():\n    return {}\ndef other(data): pass\n")
+    with pytest.raises(ModelFileError, match=r"m\.py defines no 'model'.*functions.*: other"):
+        load_model_file(path)
+    with pytest.raises(ModelFileError, match=r"defines no 'centred'"):
+        load_model_file(f"{path}:centred")
+    path = _write(tmp_path, "n.py", "model = 3\ndef load_data(): return {}\n")
+    with pytest.raises(ModelFileError, match="not a callable Pyro model"):
+        load_model_file(path)
+    path = _write(tmp_path, "o.py", "def model(data): pass\n")
+    with pytest.raises(ModelFileError, match=r"o\.py defines no `load_data\(\)`: add"):
+        load_model_file(path)
+    path = _write(tmp_path, "p.py", "def model(d): pass\ndef load_data(): pass\nfit_options = 1\n")
+    with pytest.raises(ModelFileError, match="fit_options must be a dict"):
+        load_model_file(path)

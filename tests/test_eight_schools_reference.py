@@ -1,0 +1,71 @@
+"""External reference: eight schools against posteriordb's NUTS draws.
+
+The reference (``../shared/data/reference_posteriors/eight_schools_posteriordb.json``)
+summarises 10,000 NUTS draws of the non-centred model. Mean-field VI is known to understate
+the spread of ``tau`` (and so of the ``theta``), so only the means of ``mu`` and ``theta``
+are asserted, within 0.3 reference sd (the issue's bound); every parameter's ``z`` and sd
+ratio is printed in the fidelity report, for both parametrisations.
+"""
+
+import json
+
+import eight_schools
+import pytest
+import torch
+
+from hbfl_pyro import FederatedSVI
+
+NUM_DRAWS = 20000  # MC error of a posterior mean: sd / sqrt(20000) < 0.01 sd
+
+
+def _fit(model):
+    rounds = 300
+    fit = FederatedSVI(
+        model,
+        eight_schools.load_data(),
+        seed=0,
+        local_steps=2,
+        local_lr=0.1,
+        local_lr_decay=0.01 ** (1 / rounds),
+        num_particles=16,
+        grad_particles=16,
+        server_lr=0.2,
+        lr_decay=0.01 ** (1 / rounds),
+        server_particles=16,
+    )
+    fit.run(rounds, progress=False)
+    return fit
+
+
+def _draws(fit):
+    torch.manual_seed(0)
+    draws = dict(fit.global_samples(NUM_DRAWS))
+    local = fit.local_samples(NUM_DRAWS)
+    if "theta" in local:
+        draws["theta"] = local["theta"]
+    else:  # non-centred: theta = mu + tau * theta_trans
+        draws["theta"] = draws["mu"][:, None] + draws["tau"][:, None] * local["theta_trans"]
+    return draws
+
+
+@pytest.mark.parametrize("variant", ["noncentered", "centered"])
+def test_eight_schools_against_posteriordb(variant, shared_data, report):
+    ref = json.loads(
+        (shared_data / "reference_posteriors" / "eight_schools_posteriordb.json").read_text()
+    )
+    summary = ref["reference_summary"]
+    draws = _draws(_fit(getattr(eight_schools, variant)))
+    rows = [("mu", draws["mu"]), ("tau", draws["tau"])]
+    rows += [(f"theta[{j + 1}]", draws["theta"][:, j]) for j in range(8)]
+    z = {}
+    for name, values in rows:
+        mean_ref, sd_ref = summary[name]["mean"], summary[name]["sd"]
+        z[name] = (values.mean().item() - mean_ref) / sd_ref
+        ratio = values.std().item() / sd_ref
+        report(
+            f"eight schools {variant:11s} {name:9s} mean {values.mean().item():7.3f} "
+            f"(ref {mean_ref:7.3f})  z = {z[name]:+.3f}  sd ratio = {ratio:.3f}"
+        )
+    if variant == "noncentered":
+        for name in ["mu"] + [f"theta[{j + 1}]" for j in range(8)]:
+            assert abs(z[name]) <= 0.3, f"{name}: z = {z[name]:.3f}"
