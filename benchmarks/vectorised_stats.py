@@ -1,0 +1,93 @@
+"""Round time of the vectorised engine against the per-client loop, for statistical models.
+
+For each number of clients N the same model, data, seeds and settings are fitted with
+``engine="inprocess"`` (a Python loop over client objects) and ``engine="vectorised"``
+(the round's clients as one batched computation); the table gives the median wall time
+of a round over the timed rounds and the ratio, both measured in this one run.
+
+    python benchmarks/vectorised_stats.py                 # N = 10, 100, 400, 1000
+    python benchmarks/vectorised_stats.py --clients 10 100 --rounds 3
+
+The model is a radon-like varying-intercept regression with a global slope and noise
+scale inside the likelihood (gradient server mode), each client holding 2 to 20
+observations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+
+from hbfl_pyro import FederatedSVI, num_clients
+
+
+def model(data):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    sigma_a = pyro.sample("sigma_a", dist.HalfNormal(2.0))
+    beta = pyro.sample("beta", dist.Normal(0.0, 5.0))
+    sigma_y = pyro.sample("sigma_y", dist.HalfNormal(2.0))
+    x, y, mask = data["x"], data["y"], data["mask"]
+    with pyro.plate("clients", num_clients(data), dim=-2):
+        alpha = pyro.sample("alpha", dist.Normal(mu, sigma_a))
+        with pyro.plate("obs", y.shape[-1], dim=-1), poutine.mask(mask=mask):
+            pyro.sample("y", dist.Normal(alpha + beta * x, sigma_y), obs=y)
+
+
+def make_clients(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    clients = {}
+    for i in range(n):
+        size = int(torch.randint(2, 21, (), generator=gen))
+        x = torch.randn(size, generator=gen)
+        alpha = 1.0 + 0.5 * torch.randn((), generator=gen)
+        clients[f"c{i:04d}"] = {"x": x, "y": alpha + 0.7 * x + 0.3 * torch.randn(size, generator=gen)}
+    return clients
+
+
+def round_times(engine: str, clients, rounds: int, local_steps: int) -> list:
+    fit = FederatedSVI(model, clients, seed=0, engine=engine, local_steps=local_steps)
+    fit.step()  # warm-up round (first-call costs), not timed
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fit.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 400, 1000])
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per engine")
+    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--loop-max", type=int, default=1000, help="largest N to loop over")
+    args = parser.parse_args(argv)
+    torch.set_default_dtype(torch.float64)
+    print(f"# vectorised vs loop round time ({time.strftime('%Y-%m-%d')})")
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}, "
+        f"{platform.machine()}, {torch.get_num_threads()} threads; seeds 0; "
+        f"local steps {args.local_steps}; median of {args.rounds} rounds after 1 warm-up"
+    )
+    print()
+    print("| clients | loop s/round | vectorised s/round | speed-up |")
+    print("|---:|---:|---:|---:|")
+    for n in args.clients:
+        clients = make_clients(n)
+        vec = statistics.median(round_times("vectorised", clients, args.rounds, args.local_steps))
+        if n <= args.loop_max:
+            loop = statistics.median(round_times("inprocess", clients, args.rounds, args.local_steps))
+            print(f"| {n} | {loop:.3f} | {vec:.4f} | {loop / vec:.1f}x |")
+        else:
+            print(f"| {n} | (skipped) | {vec:.4f} | |")
+
+
+if __name__ == "__main__":
+    main()
