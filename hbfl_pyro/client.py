@@ -20,7 +20,7 @@ from pyro import poutine
 from .data import ClientData, collate
 from .elbo import client_terms
 from .families.base import ClosedFormFamily
-from .guides import build_local_guide, local_moments, private_params
+from .guides import GuideError, build_local_guide, local_moments, private_params
 from .seeding import seeded
 from .structure import ModelStructure
 
@@ -131,7 +131,19 @@ class Client:
         self.config = config
         self.num_examples = int(self._batch["mask"].sum()) if "mask" in self._batch else 1
         self.global_guide = copy.deepcopy(global_guide) if global_guide is not None else None
-        self.local_guide = build_local_guide(model, structure, self._batch, local_guide)
+        self.local_guide = build_local_guide(
+            model, structure, self._batch, local_guide, client=name
+        )
+        if family is not None:
+            try:
+                local_moments(self.local_guide, family.local_site)
+            except NotImplementedError as exc:
+                raise GuideError(
+                    f"client {name!r}: the closed-form server needs the mean and variance of "
+                    f"q_i at site {family.local_site!r}; use AutoNormal or AutoDelta as the "
+                    "local guide, "
+                    "or server='gradient'"
+                ) from exc
         self.optim = torch.optim.Adam(self.local_guide.parameters(), lr=config.lr)
         self.updates = 0  # rounds this client has taken part in
 
@@ -162,7 +174,19 @@ class Client:
 
     # ------------------------------------------------------------------ the round
     def update(self, message: Dict) -> Dict:
-        """Run the local steps of one round and return the reply to the server."""
+        """Run the local steps of one round and return the reply to the server.
+
+        If the update raises, the client's local state is rolled back to what it was
+        before the round, so a crash leaves no half-trained parameters behind.
+        """
+        before = self.state_dict()
+        try:
+            return self._update(message)
+        except BaseException:
+            self.load_state_dict(before)
+            raise
+
+    def _update(self, message: Dict) -> Dict:
         with private_params(), seeded(message["seed"]):
             self._load_global(message)
             local = list(self.local_guide.parameters())
@@ -183,10 +207,8 @@ class Client:
             if self._family is not None:
                 mean, var = local_moments(self.local_guide, self._family.local_site)
                 with torch.no_grad():
-                    reply["stats"] = {
-                        k: v.detach()
-                        for k, v in self._family.client_summary(mean.detach(), var.detach()).items()
-                    }
+                    summary = self._family.client_summary(mean.detach(), var.detach())
+                    reply["stats"] = {k: v.detach().clone() for k, v in summary.items()}
                     reply["elbo"] = float(self._terms(message, self.config.grad_particles).sum())
             else:
                 names, params = zip(*self.global_guide.named_parameters())

@@ -88,17 +88,28 @@ class FederatedData:
         self.per_client: Tuple[str, ...] = tuple(per_client)
         self.names: List[str] = [name for name, _ in items]
         if len(set(self.names)) != len(self.names):
-            raise DataValidationError("client names must be unique")
+            repeated = sorted({n for n in self.names if self.names.count(n) > 1})
+            raise DataValidationError(
+                f"client names must be unique, but {repeated} occur more than once (as "
+                "strings); give every client its own name"
+            )
         self._clients: List[ClientData] = [
             self._validate_client(name, client) for name, client in items
         ]
         self._check_schema()
+        unknown = [key for key in self.per_client if key not in self._clients[0]]
+        if unknown:
+            raise DataValidationError(
+                f"per_client key(s) {unknown} are not keys of the clients' data (keys: "
+                f"{sorted(self._clients[0])}); list only existing keys in `per_client`"
+            )
 
     # ----------------------------------------------------------------- validation
     def _validate_client(self, name: str, client: Mapping) -> ClientData:
         if not isinstance(client, Mapping):
             raise DataValidationError(
-                f"client {name!r}: data must be a mapping {{key: array}}, got {type(client).__name__}"
+                f"client {name!r}: data must be a mapping {{key: array}}, got "
+                f"{type(client).__name__}; give each client a dict of arrays or tensors"
             )
         if MASK_KEY in client:
             raise DataValidationError(
@@ -106,7 +117,10 @@ class FederatedData:
             )
         tensors = {key: _as_tensor(value, name, key) for key, value in client.items()}
         if not tensors:
-            raise DataValidationError(f"client {name!r} has no data")
+            raise DataValidationError(
+                f"client {name!r} has no data (an empty mapping); drop it from the federation "
+                "or give it the same keys as the other clients"
+            )
         lengths = {
             key: t.shape[0] for key, t in tensors.items() if self._is_per_observation(key, t)
         }
@@ -151,16 +165,26 @@ class FederatedData:
                 got = t.shape[1:] if per_obs else t.shape
                 want = r.shape[1:] if per_obs else r.shape
                 if t.dim() != r.dim() or got != want:
-                    kind = "per-observation" if per_obs else "per-client"
+                    shape = ("n",) + tuple(want) if per_obs else tuple(want)
+                    shape = (
+                        "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
+                    )
+                    fix = (
+                        "per-observation key: only its first dimension, the number of "
+                        "observations, may differ between clients"
+                        if per_obs
+                        else "per-client key"
+                    )
+                    fix = f"{fix}; give every client's {key!r} the shape {shape}"
                     raise DataValidationError(
                         f"client {name!r}, key {key!r}: shape {tuple(t.shape)} does not match "
-                        f"client {ref_name!r}'s {tuple(r.shape)} ({kind} key: "
-                        f"{'trailing ' if per_obs else ''}shapes must agree)"
+                        f"shape {tuple(r.shape)} of client {ref_name!r} ({fix})"
                     )
                 if t.is_floating_point() != r.is_floating_point():
                     raise DataValidationError(
                         f"client {name!r}, key {key!r}: dtype {t.dtype} does not match "
-                        f"client {ref_name!r}'s {r.dtype}"
+                        f"dtype {r.dtype} of client {ref_name!r}; give every client's {key!r} the "
+                        "same kind of values (all floating point or all integer)"
                     )
 
     # ----------------------------------------------------------------- access

@@ -23,6 +23,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
+from pyro.nn import PyroModule
 from pyro.poutine.util import site_is_subsample
 
 from .data import num_clients
@@ -48,37 +49,98 @@ def _clients_plate(structure: ModelStructure):
 
 
 def build_global_guide(model: Callable, structure: ModelStructure, placeholder, guide="auto"):
-    """The server's ``q(phi)``: an autoguide class / ``"auto"`` or a user module."""
+    """The server's ``q(phi)``: an autoguide class / ``"auto"`` or a user module.
+
+    A user-supplied module is deep-copied: training never changes the caller's object.
+    Raises :class:`GuideError` (naming the site) unless the guide samples exactly the
+    model's global sites, with the model's shapes, reparameterisably.
+    """
     blocked = poutine.block(model, expose=list(structure.global_sites))
-    if guide == "auto":
+    if isinstance(guide, str) and guide == "auto":
         guide = AutoNormal
     if isinstance(guide, type) and issubclass(guide, AutoGuide):
-        guide = guide(blocked)
+        with private_params():
+            guide = guide(blocked)
+    else:
+        guide = _own_copy(guide, "global")
     with private_params(), pyro.validation_enabled(False):
-        trace = poutine.trace(guide).get_trace(placeholder)
-    _check_covers(trace, structure.global_sites, "global", structure)
+        trace = _trace_guide(guide, placeholder, "global", "a data-free placeholder input")
+        model_trace = _model_trace(model, placeholder)
+    _check_covers(trace, structure.global_sites, "global", structure, model_trace)
     return guide
 
 
-def build_local_guide(model: Callable, structure: ModelStructure, batch, guide="auto"):
+def build_local_guide(
+    model: Callable, structure: ModelStructure, batch, guide="auto", client: str = ""
+):
     """Client ``i``'s own ``q_i(theta_i)``: a fresh module prototyped on its own data.
 
-    A user-supplied module is deep-copied, so no two clients share parameters.
+    A user-supplied module is deep-copied, so no two clients share parameters (and the
+    caller's object is never trained). ``client`` names the client in errors.
     """
     blocked = poutine.block(model, expose=list(structure.local_sites))
-    if guide == "auto":
+    if isinstance(guide, str) and guide == "auto":
         guide = AutoNormal
     if isinstance(guide, type) and issubclass(guide, AutoGuide):
-        guide = guide(blocked, create_plates=_clients_plate(structure))
+        with private_params():
+            guide = guide(blocked, create_plates=_clients_plate(structure))
     else:
-        guide = copy.deepcopy(guide)
+        guide = _own_copy(guide, "local")
     with private_params():
-        trace = poutine.trace(guide).get_trace(batch)
-    _check_covers(trace, structure.local_sites, "local", structure)
+        trace = _trace_guide(guide, batch, "local", f"client {client!r}'s data" if client else "")
+        model_trace = _model_trace(model, batch)
+    _check_covers(trace, structure.local_sites, "local", structure, model_trace, client)
     return guide
 
 
-def _check_covers(trace, sites: Tuple[str, ...], role: str, structure: ModelStructure) -> None:
+def _own_copy(guide, role: str) -> PyroModule:
+    """A private deep copy of a user's guide module, usable with module-local parameters.
+
+    The copy keeps the user's object untouched (training never changes it, so a second
+    run with the same arguments starts from the same state). A ``PyroModule`` built
+    outside ``module_local_params=True`` lacks the private parameter state Pyro needs in
+    that mode; it is added here.
+    """
+    if not isinstance(guide, PyroModule):
+        raise GuideError(
+            f"the {role} guide must be 'auto', an autoguide class (e.g. AutoNormal) or a "
+            f"pyro.nn.PyroModule taking the model's arguments, got {type(guide).__name__} "
+            f"{guide!r}; wrap a guide function in a PyroModule"
+        )
+    guide = copy.deepcopy(guide)
+    for module in guide.modules():
+        context = getattr(module, "_pyro_context", None)
+        if context is not None and not hasattr(context, "param_state"):
+            context.param_state = {"params": {}, "constraints": {}}
+    return guide
+
+
+def _model_trace(model, batch):
+    """A trace of the model for the sites' shapes, leaving the caller's RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        return poutine.trace(model).get_trace(batch)
+
+
+def _trace_guide(guide, batch, role: str, what: str):
+    try:
+        return poutine.trace(guide).get_trace(batch)
+    except Exception as exc:
+        on = f" on {what}" if what else ""
+        raise GuideError(
+            f"the {role} guide failed when run{on}: {type(exc).__name__}: {exc}; a guide "
+            "takes the same arguments as the model (one collated data dict)"
+        ) from exc
+
+
+def _check_covers(
+    trace,
+    sites: Tuple[str, ...],
+    role: str,
+    structure: ModelStructure,
+    model_trace=None,
+    client: str = "",
+) -> None:
+    """The guide samples exactly the model's ``role`` sites, with the model's shapes."""
     sampled = {
         n
         for n, s in trace.nodes.items()
@@ -97,7 +159,21 @@ def _check_covers(trace, sites: Tuple[str, ...], role: str, structure: ModelStru
             f"the {role} guide samples site(s) {extra} that are not {role} in the model; "
             "the global guide must cover exactly the global sites, the local guide the local ones"
         )
+    where = f" (on client {client!r}'s data)" if client else ""
     for name in sites:
+        if model_trace is not None and name in model_trace.nodes:
+            got, want = trace.nodes[name]["value"].shape, model_trace.nodes[name]["value"].shape
+            if got != want:
+                hint = (
+                    f"sample it inside `pyro.plate({structure.plate!r}, num_clients(data), "
+                    f"dim={structure.plate_dim})` with the model's event shape"
+                    if role == "local"
+                    else "give it the model's batch and event shape"
+                )
+                raise GuideError(
+                    f"the {role} guide's site {name!r} has shape {tuple(got)}{where}, but the "
+                    f"model's site {name!r} has shape {tuple(want)}; {hint}"
+                )
         if not trace.nodes[name]["fn"].has_rsample:
             raise GuideError(
                 f"the {role} guide's site {name!r} is not reparameterisable; "
@@ -113,16 +189,18 @@ def parameters(guide) -> Dict[str, torch.Tensor]:
 def local_moments(guide, site: str, num_samples: int = 4000) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and diagonal variance of ``q_i(theta_i)`` for one client, flattened to ``(d,)``.
 
-    Exact for ``AutoNormal`` (real support) and ``AutoDelta``; a Monte Carlo estimate
-    from ``num_samples`` draws otherwise.
+    Exact for ``AutoNormal`` (real support) and ``AutoDelta``; other guides raise
+    ``NotImplementedError``. The results are new tensors, never views of the guide's
+    parameters: a summary built from them and sent to the server must not change when
+    the client trains on.
     """
     with private_params():
         if isinstance(guide, AutoNormal):
             loc, scale = guide._get_loc_and_scale(site)
-            return loc.reshape(-1), scale.pow(2).reshape(-1)
+            return loc.reshape(-1).clone(), scale.pow(2).reshape(-1)
         if isinstance(guide, AutoDelta):
             loc = getattr(guide, site) if hasattr(guide, site) else guide.median()[site]
-            return loc.reshape(-1), torch.zeros_like(loc).reshape(-1)
+            return loc.reshape(-1).clone(), torch.zeros_like(loc).reshape(-1)
         raise NotImplementedError(
             "closed-form server families need the moments of q_i; use AutoNormal or AutoDelta "
             "as the local guide"

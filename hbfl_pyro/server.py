@@ -16,12 +16,15 @@ point, and the default in closed-form mode).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
+import pyro
 import torch
+from pyro import poutine
 
 from .elbo import server_term
 from .families.base import ClosedFormFamily
@@ -36,11 +39,25 @@ class ClientFailureWarning(UserWarning):
     """A client's reply was unusable and left out of a round."""
 
 
-def _finite(reply: Dict) -> bool:
-    tensors = list(reply.get("grads", {}).values()) + list(reply.get("stats", {}).values())
-    return math.isfinite(reply.get("elbo", float("nan"))) and all(
-        bool(torch.isfinite(t).all()) for t in tensors
-    )
+def _problem(reply, expected: Dict[str, torch.Size], key: str) -> Optional[str]:
+    """Why a reply is unusable, or ``None``: checked before anything is aggregated."""
+    if not isinstance(reply, dict):
+        return f"the reply is a {type(reply).__name__}, not a dict"
+    elbo = reply.get("elbo")
+    if not isinstance(elbo, (int, float)) or not math.isfinite(elbo):
+        return f"its ELBO {elbo!r} is not a finite number"
+    tensors = reply.get(key)
+    if not isinstance(tensors, dict) or set(tensors) != set(expected):
+        got = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
+        return f"its {key!r} should hold {sorted(expected)}, got {got}"
+    for name, shape in expected.items():
+        t = tensors[name]
+        if not isinstance(t, torch.Tensor) or t.shape != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"{key}[{name!r}] should have shape {tuple(shape)}, got {got}"
+        if not bool(torch.isfinite(t).all()):
+            return f"{key}[{name!r}] holds NaN or Inf"
+    return None
 
 
 class Server:
@@ -82,6 +99,12 @@ class Server:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         if participation not in ("scaled", "stale"):
             raise ValueError(f"participation must be 'scaled' or 'stale', got {participation!r}")
+        per_round = max(1, int(round(fraction * len(client_names))))
+        if not 1 <= min_clients <= per_round:
+            raise ValueError(
+                f"min_clients must be between 1 and the {per_round} client(s) sampled per round "
+                f"(fraction={fraction}, {len(client_names)} clients), got {min_clients}"
+            )
         self.client_names = list(client_names)
         self.model, self.structure, self.placeholder = model, structure, placeholder
         self.global_guide, self.family = global_guide, family
@@ -137,13 +160,15 @@ class Server:
     ) -> Dict:
         """Update ``q(phi)`` from the round's replies; returns the round's record."""
         good, bad = {}, list(failed)
+        expected, key = self._expected_reply()
         for name, reply in replies.items():
-            if _finite(reply):
+            problem = _problem(reply, expected, key)
+            if problem is None:
                 good[name] = reply
             else:
                 bad.append(name)
                 warnings.warn(
-                    f"round {server_round}: client {name!r} returned a non-finite update; "
+                    f"round {server_round}: client {name!r} sent an unusable reply ({problem}); "
                     "it is left out of this round",
                     ClientFailureWarning,
                     stacklevel=2,
@@ -195,25 +220,63 @@ class Server:
         record["elbo"] = own + client_elbo
         return record
 
+    def _expected_reply(self):
+        """The names and shapes a good reply carries (gradients or summaries)."""
+        if self.family is None:
+            return {k: p.shape for k, p in self.global_guide.named_parameters()}, "grads"
+        if not hasattr(self, "_summary_shapes"):
+            # The shapes of one client's summary, worked out from the schema alone.
+            zeros = torch.zeros(self._local_dim())
+            cov = torch.zeros(len(zeros), len(zeros)) if self.family.covariance == "full" else zeros
+            summary = self.family.client_summary(zeros, cov)
+            self._summary_shapes = {k: v.shape for k, v in summary.items()}
+        return self._summary_shapes, "stats"
+
+    def _local_dim(self) -> int:
+        with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+            trace = poutine.trace(self.model).get_trace(self.placeholder)
+        site = trace.nodes[self.family.local_site]
+        value, event_dim = site["value"], site["fn"].event_dim
+        return int(torch.Size(value.shape[value.dim() - event_dim :]).numel())
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict:
-        state = {"stale": self.stale}
+        """A snapshot of the server's state (copies: later rounds do not change it)."""
+        state = {"mode": self.mode, "stale": copy.deepcopy(self.stale)}
         if self.family is not None:
             state["family_params"] = {k: v.clone() for k, v in self.family_params.items()}
         else:
             state["global_guide"] = {
                 k: v.detach().clone() for k, v in self.global_guide.state_dict().items()
             }
-            state["optim"] = self.optim.state_dict()
-            state["scheduler"] = self.scheduler.state_dict()
+            state["optim"] = copy.deepcopy(self.optim.state_dict())
+            state["scheduler"] = copy.deepcopy(self.scheduler.state_dict())
         return state
 
+    def check_state(self, state: Dict) -> None:
+        """Raise ``ValueError`` unless ``state`` was written by a server like this one."""
+        if state.get("mode") != self.mode:
+            raise ValueError(
+                f"the checkpoint is of a {state.get('mode')!r}-mode server; this run's server "
+                f"is in {self.mode!r} mode"
+            )
+        params = self.family_params if self.family is not None else self.global_guide.state_dict()
+        key = "family_params" if self.family is not None else "global_guide"
+        want = {k: tuple(v.shape) for k, v in params.items()}
+        got = {k: tuple(v.shape) for k, v in state[key].items()}
+        if want != got:
+            raise ValueError(
+                f"the checkpoint's global parameters {got} differ from this run's "
+                f"{want}"
+            )
+
     def load_state_dict(self, state: Dict) -> None:
-        self.stale = dict(state["stale"])
+        self.check_state(state)
+        self.stale = copy.deepcopy(state["stale"])
         if self.family is not None:
-            self.family_params = dict(state["family_params"])
+            self.family_params = {k: v.clone() for k, v in state["family_params"].items()}
         else:
             with private_params():
                 self.global_guide.load_state_dict(state["global_guide"])
-            self.optim.load_state_dict(state["optim"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            self.optim.load_state_dict(copy.deepcopy(state["optim"]))
+            self.scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))

@@ -69,7 +69,9 @@ def _trace(model: Callable, batch, what: str):
         return poutine.trace(model).get_trace(batch)
     except Exception as exc:
         raise ModelStructureError(
-            f"the model failed when run on {what}: {type(exc).__name__}: {exc}"
+            f"the model failed when run on {what}: {type(exc).__name__}: {exc}; the model "
+            "must run on the collated data of any subset of clients (keys as in the data, "
+            "per-observation arrays padded to (clients, n_max, ...) with a 'mask')"
         ) from exc
 
 
@@ -117,8 +119,7 @@ def discover_structure(
     max_nesting = max(
         [-f.dim for s in sites.values() for f in s["cond_indep_stack"] if f.dim is not None] + [0]
     )
-    if len(data) > 1:
-        _check_globals_are_global(model, data, one, globals_, plate)
+    _check_globals_are_global(model, data, one, globals_, plate)
     likelihood_globals = _likelihood_globals(model, data, one, globals_, observed)
     return ModelStructure(
         plate=plate,
@@ -134,35 +135,53 @@ def discover_structure(
 
 
 def _check_globals_are_global(model, data, one, globals_, plate) -> None:
-    """A global site's value shape and density must not depend on the clients' data."""
-    two = _trace(model, data.collate([0, 1]), f"clients {data.names[:2]}")
-    for name in globals_:
-        a, b = one.nodes[name]["value"], two.nodes[name]["value"]
-        if a.shape != b.shape:
-            raise ModelStructureError(
-                f"site {name!r} has a value per client (shape {tuple(a.shape)} with one "
-                f"client, {tuple(b.shape)} with two) but is outside the {plate!r} plate; "
-                f"sample it inside `with pyro.plate({plate!r}, num_clients):`"
-            )
+    """A global site's value shape and density must not depend on the clients' data.
+
+    The densities are compared across every client and against the data-free placeholder
+    the server runs the model on (so a single client, or clients that happen to share a
+    value the prior uses, are checked too).
+    """
+    if len(data) > 1:
+        two = _trace(model, data.collate([0, 1]), f"clients {data.names[:2]}")
+        for name in globals_:
+            a, b = one.nodes[name]["value"], two.nodes[name]["value"]
+            if a.shape != b.shape:
+                raise ModelStructureError(
+                    f"site {name!r} has a value per client (shape {tuple(a.shape)} with one "
+                    f"client, {tuple(b.shape)} with two) but is outside the {plate!r} plate; "
+                    f"sample it inside `with pyro.plate({plate!r}, num_clients):`"
+                )
+    if not globals_:
+        return
     values = {name: one.nodes[name]["value"] for name in globals_}
-    ref = None
-    for i in range(len(data)):
-        conditioned = poutine.condition(model, data=values)
-        trace = _trace(conditioned, data.collate([i]), f"client {data.names[i]!r}")
-        log_probs = {
-            name: trace.nodes[name]["fn"].log_prob(values[name]).sum() for name in globals_
-        }
-        if ref is None:
-            ref = log_probs
-            continue
+    conditioned = poutine.condition(model, data=values)
+
+    def global_log_probs(trace):
+        return {name: trace.nodes[name]["fn"].log_prob(values[name]).sum() for name in globals_}
+
+    def compare(log_probs, ref, other: str) -> None:
         for name in globals_:
             if not torch.allclose(log_probs[name], ref[name], rtol=1e-9, atol=1e-12):
                 raise ModelStructureError(
                     f"the distribution of global site {name!r} depends on client data: it "
-                    f"differs between client {data.names[0]!r} and client {data.names[i]!r}. "
-                    "A global prior may only use constants or other global sites; compute "
-                    "data-dependent quantities inside the clients plate"
+                    f"differs between client {data.names[0]!r} and {other}. A global prior "
+                    "may only use constants or other global sites; compute data-dependent "
+                    f"quantities inside the {plate!r} plate"
                 )
+
+    ref = global_log_probs(_trace(conditioned, data.collate([0]), f"client {data.names[0]!r}"))
+    for i in range(1, len(data)):
+        trace = _trace(conditioned, data.collate([i]), f"client {data.names[i]!r}")
+        compare(global_log_probs(trace), ref, f"client {data.names[i]!r}")
+    # The placeholder's values need not lie in the likelihood's support, and a model may
+    # not run on it at all (e.g. it indexes with data): then there is nothing to compare.
+    try:
+        with pyro.validation_enabled(False), torch.random.fork_rng(devices=[]):
+            trace = poutine.trace(conditioned).get_trace(data.placeholder())
+        placeholder = global_log_probs(trace)
+    except Exception:
+        return
+    compare(placeholder, ref, "the data-free placeholder input the server uses")
 
 
 def _likelihood_globals(model, data, one, globals_, observed) -> Tuple[str, ...]:

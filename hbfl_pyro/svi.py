@@ -31,12 +31,20 @@ from .server import Server
 from .structure import ModelStructure, ModelStructureError, discover_structure
 
 
-def _choose_family(server, model, structure: ModelStructure, data) -> Optional[ClosedFormFamily]:
+def _choose_family(
+    server, model, structure: ModelStructure, data, global_guide
+) -> Optional[ClosedFormFamily]:
+    custom_guide = not (isinstance(global_guide, str) and global_guide == "auto")
+    if custom_guide and (server == "closed_form" or isinstance(server, ClosedFormFamily)):
+        raise ValueError(
+            "a closed-form server owns q(phi) itself and takes no global_guide; drop "
+            "global_guide, or use server='gradient' to fit q(phi) with that guide"
+        )
     if isinstance(server, ClosedFormFamily):
         _check_family(server, structure)
         return server
-    if server == "gradient":
-        return None
+    if server == "gradient" or (server == "auto" and custom_guide):
+        return None  # a user-chosen global guide implies the gradient server
     if server not in ("auto", "closed_form"):
         raise ValueError(
             f"server must be 'auto', 'closed_form', 'gradient' or a family, got {server!r}"
@@ -148,12 +156,17 @@ class FederatedSVI:
         on_message=None,
     ):
         self.model = model
+        if isinstance(data, FederatedData) and per_client and tuple(per_client) != data.per_client:
+            raise ValueError(
+                "per_client was given but data is already a FederatedData with per_client="
+                f"{data.per_client}; pass it when building the FederatedData"
+            )
         self.data = data if isinstance(data, FederatedData) else FederatedData(data, per_client)
         self.seed = seed
         # Guide initialisation may sample (e.g. init_to_median): seed it like everything else.
         with private_params(), seeded(derive_seed(seed, "init")):
             self.structure = discover_structure(model, self.data, plate)
-            self.family = _choose_family(server, model, self.structure, self.data)
+            self.family = _choose_family(server, model, self.structure, self.data, global_guide)
             placeholder = self.data.placeholder()
             global_template = None
             if self.family is None:
@@ -271,10 +284,12 @@ class FederatedSVI:
         }
 
     def load_state_dict(self, state: Dict) -> None:
+        # Every check comes before any assignment: a refused checkpoint changes nothing.
         if state["seed"] != self.seed:
             raise ValueError(f"checkpoint seed {state['seed']} differs from this run's {self.seed}")
         if sorted(state["clients"]) != sorted(self.clients):
             raise ValueError("the checkpoint's clients differ from this run's clients")
+        self.server.check_state(state["server"])
         self.round = state["round"]
         self.server.load_state_dict(state["server"])
         for name, client_state in state["clients"].items():

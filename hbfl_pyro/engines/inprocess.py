@@ -36,9 +36,10 @@ class InProcessEngine:
     def deliver(self, direction: str, client: str, message: Dict) -> Dict:
         for hook in self.hooks:
             hook(direction, client, message)
-        logger.debug(
-            "%s %s round %s keys %s", direction, client, message.get("round"), sorted(message)
-        )
+        if isinstance(message, dict):  # a broken client may send anything; the server checks
+            logger.debug(
+                "%s %s round %s keys %s", direction, client, message.get("round"), sorted(message)
+            )
         return message
 
     def run_round(self, messages: Dict[str, Dict]) -> Tuple[Dict[str, Dict], List[str]]:
