@@ -20,7 +20,10 @@ import math
 import warnings
 from typing import Dict, List, Tuple
 
+import pyro
 import torch
+from pyro.infer.autoguide import AutoDelta, AutoNormal
+from torch.func import functional_call
 
 from ..client import Client, local_objective
 from ..data import collate
@@ -108,38 +111,68 @@ class VectorisedEngine(InProcessEngine):
             self.deliver("up", name, replies[name])
         return replies, failed
 
+    @staticmethod
+    def _per_client_copies(global_guide, size: int, structure):
+        """Per-client copies of an autoguide's global parameters, or ``None`` if unsupported.
+
+        Supported when every global site has no batch dimensions of its own (its shape is
+        its event shape), so a leading clients axis can sit where the clients plate does.
+        """
+        if not isinstance(global_guide, (AutoNormal, AutoDelta)):
+            return None
+        prototype = global_guide.prototype_trace
+        for name in structure.global_sites:
+            if prototype.nodes[name]["fn"].batch_shape != ():
+                return None
+        lead = (size,) + (1,) * (-structure.plate_dim - 1)
+        return {
+            k: p.detach().expand(lead + p.shape).clone().requires_grad_()
+            for k, p in global_guide.named_parameters()
+        }
+
     def _replies(self, names, clients, message, guide, batch, global_guide) -> Dict[str, Dict]:
         first = clients[0]
         config, structure, family = first.config, first._structure, first._family
+        size = len(names)
         replies = {
             n: {"client": n, "round": message["round"], "num_examples": c.num_examples}
             for n, c in zip(names, clients)
         }
-        terms = local_objective(
-            first._model,
-            structure,
-            family,
-            message,
-            global_guide,
-            guide,
-            batch,
-            len(names),
-            config.grad_particles,
-            config.moment_matched,
-        )
+
+        def terms_with(global_factor):
+            return local_objective(
+                first._model, structure, family, message, global_factor, guide, batch,
+                size, config.grad_particles, config.moment_matched,
+            )  # fmt: skip
+
         if family is not None:
+            terms = terms_with(None).detach()
             for i, (name, client) in enumerate(zip(names, clients)):
                 mean, var = local_moments(client.local_guide, family.local_site)
                 stats = family.client_summary(mean.detach(), var.detach())
-                replies[name]["stats"] = {k: v.detach() for k, v in stats.items()}
-                replies[name]["elbo"] = float(terms[i].detach())
+                replies[name]["stats"] = {k: v.detach().clone() for k, v in stats.items()}
+                replies[name]["elbo"] = float(terms[i])
             return replies
         keys, tensors = zip(*global_guide.named_parameters())
-        # One batched vector-Jacobian product: row i is the gradient of client i's loss.
-        eye = -torch.eye(len(names), dtype=terms.dtype)
-        jac = torch.autograd.grad(
-            terms, tensors, grad_outputs=eye, is_grads_batched=True, allow_unused=True
-        )
+        copies = self._per_client_copies(global_guide, size, structure)
+        if copies is not None:
+            # Each client draws phi from its own copy of the global parameters (the draws
+            # sit in the clients plate), so one backward pass of the summed terms leaves
+            # client i's gradient in row i of the copies: O(1) passes, not O(clients).
+            def per_client_guide(data):
+                with pyro.plate(structure.plate, size, dim=structure.plate_dim):
+                    return functional_call(global_guide, copies, (data,))
+
+            terms = terms_with(per_client_guide)
+            rows = torch.autograd.grad(-terms.sum(), [copies[k] for k in keys])
+            jac = [r.reshape((size,) + t.shape) for r, t in zip(rows, tensors)]
+        else:
+            # Other guides: one batched vector-Jacobian product over the shared draw.
+            terms = terms_with(global_guide)
+            eye = -torch.eye(size, dtype=terms.dtype)
+            jac = torch.autograd.grad(
+                terms, tensors, grad_outputs=eye, is_grads_batched=True, allow_unused=True
+            )
         for i, name in enumerate(names):
             replies[name]["grads"] = {
                 k: (torch.zeros_like(p) if j is None else j[i].detach().clone())
