@@ -127,7 +127,10 @@ def test_scaled_participation_is_unbiased():
     fit = _fit(data, local_steps=1)
     server = fit.server
     names = list(fit.clients)
-    stats = {n: {"sum_mean": torch.tensor([float(i + 1)])} for i, n in enumerate(names)}
+    stats = {
+        n: server.family.client_summary(torch.tensor([float(i + 1)]), torch.tensor([0.1]))
+        for i, n in enumerate(names)
+    }
     full = sum(s["sum_mean"] for s in stats.values())
     k, estimates = 2, []
     for subset in combinations(names, k):
@@ -137,7 +140,7 @@ def test_scaled_participation_is_unbiased():
     # ... and the server applies exactly that scaling in "scaled" mode.
     server.participation = "scaled"
     replies = {n: {"stats": stats[n], "elbo": 0.0} for n in names[:k]}
-    server.aggregate(1, replies)
+    assert server.aggregate(1, replies)["updated"]
     expected = server.family.server_update(
         {"sum_mean": (len(names) / k) * sum(stats[n]["sum_mean"] for n in names[:k])}, len(names)
     )
