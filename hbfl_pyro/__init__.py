@@ -8,8 +8,10 @@ Hierarchical Bayesian Federated Learning", arXiv:2305.04979.
 
 from .client import Client, LocalConfig
 from .data import DataValidationError, FederatedData, collate, num_clients
+from .export import compare_clients_loo, to_inference_data
 from .families import ClosedFormFamily, InverseWishart, NIWDiag, NIWFull, NIWIso, NormalNormal
 from .guides import GuideError
+from .predict import new_client_predictive, personalise
 from .server import ClientFailureWarning, Server
 from .structure import ModelStructure, ModelStructureError, discover_structure
 from .svi import FederatedSVI
@@ -34,6 +36,10 @@ __all__ = [
     "NormalNormal",
     "Server",
     "collate",
+    "compare_clients_loo",
     "discover_structure",
+    "new_client_predictive",
     "num_clients",
+    "personalise",
+    "to_inference_data",
 ]

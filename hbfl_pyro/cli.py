@@ -24,6 +24,10 @@ FIT_DESCRIPTION = """\
 Fit the model of MODEL_FILE to the clients of its load_data() by federated SVI (in one
 process, each client on its own data), print the posterior summary of every site
 (mean, sd, 5% and 95% quantiles; local sites per client) and write it to DIR/summary.csv.
+It also writes DIR/posterior.nc (the ArviZ InferenceData: posterior draws, replicated
+data and each client's log-likelihood, computed on the client), DIR/forest.png,
+DIR/elbo.png and DIR/report.md (settings, seeds, versions, timings, the summary table);
+--no-report skips these four.
 
 MODEL_FILE is a Python file defining model(data) and load_data(); MODEL_FILE:NAME picks
 another model callable of the file (e.g. models/eight_schools.py:centered). Its optional
@@ -41,6 +45,7 @@ _SVI_FLAGS = {
     "lr_decay": "lr_decay",
     "server": "server",
     "num_particles": "num_particles",
+    "engine": "engine",
 }
 DEFAULT_ROUNDS = 100
 
@@ -128,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--out",
         metavar="DIR",
-        help="directory for summary.csv, created if missing (default: runs/<model-file-stem>)",
+        help="directory for summary.csv and the report files, created if missing "
+        "(default: runs/<model-file-stem>)",
     )
     fit.add_argument(
         "--local-steps",
@@ -175,6 +181,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="posterior draws behind the summary (default: 2000)",
     )
     fit.add_argument(
+        "--engine",
+        choices=("inprocess", "vectorised", "flower-sim"),
+        help="how simulated clients run: inprocess (one after another, the reference), "
+        "vectorised (a round's clients in one batched computation) or flower-sim (Flower's "
+        f"simulation engine; needs hbfl_pyro[flower]) (default: {d['engine']})",
+    )
+    fit.add_argument(
+        "--pointwise",
+        action="store_true",
+        help="store one log-likelihood value per observation (and the observed data) in "
+        "posterior.nc, instead of one sum per client (in a deployment, each client's choice)",
+    )
+    fit.add_argument(
+        "--marginal-draws",
+        type=_nonnegative_int,
+        default=0,
+        metavar="K",
+        help="if K > 0, the log-likelihood in posterior.nc is each client's log p(data | "
+        "globals) with its local sites integrated out by K importance draws: the reliable "
+        "basis for leave-one-client-out LOO (default: 0, log p(data | locals, globals))",
+    )
+    fit.add_argument(
+        "--no-report",
+        action="store_true",
+        help="write only summary.csv: no posterior.nc, forest.png, elbo.png or report.md",
+    )
+    fit.add_argument(
         "--no-progress",
         action="store_true",
         help="do not show the progress bar (on stderr)",
@@ -198,6 +231,8 @@ def _one_line(exc: BaseException) -> str:
 
 def fit_command(args: argparse.Namespace, out=None) -> int:
     """Run ``hbfl fit``; returns the exit status. User errors raise :class:`UsageError`."""
+    import time
+
     import pyro
     import torch
 
@@ -209,6 +244,11 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
     from .svi import FederatedSVI
 
     out = sys.stdout if out is None else out
+    if args.pointwise and args.marginal_draws:
+        raise UsageError(
+            "--pointwise and --marginal-draws exclude each other (the marginal likelihood is "
+            "one value per client); give one of them"
+        )
     # Before the model file is imported, so that its constants are float64 too.
     torch.set_default_dtype(torch.float64)
     pyro.set_rng_seed(args.seed)
@@ -227,7 +267,10 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
     rounds = args.rounds if args.rounds is not None else spec.rounds
     rounds = DEFAULT_ROUNDS if rounds is None else rounds
     try:
-        fit = FederatedSVI(spec.model, data, **options)
+        # flower-sim: Flower runs the rounds; this in-process fit receives the result.
+        flower_sim = options.get("engine") == "flower-sim"
+        svi_options = {**options, "engine": "inprocess"} if flower_sim else options
+        fit = FederatedSVI(spec.model, data, **svi_options)
     except user_errors as exc:
         raise UsageError(_one_line(exc)) from exc
     except ValueError as exc:
@@ -252,14 +295,77 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
         print(f"{key.ljust(width)}  {value}", file=out)
     out.flush()
 
-    fit.run(rounds, progress=not args.no_progress)
+    start = time.perf_counter()
+    if flower_sim:
+        from .flower import require_flower
+
+        try:
+            require_flower()
+        except ImportError as exc:
+            raise UsageError(str(exc)) from exc
+        from .flower.simulation import fit_in_simulation
+
+        fit_in_simulation(fit, args.model_file, _svi_options(args, {}), rounds)
+    else:
+        fit.run(rounds, progress=not args.no_progress)
+    timings = {"fit": time.perf_counter() - start}
     if fit.history:
         print(f"\nfinal ELBO estimate (round {fit.round}): {fit.history[-1]['elbo']:.6g}", file=out)
+    start = time.perf_counter()
     rows = posterior_summary(fit, num_samples=args.num_samples, seed=args.seed)
+    timings["summary"] = time.perf_counter() - start
     print("\n" + format_table(rows), file=out)
     path = write_csv(rows, out_dir / "summary.csv")
     print(f"\nwrote {path}", file=out)
+    if not args.no_report:
+        _write_report(fit, args, out_dir, rows, header, options, timings, out)
     return 0
+
+
+def _write_report(fit, args, out_dir, rows, header, options, timings, out) -> None:
+    """posterior.nc, forest.png, elbo.png and report.md (see :mod:`hbfl_pyro.report`)."""
+    import time
+
+    from .export import to_inference_data
+    from .report import write_report
+
+    start = time.perf_counter()
+    import arviz  # noqa: F401  (timed apart: importing ArviZ takes longer than the export)
+
+    timings["import arviz"] = time.perf_counter() - start
+    start = time.perf_counter()
+    idata = to_inference_data(
+        fit,
+        args.num_samples,
+        seed=args.seed,
+        pointwise=args.pointwise,
+        marginal_draws=args.marginal_draws,
+    )
+    timings["ArviZ export"] = time.perf_counter() - start
+    defaults = _svi_defaults()
+    settings = list(header) + [
+        ("engine", options.get("engine", defaults["engine"])),
+        ("posterior draws", f"{args.num_samples} (seed {args.seed}, as summary.csv)"),
+        ("log-likelihood", idata.log_likelihood.attrs["log_likelihood"]),
+    ]
+    settings += [
+        (f"option {key}", _describe(value))
+        for key, value in sorted(options.items())
+        if key not in ("seed", "engine")
+    ]
+    if getattr(args, "argv", None) is not None:
+        settings.append(("command", " ".join(["hbfl"] + list(args.argv))))
+    paths = write_report(fit, out_dir, rows, idata=idata, settings=settings, timings=timings)
+    for path in paths.values():
+        print(f"wrote {path}", file=out)
+
+
+def _describe(value) -> str:
+    """A setting's value for the report: names for classes and functions, else repr."""
+    if isinstance(value, type) or callable(value):
+        return getattr(value, "__qualname__", None) or type(value).__name__
+    text = repr(value)
+    return type(value).__name__ if " object at 0x" in text else text
 
 
 def _sites_line(structure) -> str:
@@ -285,7 +391,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         0
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # for the report
     try:
         if args.command == "fit":
             return fit_command(args)

@@ -147,6 +147,11 @@ class Client:
         self.optim = torch.optim.Adam(self.local_guide.parameters(), lr=config.lr)
         self.updates = 0  # rounds this client has taken part in
 
+    @property
+    def batch(self):
+        """This client's own data, collated as the model receives it (one client)."""
+        return self._batch
+
     # ------------------------------------------------------------------ objective
     def _terms(self, message, num_particles: int) -> torch.Tensor:
         return local_objective(

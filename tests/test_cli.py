@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import arviz as az
+import numpy as np
 import pytest
 import torch
 
@@ -35,8 +37,14 @@ FLAGS = [
     "--server",
     "--num-particles",
     "--num-samples",
+    "--engine",
+    "--pointwise",
+    "--marginal-draws",
+    "--no-report",
     "--no-progress",
 ]
+REPORT_FILES = ("posterior.nc", "forest.png", "elbo.png", "report.md")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # A model with a vector global, a vector local, its clients plate at dim=-2, ragged
 # clients, and deterministic sites of every kind: global, per client with and without
@@ -85,6 +93,33 @@ def _run(command):
     )
 
 
+def _check_report_files(out, clients, engine="inprocess"):
+    """posterior.nc opens with ArviZ and agrees with summary.csv; the PNGs are PNGs; the
+    report has the settings and the summary table."""
+    idata = az.from_netcdf(str(out / "posterior.nc"))
+    try:
+        assert {"posterior", "posterior_predictive", "log_likelihood", "elbo_history"} <= set(
+            idata.groups()
+        )
+        assert list(idata.posterior["client"].values) == clients
+        assert idata.log_likelihood["y"].dims == ("chain", "draw", "client")
+        _, rows = _read_csv(out / "summary.csv")
+        # The same draws as the summary (same --seed and --num-samples).
+        mu_mean = float(idata.posterior["mu"].mean())
+        assert mu_mean == pytest.approx(float(next(r for r in rows if r[0] == "mu")[3]))
+    finally:
+        idata.close()
+    for name in ("forest.png", "elbo.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name
+    report = (out / "report.md").read_text()
+    assert "| site | client | index | mean | sd | q5 | q95 |" in report
+    for client in clients:
+        assert f"| theta | {client} |" in report, client
+    assert f"| engine | {engine} |" in report and "| arviz |" in report
+    assert "| fit |" in report  # timings
+
+
 def _hbfl_script():
     script = Path(sys.executable).parent / ("hbfl.exe" if sys.platform == "win32" else "hbfl")
     if script.exists():
@@ -99,7 +134,7 @@ def _hbfl_script():
 def test_module_entry_point_normal_normal(tmp_path):
     out = tmp_path / "nn"
     cmd = [sys.executable, "-m", "hbfl_pyro", "fit", "models/normal_normal.py"]
-    result = _run(cmd + ["--rounds", "3", "--out", str(out)])
+    result = _run(cmd + ["--rounds", "3", "--local-steps", "5", "--out", str(out)])
     assert result.returncode == 0, result.stderr
     names = [f"client{i:02d}" for i in range(10)]
     assert "closed_form" in result.stdout and "clients     10" in result.stdout
@@ -111,12 +146,14 @@ def test_module_entry_point_normal_normal(tmp_path):
     assert header == list(COLUMNS)
     # mu is a scalar; theta (shape (C, 1) in the model) one scalar per client.
     assert [r[:3] for r in rows] == [["mu", "", ""]] + [["theta", n, ""] for n in names]
+    _check_report_files(out, names)
+    assert f"wrote {out / 'report.md'}" in result.stdout
 
 
 def test_console_script_eight_schools_centered(tmp_path):
     out = tmp_path / "es"
     cmd = [_hbfl_script(), "fit", "models/eight_schools.py:centered", "--rounds", "3"]
-    result = _run(cmd + ["--local-steps", "1", "--out", str(out)])
+    result = _run(cmd + ["--local-steps", "1", "--out", str(out), "--no-report"])
     assert result.returncode == 0, result.stderr
     schools = list("ABCDEFGH")
     lines = [line.split() for line in result.stdout.splitlines()]
@@ -130,6 +167,24 @@ def test_console_script_eight_schools_centered(tmp_path):
     expected = [["mu", "", ""], ["tau", "", ""]] + [["theta", s, ""] for s in schools]
     assert [r[:3] for r in rows] == expected
     assert all(float(r[5]) <= float(r[3]) <= float(r[6]) for r in rows)  # q5 <= mean <= q95
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]  # --no-report
+
+
+def test_engine_and_pointwise_flags(tmp_path, capsys):
+    out = tmp_path / "es"
+    argv = ["fit", "models/eight_schools.py", "--rounds", "2", "--local-steps", "1"]
+    argv += ["--engine", "vectorised", "--pointwise", "--num-samples", "200", "--no-progress"]
+    assert main(argv + ["--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    _check_report_files(out, list("ABCDEFGH"), engine="vectorised")
+    idata = az.from_netcdf(str(out / "posterior.nc"))
+    try:
+        assert "observed_data" in idata.groups()  # --pointwise: the clients' opt-in
+        np.testing.assert_array_equal(idata.observed_data["y"], [28, 8, -3, 7, -1, 1, 18, 12])
+        assert idata.posterior.sizes["draw"] == 200
+    finally:
+        idata.close()
+    assert "| command | hbfl fit models/eight_schools.py" in (out / "report.md").read_text()
 
 
 def test_bad_model_path_is_one_line_error_subprocess(tmp_path):
@@ -180,9 +235,19 @@ def test_user_errors_exit_nonzero_with_one_line(tmp_path, capsys, text, message)
     assert message in err
 
 
+def test_pointwise_and_marginal_draws_exclude_each_other(tmp_path, capsys):
+    path = _write(tmp_path, "vec.py", VECTOR_MODEL)
+    argv = ["fit", str(path), "--pointwise", "--marginal-draws", "5", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "exclude each other" in err
+    assert not (tmp_path / "summary.csv").exists()  # refused before fitting
+
+
 def test_flags_override_fit_options(tmp_path, capsys):
     path = _write(tmp_path, "vec.py", VECTOR_MODEL)
     argv = ["fit", str(path), "--rounds", "1", "--seed", "3", "--no-progress"]
+    argv += ["--marginal-draws", "5"]
     assert main(argv + ["--num-samples", "50", "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "rounds      1" in out and "seed        3" in out
@@ -190,6 +255,15 @@ def test_flags_override_fit_options(tmp_path, capsys):
     header, rows = _read_csv(tmp_path / "o" / "summary.csv")
     # mu[2] + tau + theta 3x[2] + tau2 + s 3x1 + v 3x[2] + m (2 + 3 + 4 observations)
     assert len(rows) == 2 + 1 + 6 + 1 + 3 + 6 + 9
+    idata = az.from_netcdf(str(tmp_path / "o" / "posterior.nc"))
+    try:
+        # --marginal-draws: one log p(data_i | globals) per client and draw.
+        assert list(idata.log_likelihood.data_vars) == ["marginal"]
+        assert idata.log_likelihood["marginal"].shape == (1, 50, 3)
+        # The per-observation deterministic m: one flat dim over the ragged clients.
+        assert list(idata.posterior["m_client"].values) == ["c0"] * 2 + ["c1"] * 3 + ["c2"] * 4
+    finally:
+        idata.close()
 
 
 # ---------------------------------------------------------------------------- summaries

@@ -1,0 +1,269 @@
+"""Prediction for clients the federation has not seen (method.md §7).
+
+Two tasks, both using the learned global factor ``q(phi)`` as the population's knowledge:
+
+- :func:`new_client_predictive`: before a new client has fitted anything, the
+  population predictive of its local sites, ``p(theta_new) = ∫ p(theta | phi) q(phi) dphi``:
+  draws of ``phi`` from ``q(phi)``, then the model's own prior of the local sites given
+  each draw, on a one-client input (the new client's covariates, or a data-free
+  placeholder).
+- :func:`personalise`: a new client fits its own ``q(theta_new)`` on its own data with
+  ``q(phi)`` as the prior, exactly as a federated client does in a round (the same
+  :class:`~hbfl_pyro.client.Client` objective), but on a fresh client object. Nothing is
+  sent back: the server's state and every existing client are left unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Mapping, Optional
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoGuide
+
+from .client import Client
+from .data import FederatedData, collate
+from .elbo import with_particles
+from .guides import private_params
+from .seeding import derive_seed, seeded
+from .structure import ModelStructure
+from .summary import _pad_batch
+
+
+def _new_client_data(fit, data: Mapping) -> Dict[str, torch.Tensor]:
+    """The new client's data, validated as the federation's clients' were."""
+    validated = FederatedData({"new": dict(data)}, per_client=fit.data.per_client)[0]
+    expected = sorted(k for k in fit.data.placeholder() if k != "mask")
+    if sorted(validated) != expected:
+        raise ValueError(
+            f"the new client's data has keys {sorted(validated)}, but the federation's "
+            f"clients have {expected}; give the new client the same keys"
+        )
+    return validated
+
+
+def _per_client_value(value: torch.Tensor, site, structure: ModelStructure, num_samples: int):
+    """A site's value from a one-client run under the particle plate, as ``(n, *shape)``
+    without the clients axis: the layout of ``FederatedSVI.local_samples(n)[site][:, i]``."""
+    nesting = structure.max_plate_nesting
+    event_dim = site["fn"].event_dim
+    if site["infer"].get("_deterministic") and event_dim >= value.dim():
+        # pyro.deterministic makes the whole value an event unless told otherwise.
+        event_dim = max(value.dim() - (nesting + 1), 0)
+    batch_dims = value.dim() - event_dim
+    value = value.reshape((1,) * max(nesting + 1 - batch_dims, 0) + tuple(value.shape))
+    value = value.expand((num_samples,) + tuple(value.shape[1:]))
+    return value.select(nesting + 1 + structure.plate_dim, 0)
+
+
+def new_client_predictive(
+    fit, num_samples: int = 1000, seed: int = 0, data: Optional[Mapping] = None
+) -> Dict[str, torch.Tensor]:
+    """Draws of an unseen client's local sites from ``∫ p(theta | phi) q(phi) dphi``.
+
+    The model runs once, vectorised over ``num_samples`` draws of ``q(phi)``, on a
+    one-client input, conditioned on those draws; its local sites are then sampled from
+    their prior given ``phi`` (the model's own ``p(theta | phi)``, whatever its form).
+    Deterministic sites inside the clients plate are recorded too (e.g. the non-centred
+    eight schools' ``theta``). With ``data`` (a new client's covariates), observed sites
+    are also drawn: the prior predictive of that client's outcomes.
+
+    :param fit: a :class:`~hbfl_pyro.FederatedSVI`.
+    :param num_samples: number of draws.
+    :param seed: seed of the draws (the caller's random state is left untouched).
+    :param data: optional ``{key: array}`` of the new client, with the federation's keys
+        (outcome values are only placeholders: they are not conditioned on).
+    :returns: ``{site: (num_samples, *shape)}`` for every local site, deterministic site
+        inside the clients plate and (with ``data``) observed site; shapes as
+        ``fit.local_samples(n)[site][:, i]`` (the clients axis removed).
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from hbfl_pyro import FederatedSVI, num_clients
+        >>> def model(data):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("clients", num_clients(data)):
+        ...         theta = pyro.sample("theta", dist.Normal(mu, 2.0))
+        ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=data["y"])
+        >>> clients = {f"site{i}": {"y": torch.tensor(float(i))} for i in range(5)}
+        >>> fit = FederatedSVI(model, clients, seed=0)
+        >>> _ = fit.run(5, progress=False)
+        >>> draws = new_client_predictive(fit, num_samples=4000)
+        >>> draws["theta"].shape
+        torch.Size([4000])
+        >>> bool(draws["theta"].std() > 2.0)  # tau plus the uncertainty of mu
+        True
+    """
+    structure: ModelStructure = fit.structure
+    n = num_samples
+    if data is None:
+        batch = fit.data.placeholder()
+    else:
+        batch = collate([_new_client_data(fit, data)], per_client=fit.data.per_client)
+    nesting = structure.max_plate_nesting
+    event_dims = dict(structure.event_dims)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        global_draws = fit.global_samples(num_samples)
+    values = {
+        site: _pad_batch(v, v.shape[1:], event_dims.get(site, 0), nesting, site)
+        for site, v in global_draws.items()
+    }
+    run = with_particles(poutine.condition(fit.model, data=values), num_samples, nesting)
+    # The placeholder's values need not lie in the likelihood's support: don't validate.
+    with private_params(), torch.no_grad(), seeded(derive_seed(seed, "new_client")):
+        with pyro.validation_enabled(False):
+            trace = poutine.trace(run).get_trace(batch)
+        wanted = list(structure.local_sites) + [
+            s
+            for s in structure.deterministic_sites
+            if any(f.name == structure.plate for f in trace.nodes[s]["cond_indep_stack"])
+        ]
+        out = {
+            site: _per_client_value(trace.nodes[site]["value"], trace.nodes[site], structure, n)
+            for site in wanted
+        }
+        if data is not None:
+            for site in structure.observed_sites:
+                node = trace.nodes[site]
+                out[site] = _per_client_value(node["fn"].sample(), node, structure, n)
+    return out
+
+
+@dataclasses.dataclass
+class Personalised:
+    """A new client's own fit: its :class:`~hbfl_pyro.client.Client` and what it learned.
+
+    :ivar name: the new client's name.
+    :ivar client: the client (its ``local_guide`` is ``q(theta_new)``).
+    :ivar structure: the model's site roles.
+    :ivar elbo: the client's ELBO term after fitting (a Monte Carlo estimate).
+    """
+
+    name: str
+    client: Client
+    structure: ModelStructure
+    elbo: float
+
+    def sample(self, num_samples: int = 1000, seed: int = 0) -> Dict[str, torch.Tensor]:
+        """Draws of ``q(theta_new)``: ``{site: (num_samples, *shape)}`` (clients axis removed).
+
+        Example::
+
+            >>> personal.sample(500)["theta"].shape  # doctest: +SKIP
+            torch.Size([500])
+        """
+        from .svi import _draw
+
+        with seeded(seed):
+            return _draw(
+                self.client.local_guide,
+                self.client._batch,
+                self.structure,
+                num_samples,
+                self.structure.plate,
+            )
+
+
+def personalise(
+    fit,
+    client_data: Mapping,
+    steps: int = 500,
+    lr: float = 0.05,
+    seed: int = 0,
+    *,
+    name: str = "new",
+    local_guide=None,
+    num_particles: Optional[int] = None,
+) -> Personalised:
+    """Fit a new client's ``q(theta_new)`` on its own data, with ``q(phi)`` as its prior.
+
+    The new client gets the server's current message (``fit.server.message``), builds
+    its own :class:`~hbfl_pyro.client.Client` (a fresh local guide, its own optimiser)
+    and runs ``steps`` local steps on its block of the ELBO,
+    ``E_q[log p(theta_new | phi) + log p(D_new | theta_new, phi) - log q(theta_new)]``
+    (closed-form mode: ``E_q(phi)[log p(theta_new | phi)]`` in closed form). It is a
+    personalisation, not a round: its reply is discarded, so the server's ``q(phi)``,
+    its optimiser, the history and every existing client are unchanged (tested
+    byte for byte).
+
+    :param fit: a :class:`~hbfl_pyro.FederatedSVI`, usually fitted.
+    :param client_data: the new client's ``{key: array}``, with the federation's keys.
+    :param steps: local Adam steps.
+    :param lr: their step size.
+    :param seed: seed of the guide's initialisation and of the steps' noise.
+    :param name: the new client's name.
+    :param local_guide: the local guide; default: a fresh guide of the class the
+        federation's clients use (required when that is a user module, whose copy would
+        start from another client's parameters).
+    :param num_particles: particles per step (default: the federation's clients').
+        The federation's ``moment_matched`` setting is kept.
+    :returns: a :class:`Personalised`.
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from hbfl_pyro import FederatedSVI, num_clients
+        >>> def model(data):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("clients", num_clients(data)):
+        ...         theta = pyro.sample("theta", dist.Normal(mu, 2.0))
+        ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=data["y"])
+        >>> clients = {f"site{i}": {"y": torch.tensor(float(i))} for i in range(5)}
+        >>> fit = FederatedSVI(model, clients, seed=0)
+        >>> _ = fit.run(5, progress=False)
+        >>> personal = personalise(fit, {"y": torch.tensor(7.0)}, steps=200, lr=0.1)
+        >>> personal.sample(1000)["theta"].shape
+        torch.Size([1000])
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if name in fit.clients:
+        raise ValueError(
+            f"{name!r} is already a client of the federation; give the new client another name"
+        )
+    template = next(iter(fit.clients.values()))
+    if local_guide is None:
+        if not isinstance(template.local_guide, AutoGuide):
+            raise ValueError(
+                "the federation's clients use a custom local guide module; pass a fresh one "
+                "as local_guide= (a copy of an existing client's would start from its "
+                "parameters)"
+            )
+        local_guide = type(template.local_guide)
+    own_data = _new_client_data(fit, client_data)
+    config = dataclasses.replace(
+        template.config,
+        steps=steps,
+        lr=lr,
+        lr_decay=1.0,
+        num_particles=template.config.num_particles if num_particles is None else num_particles,
+    )
+    # The server's current message, as a client would receive it; the seed of the
+    # local steps is the new client's own.
+    message = fit.server.message(fit.round, name)
+    message["seed"] = derive_seed(seed, "personalise", name)
+    with private_params(), seeded(derive_seed(seed, "personalise-init", name)):
+        client = Client(
+            name,
+            own_data,
+            fit.model,
+            fit.structure,
+            fit.server.global_guide,  # deep-copied by the client; None in closed-form mode
+            local_guide,
+            fit.family,
+            config,
+            fit.data.per_client,
+        )
+    client.update(message)
+    with seeded(derive_seed(seed, "personalise-elbo", name)):
+        elbo = client.elbo(message, num_particles=256)
+    return Personalised(name, client, fit.structure, elbo)
+
+
+__all__ = ["Personalised", "new_client_predictive", "personalise"]
