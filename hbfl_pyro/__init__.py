@@ -14,6 +14,7 @@ from .guides import GuideError
 from .predict import new_client_predictive, personalise
 from .server import ClientFailureWarning, Server
 from .structure import ModelStructure, ModelStructureError, discover_structure
+from .structured import StructuredLocalNormal
 from .svi import FederatedSVI
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "NIWIso",
     "NormalNormal",
     "Server",
+    "StructuredLocalNormal",
     "collate",
     "compare_clients_loo",
     "discover_structure",

@@ -134,6 +134,11 @@ class Client:
         self.local_guide = build_local_guide(
             model, structure, self._batch, local_guide, client=name
         )
+        if family is not None and getattr(self.local_guide, "needs_globals", False):
+            raise GuideError(
+                f"client {name!r}: a local guide conditioned on the globals needs draws of "
+                "phi, which a closed-form server does not send; use server='gradient'"
+            )
         if family is not None:
             try:
                 local_moments(self.local_guide, family.local_site)

@@ -16,6 +16,7 @@ in Pyro's ``Trace_ELBO(vectorize_particles=True)``.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Dict, Optional
 
 import pyro
@@ -135,6 +136,10 @@ def client_terms(
     if global_guide is not None:
         global_guide = with_particles(global_guide, num_particles, nesting, moment_matched)
         guide_trace = poutine.trace(global_guide).get_trace(batch)
+    if getattr(local_guide, "needs_globals", False):
+        # A structured factor q_i(theta_i | phi) reads this draw of the global sites.
+        values = {name: guide_trace.nodes[name]["value"] for name in structure.global_sites}
+        local_guide = partial(local_guide, globals=values)
     local_guide = with_particles(local_guide, num_particles, nesting, moment_matched)
     local_trace = poutine.trace(poutine.replay(local_guide, trace=guide_trace)).get_trace(batch)
     for name, node in local_trace.nodes.items():

@@ -349,7 +349,7 @@ def _build(fit, num_samples: int, seed: int, pointwise: bool, marginal_draws: in
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         global_draws = fit.global_samples(num_samples)
-        local_draws = fit.local_samples(num_samples)
+        local_draws = fit.local_samples(num_samples, global_draws=global_draws)
         det = {}
         if structure.deterministic_sites:
             det = deterministic_samples(fit.model, batches, global_draws, local_draws, structure)

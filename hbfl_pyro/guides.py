@@ -84,6 +84,9 @@ def build_local_guide(
     if isinstance(guide, type) and issubclass(guide, AutoGuide):
         with private_params():
             guide = guide(blocked, create_plates=_clients_plate(structure))
+    elif isinstance(guide, type) and hasattr(guide, "for_client"):
+        with private_params():  # e.g. StructuredLocalNormal: the class builds its own
+            guide = guide.for_client(model, structure, batch)
     else:
         guide = _own_copy(guide, "local")
     with private_params():

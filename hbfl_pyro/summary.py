@@ -224,7 +224,7 @@ def posterior_summary(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         global_draws = fit.global_samples(num_samples)
-        local_draws = fit.local_samples(num_samples)
+        local_draws = fit.local_samples(num_samples, global_draws=global_draws)
         det = {}
         if deterministic and structure.deterministic_sites:
             batches = {name: fit.clients[name]._batch for name in fit.data.names}

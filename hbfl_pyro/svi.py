@@ -11,6 +11,7 @@ uninterrupted run, because every random choice is seeded by ``(seed, round, clie
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Callable, Dict, List, Optional, Union
 
 import pyro
@@ -262,12 +263,27 @@ class FederatedSVI:
             self.server.global_guide, self.server.placeholder, self.structure, num_samples, None
         )
 
-    def local_samples(self, num_samples: int = 1000) -> Dict[str, torch.Tensor]:
-        """Draws of each local site: ``{site: (num_samples, num_clients, *shape)}``."""
-        per_client = [
-            _draw(c.local_guide, c._batch, self.structure, num_samples, self.structure.plate)
-            for c in self.clients.values()
-        ]
+    def local_samples(
+        self, num_samples: int = 1000, global_draws: Optional[Dict[str, torch.Tensor]] = None
+    ) -> Dict[str, torch.Tensor]:
+        """Draws of each local site: ``{site: (num_samples, num_clients, *shape)}``.
+
+        :param global_draws: draws of the global sites (as :meth:`global_samples` returns
+            them) to pair with: a structured local factor ``q_i(theta_i | phi)`` draws
+            conditionally on them, so the joint draws are consistent. Drawn afresh if
+            omitted; mean-field local factors ignore them.
+        """
+        conditional = getattr(next(iter(self.clients.values())).local_guide, "needs_globals", False)
+        values = None
+        if conditional:
+            draws = self.global_samples(num_samples) if global_draws is None else global_draws
+            values = {n: _particle_shaped(draws[n], n, self.structure) for n in draws}
+        per_client = []
+        for c in self.clients.values():
+            guide = partial(c.local_guide, globals=values) if conditional else c.local_guide
+            per_client.append(
+                _draw(guide, c._batch, self.structure, num_samples, self.structure.plate)
+            )
         return {
             s: torch.stack([d[s] for d in per_client], dim=1) for s in self.structure.local_sites
         }
@@ -305,6 +321,15 @@ class FederatedSVI:
         self.load_state_dict(torch.load(path, weights_only=False))
 
 
+def _particle_shaped(draws: torch.Tensor, site: str, structure: ModelStructure) -> torch.Tensor:
+    """Global draws ``(n, *shape)`` laid out as under the particle plate (left of all plates)."""
+    event_dim = structure.event_dim(site)
+    shape = draws.shape[1:]
+    batch_dims = len(shape) - event_dim
+    pad = structure.max_plate_nesting - batch_dims
+    return draws.reshape(draws.shape[:1] + (1,) * pad + shape)
+
+
 def _draw(guide, batch, structure: ModelStructure, num_samples: int, plate: Optional[str]):
     """``num_samples`` vectorised draws of a guide's sites, without singleton plate dims.
 
@@ -312,7 +337,8 @@ def _draw(guide, batch, structure: ModelStructure, num_samples: int, plate: Opti
     """
     drawn = with_particles(guide, num_samples, structure.max_plate_nesting)
     with private_params(), torch.no_grad(), pyro.validation_enabled(False):
-        single = poutine.trace(guide).get_trace(batch)
+        # One plain draw gives each site's shape (a conditional factor without its globals).
+        single = poutine.trace(getattr(guide, "func", guide)).get_trace(batch)
         trace = poutine.trace(drawn).get_trace(batch) if num_samples > 1 else single
     out = {}
     for name, site in single.nodes.items():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoDelta
 
-from hbfl_pyro import FederatedSVI
+from hbfl_pyro import FederatedSVI, StructuredLocalNormal
 
 # Same arithmetic in a different order (batched sums, row-wise Adam): float64 round-off
 # accumulated over ~100 Adam steps stays far below 1e-9.
@@ -38,7 +38,13 @@ def _fit(engine, server, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "server, extra", [("closed_form", {}), ("gradient", {"global_guide": AutoDelta})]
+    "server, extra",
+    [
+        ("closed_form", {}),
+        ("gradient", {"global_guide": AutoDelta}),
+        # A structured q_i(theta_i | phi): its slopes stack along the clients axis too.
+        ("gradient", {"global_guide": AutoDelta, "local_guide": StructuredLocalNormal}),
+    ],
 )
 def test_vectorised_engine_equals_loop(server, extra):
     loop, vec = _fit("inprocess", server, **extra), _fit("vectorised", server, **extra)
