@@ -1,0 +1,72 @@
+"""Flower engine: the same model file, fitted across Flower processes.
+
+A model file (see :mod:`hbfl_pyro.modelfile`) becomes a Flower app:
+
+* :func:`server_app` -- a ``ServerApp`` whose :class:`HBFLStrategy` runs the library's
+  :class:`~hbfl_pyro.Server` (closed-form or gradient mode) on the clients' replies;
+* :func:`client_app` -- a ``ClientApp`` that runs :meth:`hbfl_pyro.Client.update` on the
+  node's own data, keeping the client's local variational parameters (and its optimiser
+  state) in the Flower ``Context`` state between rounds;
+* :func:`simulate` -- both in Flower's simulation engine (``hbfl fit --engine flower-sim``);
+* :func:`load_result` -- a finished run back into a :class:`~hbfl_pyro.FederatedSVI`.
+
+Flower is an optional dependency: ``pip install "hbfl_pyro[flower]"``. Importing this
+package does not import Flower; the functions above do, after switching off Flower's and
+Ray's network traffic (:mod:`hbfl_pyro.flower.env`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .env import apply_network_hygiene, hygienic_env
+
+INSTALL_HINT = (
+    "the Flower engine needs Flower: install it with "
+    '`pip install "hbfl_pyro[flower]"` (that is, "flwr[simulation]>=1.42,<2")'
+)
+
+_LAZY = {
+    "HBFLStrategy": "apps",
+    "client_app": "apps",
+    "server_app": "apps",
+    "RUN_CONFIG_DEFAULTS": "apps",
+    "simulate": "simulation",
+    "load_result": "simulation",
+}
+
+
+def require_flower():
+    """Apply the network hygiene, then import and return ``flwr``.
+
+    :raises ImportError: with the install command, when Flower is not installed.
+    """
+    apply_network_hygiene()
+    try:
+        import flwr
+    except ImportError as exc:
+        raise ImportError(INSTALL_HINT) from exc
+    return flwr
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        require_flower()
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "HBFLStrategy",
+    "INSTALL_HINT",
+    "RUN_CONFIG_DEFAULTS",
+    "apply_network_hygiene",
+    "client_app",
+    "hygienic_env",
+    "load_result",
+    "require_flower",
+    "server_app",
+    "simulate",
+]

@@ -1,0 +1,1 @@
+"""A Flower app running hbfl_pyro's federated SVI on a model file."""
