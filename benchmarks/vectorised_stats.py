@@ -47,7 +47,10 @@ def make_clients(n: int, seed: int = 0):
         size = int(torch.randint(2, 21, (), generator=gen))
         x = torch.randn(size, generator=gen)
         alpha = 1.0 + 0.5 * torch.randn((), generator=gen)
-        clients[f"c{i:04d}"] = {"x": x, "y": alpha + 0.7 * x + 0.3 * torch.randn(size, generator=gen)}
+        clients[f"c{i:04d}"] = {
+            "x": x,
+            "y": alpha + 0.7 * x + 0.3 * torch.randn(size, generator=gen),
+        }
     return clients
 
 
@@ -83,7 +86,9 @@ def main(argv=None) -> None:
         clients = make_clients(n)
         vec = statistics.median(round_times("vectorised", clients, args.rounds, args.local_steps))
         if n <= args.loop_max:
-            loop = statistics.median(round_times("inprocess", clients, args.rounds, args.local_steps))
+            loop = statistics.median(
+                round_times("inprocess", clients, args.rounds, args.local_steps)
+            )
             print(f"| {n} | {loop:.3f} | {vec:.4f} | {loop / vec:.1f}x |")
         else:
             print(f"| {n} | (skipped) | {vec:.4f} | |")

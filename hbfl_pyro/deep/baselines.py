@@ -1,0 +1,159 @@
+"""Baselines: plain reference FedAvg / FedProx, their fast engine versions, local-only.
+
+:func:`reference_fedavg` is written the way FedAvg (McMahan et al. 2017) and FedProx
+(Li et al. 2020) are usually written, independently of the hierarchy's code: a copy of an
+``nn.Module`` per client, ``torch.optim.SGD`` on its parameters, the mean cross-entropy
+of each minibatch (plus ``mu/2 ||w - w_global||^2`` for FedProx), and a state-dict average
+weighted by data size (``weighting="size"``, FedAvg's rule) or equal. It shares with the
+hierarchy only the schedule — which clients take part in a round
+(:func:`~hbfl_pyro.deep.local.select_clients`) and their minibatches
+(:func:`~hbfl_pyro.deep.local.batch_schedule`) — which is what "same seeds, same client
+order and batches" means in the special-case tests.
+
+:class:`FedProx` is FedProx(mu) (``mu = 0``: FedAvg) on the same local engine as
+:class:`~hbfl_pyro.deep.fedhb.FedHB` (loop or vmap), for benchmarks where round times
+must be comparable.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..seeding import derive_seed
+from .fedhb import ClientLike, FederatedTrainer, _weighted_sum, _weights
+from .local import (
+    LocalSpec,
+    Penalty,
+    QuadraticPenalty,
+    batch_schedule,
+    schedules_for,
+    select_clients,
+)
+
+__all__ = ["FedProx", "local_only", "reference_fedavg"]
+
+
+def reference_fedavg(
+    net: nn.Module,
+    clients: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    rounds: int,
+    *,
+    fraction: float = 1.0,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    mu: Union[float, Sequence[float]] = 0.0,
+    weighting: str = "size",
+    seed: int = 0,
+) -> nn.Module:
+    """FedAvg (``mu = 0``) or FedProx(``mu``), plain and independent (see the module doc).
+
+    :param net: the initial global model (not modified).
+    :param clients: each client's ``(x_train, y_train)``.
+    :param mu: FedProx's proximal coefficient: one number, or one per client.
+    :param weighting: ``"size"`` (``n_k / n``, FedAvg) or ``"equal"`` (``1 / |S|``).
+    :returns: the global model after ``rounds`` rounds.
+    """
+    global_model = copy.deepcopy(net)
+    mus = [float(mu)] * len(clients) if isinstance(mu, (int, float)) else [float(m) for m in mu]
+    for server_round in range(1, rounds + 1):
+        chosen = select_clients(len(clients), fraction, seed, server_round)
+        local_states, sizes = [], []
+        for k in chosen:
+            x, y = clients[k]
+            model = copy.deepcopy(global_model)
+            anchor = [p.detach().clone() for p in global_model.parameters()]
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+            seed_k = derive_seed(seed, server_round, k)
+            for idx in batch_schedule(len(y), batch_size, epochs, seed_k):
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                if mus[k]:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                    loss = loss + 0.5 * mus[k] * prox
+                loss.backward()
+                optimizer.step()
+            local_states.append(model.state_dict())
+            sizes.append(len(y))
+        total = float(sum(sizes))
+        if weighting == "size":
+            weights = [n / total for n in sizes]
+        else:
+            weights = [1.0 / len(sizes)] * len(sizes)
+        averaged = {
+            key: sum(w * state[key] for w, state in zip(weights, local_states))
+            for key in local_states[0]
+        }
+        global_model.load_state_dict(averaged)
+    return global_model
+
+
+class FedProx(FederatedTrainer):
+    """FedProx(mu) on the shared local engine: each client minimises the mean minibatch
+    cross-entropy plus ``mu/2 ||w - w_global||^2``; the server averages (by size or
+    equally). ``mu = 0`` is FedAvg.
+
+    :param mu: FedProx's coefficient (per example, as in the FedProx paper).
+    :param weighting: ``"size"`` (FedAvg's rule, the default) or ``"equal"``.
+    :param kwargs: ``fraction``, ``local``, ``engine``, ``chunk_size``, ``seed``.
+
+    Example::
+
+        >>> import torch
+        >>> from hbfl_pyro.deep import LocalSpec, mlp
+        >>> clients = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(3)]
+        >>> fit = FedProx(mlp((4, 5, 3)), clients, mu=0.1, local=LocalSpec(batch_size=8))
+        >>> len(fit.run(2)), fit.global_weights().shape
+        (2, torch.Size([43]))
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        clients: Sequence[ClientLike],
+        *,
+        mu: float = 0.0,
+        weighting: str = "size",
+        **kwargs,
+    ):
+        super().__init__(net, clients, **kwargs)
+        self.mu, self.weighting = float(mu), weighting
+        self.weights = self.init.clone()
+
+    def penalty(self) -> Penalty:
+        if not self.mu:
+            return None
+        # mu/2 ||w - w_global||^2 per example: times n_i on the summed-NLL scale.
+        return QuadraticPenalty(self.weights, self.mu, per_example=True)
+
+    def global_weights(self) -> torch.Tensor:
+        return self.weights
+
+    def aggregate(self, chosen: List[int], thetas: torch.Tensor) -> Dict:
+        w = _weights(chosen, self.sizes, 1, self.weighting, thetas)
+        self.weights = _weighted_sum(w, thetas)
+        return {}
+
+
+def local_only(
+    trainer: FederatedTrainer,
+    data: Sequence[ClientLike],
+    epochs: int,
+    spec: Optional[LocalSpec] = None,
+) -> torch.Tensor:
+    """Each client trains alone from the network's initial weights for ``epochs`` epochs
+    (no federation, no penalty): the local-only baseline. Uses ``trainer``'s engine.
+
+    :returns: ``(C, d)``.
+    """
+    spec = spec or trainer.local
+    spec = LocalSpec(**{**spec.__dict__, "epochs": epochs})
+    pairs = trainer.prepare(data)
+    sizes = [len(y) for _, y in pairs]
+    schedules = schedules_for(sizes, spec, trainer.seed, "local-only", range(len(pairs)))
+    return trainer.train(trainer.init, pairs, schedules, None, spec)

@@ -1,0 +1,32 @@
+"""The deep-FL benchmark script runs end to end at a tiny size and writes its tables."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_deep_fl_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "deep_fl.py"),
+        "--clients", "4", "--new-clients", "1", "--global-test", "100", "--rounds", "3",
+        "--fraction", "0.5", "--hidden", "8", "--seeds", "0", "--alpha", "0.5",
+        "--local-only-epochs", "1", "--finetune-epochs", "1",
+        "--methods", "local", "fedavg", "fedhb:family=diag,eps=0.05",
+        "--cost-clients", "3", "--cost-examples", "8", "--cost-rounds", "1",
+        "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (out / "results.md").read_text()
+    assert "| fedhb:family=diag,eps=0.05 |" in table and "## Cost" in table
+    data = json.loads((out / "results.json").read_text())
+    runs = data["results"]["0.5"]
+    assert set(runs) == {"local", "fedavg", "fedhb:family=diag,eps=0.05"}
+    assert 0.0 <= runs["fedavg"][0]["global_acc"] <= 1.0
+    assert data["cost"][0]["clients"] == 3
+    assert data["settings"]["versions"]["torch"] == __import__("torch").__version__
