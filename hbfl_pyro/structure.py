@@ -14,7 +14,6 @@ from typing import Callable, Dict, Tuple
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions.util import is_identically_zero
 from pyro.poutine.util import site_is_subsample
 
 from .data import FederatedData
@@ -185,30 +184,36 @@ def _check_globals_are_global(model, data, one, globals_, plate) -> None:
 
 
 def _likelihood_globals(model, data, one, globals_, observed) -> Tuple[str, ...]:
-    """Globals that change an observed site's density when moved with the locals held fixed."""
-    if not globals_:
-        return ()
-    batch = data.collate([0])
-    base = {n: s["value"] for n, s in _sample_sites(one).items() if not s["is_observed"]}
+    """Globals that the observed sites' densities depend on, with the locals held fixed.
 
-    def obs_log_prob(values):
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(batch)
-        return torch.stack(
-            [trace.nodes[n]["fn"].log_prob(trace.nodes[n]["value"]).sum() for n in observed]
-        )
-
-    ref = obs_log_prob(base)
-    found = []
-    for name in globals_:
-        site = one.nodes[name]
-        transform = torch.distributions.biject_to(site["fn"].support)
-        unconstrained = transform.inv(site["value"])
-        moved = dict(base)
-        moved[name] = transform(unconstrained + 0.37)
+    Found structurally: the model is run with every latent value given, the globals as
+    leaves that require grad, and a global counts when the observed log density has a
+    gradient path to it (``autograd.grad(..., allow_unused=True)`` is ``None`` only when
+    there is none). Every client is checked, since a covariate may switch a global off
+    for some clients (a zero regressor multiplies it out of the value, not of the graph).
+    """
+    del one  # each client is traced on its own data below
+    found = set()
+    for i in range(len(data)):
+        batch = data.collate([i])
+        with torch.random.fork_rng(devices=[]):
+            trace = _trace(model, batch, f"client {data.names[i]!r}")
+        values = {
+            n: s["value"].detach() for n, s in _sample_sites(trace).items() if not s["is_observed"]
+        }
+        for name in globals_:
+            values[name] = values[name].clone().requires_grad_()
         with pyro.validation_enabled(False):
-            lp = obs_log_prob(moved)
-        if not is_identically_zero(lp - ref) and not torch.allclose(
-            lp, ref, rtol=1e-10, atol=1e-12
-        ):
-            found.append(name)
-    return tuple(found)
+            conditioned = poutine.trace(poutine.condition(model, data=values)).get_trace(batch)
+        log_p = sum(
+            conditioned.nodes[n]["fn"].log_prob(conditioned.nodes[n]["value"]).sum()
+            for n in observed
+        )
+        leaves = [values[name] for name in globals_]
+        if not isinstance(log_p, torch.Tensor) or not log_p.requires_grad:
+            continue
+        grads = torch.autograd.grad(log_p, leaves, allow_unused=True)
+        found |= {name for name, grad in zip(globals_, grads) if grad is not None}
+        if len(found) == len(globals_):
+            break
+    return tuple(name for name in globals_ if name in found)
