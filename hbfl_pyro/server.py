@@ -266,8 +266,7 @@ class Server:
         got = {k: tuple(v.shape) for k, v in state[key].items()}
         if want != got:
             raise ValueError(
-                f"the checkpoint's global parameters {got} differ from this run's "
-                f"{want}"
+                f"the checkpoint's global parameters {got} differ from this run's {want}"
             )
 
     def load_state_dict(self, state: Dict) -> None:

@@ -68,6 +68,8 @@ STRUCTURE = {
 }
 MODULES = {"radon": radon, "surgical": surgical, "seeds": seeds, "sleepstudy": sleepstudy}
 NUM_CLIENTS = {"radon": 85, "surgical": 12, "seeds": 21, "sleepstudy": 18}
+
+
 @pytest.mark.parametrize("name, variant", list(STRUCTURE))
 def test_zoo_structure(name, variant):
     module = MODULES[name]
