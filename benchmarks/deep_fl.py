@@ -17,8 +17,8 @@ Methods (``--methods``) are names with optional ``key=value`` options after a co
 - ``local``: each client alone, from the initial weights, ``--local-only-epochs`` epochs;
 - ``fedavg``; ``fedprox:mu=0.01`` (FedProx, per-example ``mu``);
 - ``fedhb:family=iso|diag,eps=..,participation=scaled|stale,weighting=size|equal,
-  prox=..,pseudo=..,lambda0=..`` (FedHB; hyper-prior: prior prox weight ``prox`` per
-  coordinate on the summed-NLL scale, worth ``pseudo`` clients).
+  start=global|own,prox=..,pseudo=..,lambda0=..`` (FedHB; hyper-prior: prior prox
+  weight ``prox`` per coordinate on the summed-NLL scale, worth ``pseudo`` clients).
 
 Every random choice derives from ``--seeds``. Timing on a shared machine is noisy: the
 script reports the median over rounds, both wall-clock and process CPU time.
@@ -75,8 +75,26 @@ def parse_method(spec: str) -> Dict:
 
 def make_net(args) -> torch.nn.Module:
     if args.net == "cnn":
-        return small_cnn()
-    return mlp([784, *args.hidden, 10])
+        if tuple(args.image_shape[1:]) != (28, 28):
+            raise SystemExit(f"--net cnn needs 28x28 images, the data have {args.image_shape}")
+        return small_cnn(channels=args.image_shape[0])
+    return mlp([int(np.prod(args.image_shape)), *args.hidden, 10])
+
+
+def load_data(args):
+    """``(images, labels)``: MNIST IDX files (``--data``) or scikit-learn's digits."""
+    if args.dataset == "digits":
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as err:  # an optional extra
+            raise SystemExit(
+                '--dataset digits needs scikit-learn: pip install -e ".[bench]"'
+            ) from err
+        digits = load_digits()
+        # 8x8 images with pixel values 0..16, scaled to [0, 1] like MNIST's.
+        return load_images((digits.images / 16.0, digits.target))
+    path = Path(args.data)
+    return load_mnist(path, args.split) if path.is_dir() else load_images(path)
 
 
 def build(method: Dict, net, clients, args, seed):
@@ -113,6 +131,7 @@ def build(method: Dict, net, clients, args, seed):
         eps=float(method.get("eps", 0.1)),
         participation=method.get("participation", "scaled"),
         weighting=method.get("weighting", "size"),
+        start=method.get("start", "global"),
         **common,
     )
 
@@ -277,6 +296,7 @@ def markdown(results: Dict, cost_rows: List[Dict], settings: Dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "digits"])
     p.add_argument("--data", default=str(DEFAULT_DATA), help="IDX directory (zip/gz/plain)")
     p.add_argument("--split", default="t10k", help="IDX file prefix: t10k or train")
     p.add_argument("--clients", type=int, default=100)
@@ -332,8 +352,8 @@ def main(argv=None):
     settings = {k: (str(v) if k == "dtype" else v) for k, v in vars(args).items()}
     settings["versions"] = versions
     print(json.dumps(settings, indent=1), flush=True)
-    path = Path(args.data)
-    x, y = load_mnist(path, args.split) if path.is_dir() else load_images(path)
+    x, y = load_data(args)
+    args.image_shape = tuple(x.shape[1:])
     results: Dict[str, Dict[str, List[Dict]]] = {}
     alphas = args.alpha if args.scheme == "dirichlet" else [None]
     for alpha in alphas if methods else []:

@@ -254,6 +254,11 @@ class FederatedTrainer:
     def global_weights(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def starts(self, clients: Sequence[int]) -> torch.Tensor:
+        """Where the training clients ``clients`` start local training: ``(d,)`` (all at
+        the global weights, the default) or ``(C, d)``."""
+        return self.global_weights()
+
     # ------------------------------------------------------------------ training
     def train(
         self,
@@ -276,7 +281,7 @@ class FederatedTrainer:
         chosen = select_clients(self.num_clients, self.fraction, self.seed, server_round)
         schedules = schedules_for(self.sizes, self.local, self.seed, server_round, chosen)
         data = [self.data[i] for i in chosen]
-        thetas = self.train(self.global_weights(), data, schedules, self.penalty())
+        thetas = self.train(self.starts(chosen), data, schedules, self.penalty())
         record = {"round": server_round, "clients": chosen}
         record.update(self.aggregate(chosen, thetas))
         record["seconds"] = time.perf_counter() - start
@@ -295,17 +300,22 @@ class FederatedTrainer:
         data: Sequence[ClientLike],
         epochs: int,
         tag: str = "finetune",
+        clients: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         """Personalise (method.md §7): each client of ``data`` starts at the global weights
-        and trains ``epochs`` epochs on its own data with the method's penalty.
+        (or, for training clients named by ``clients``, where :meth:`starts` puts them) and
+        trains ``epochs`` epochs on its own data with the method's penalty.
 
+        :param clients: the indices of ``data``'s clients among the training clients, or
+            ``None`` for new clients.
         :returns: the personalised vectors ``(C, d)``.
         """
         spec = LocalSpec(**{**self.local.__dict__, "epochs": epochs})
         data = self.prepare(data)
         sizes = [len(y) for _, y in data]
         schedules = schedules_for(sizes, spec, self.seed, tag, range(len(data)))
-        return self.train(self.global_weights(), data, schedules, self.penalty(), spec)
+        starts = self.global_weights() if clients is None else self.starts(list(clients))
+        return self.train(starts, data, schedules, self.penalty(), spec)
 
 
 def _weights(
@@ -335,6 +345,8 @@ class FedHB(FederatedTrainer):
         (``eps^2`` per coordinate and client), so ``1 / eps^2`` caps the learned prox weight.
     :param participation: ``"scaled"`` or ``"stale"``.
     :param weighting: ``"equal"`` or ``"size"``.
+    :param start: ``"global"`` (every round's local training starts at ``m0``, as FedAvg)
+        or ``"own"`` (a client resumes its own ``m_i``; personalisation fine-tunes from it).
     :param kwargs: ``fraction``, ``local``, ``engine``, ``chunk_size``, ``seed`` of
         :class:`FederatedTrainer`.
 
@@ -364,9 +376,12 @@ class FedHB(FederatedTrainer):
         eps: float = 0.0,
         participation: str = "scaled",
         weighting: str = "equal",
+        start: str = "global",
         **kwargs,
     ):
         super().__init__(net, clients, **kwargs)
+        if start not in ("global", "own"):
+            raise ValueError(f"start must be 'global' or 'own', got {start!r}")
         if participation not in ("scaled", "stale"):
             raise ValueError(f"participation must be 'scaled' or 'stale', got {participation!r}")
         if weighting not in ("equal", "size"):
@@ -375,9 +390,10 @@ class FedHB(FederatedTrainer):
             raise ValueError(f"the family has d = {family.d}, the network {self.net.d} weights")
         self.family = family
         self.eps = float(eps)
-        self.participation, self.weighting = participation, weighting
+        self.participation, self.weighting, self.start = participation, weighting, start
         self.params = family.init_params()
         self._stale: Dict[int, Params] = {}
+        self._own: Dict[int, torch.Tensor] = {}
 
     def penalty(self, params: Optional[Params] = None) -> Penalty:
         """``-E_q(phi)[log p(theta | phi)]`` under ``q(phi)`` (the current one by default)."""
@@ -398,6 +414,15 @@ class FedHB(FederatedTrainer):
     def global_weights(self) -> torch.Tensor:
         """``m0``, the posterior mean of ``mu`` (the global model, method.md §7)."""
         return self.params["m0"]
+
+    def starts(self, clients: Sequence[int]) -> torch.Tensor:
+        """``start="global"``: ``m0`` for everyone. ``start="own"``: each client resumes
+        its own ``m_i`` (its variational parameters persist between rounds, as in
+        block-coordinate VI), ``m0`` until it has taken part once."""
+        m0 = self.global_weights()
+        if self.start == "global":
+            return m0
+        return torch.stack([self._own.get(i, m0) for i in clients])
 
     def prox_weight(self) -> float:
         """The mean over coordinates of the current prox weight (summed-NLL scale)."""
@@ -437,6 +462,8 @@ class FedHB(FederatedTrainer):
                     part = _weighted_sum(w[start : start + block], v)
                     sums[k] = part if k not in sums else sums[k] + part
         self.params = self.family.server_update(sums, self.num_clients)
+        if self.start == "own":
+            self._own.update(zip(chosen, thetas))
         # Mean per-coordinate variance of the round's m_i, from two norms (a column-wise
         # var over (C, d) is slow on CPU); a diagnostic only.
         mean = thetas.mean(0)
@@ -456,6 +483,7 @@ class FedHB(FederatedTrainer):
             "round": self.round,
             "params": {k: v.clone() for k, v in self.params.items()},
             "stale": dict(self._stale),
+            "own": dict(self._own),
         }
 
 

@@ -331,12 +331,15 @@ def train_vmap(
     n = torch.tensor([float(len(d[1])) for d in data], dtype=dtype, device=device)
     num_steps = max(len(s) for s in schedules)
     width = max((len(b) for s in schedules for b in s), default=1)
-    index = torch.zeros((num_steps, count, width), dtype=torch.long, device=device)
-    mask = torch.zeros((num_steps, count, width), dtype=dtype, device=device)
+    # Built on the CPU and moved once: on a GPU, one small copy per (step, client) would
+    # cost more than the round's arithmetic.
+    index = torch.zeros((num_steps, count, width), dtype=torch.long)
+    mask = torch.zeros((num_steps, count, width), dtype=dtype)
     for c, batches in enumerate(schedules):
         for s, b in enumerate(batches):
             index[s, c, : len(b)] = b
             mask[s, c, : len(b)] = 1.0
+    index, mask = index.to(device), mask.to(device)
     active = mask.amax(-1) > 0
     everyone = active.all(-1)
 

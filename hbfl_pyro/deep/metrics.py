@@ -96,7 +96,9 @@ def evaluate(
     for key, value in scores(predict(net, weights, split.x_test), split.y_test).items():
         out[f"global_{key}"] = value
     if personal is None:
-        personal = trainer.finetune(pairs(split.clients, True), finetune_epochs)
+        personal = trainer.finetune(
+            pairs(split.clients, True), finetune_epochs, clients=range(len(split.clients))
+        )
     for key, value in _pooled(net, personal, pairs(split.clients, False)).items():
         out[f"personal_{key}"] = value
     if split.new_clients:
