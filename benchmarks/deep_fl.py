@@ -15,7 +15,11 @@ N = 10, 100, 1,000 clients.
 Methods (``--methods``) are names with optional ``key=value`` options after a colon:
 
 - ``local``: each client alone, from the initial weights, ``--local-only-epochs`` epochs;
+- ``pooled``: one model on all clients' training data, same example budget (upper reference);
 - ``fedavg``; ``fedprox:mu=0.01`` (FedProx, per-example ``mu``);
+- ``ditto:lam=..`` (Ditto; ``native_personal_acc`` scores its persistent personal models);
+- ``perfedavg:variant=fo|hf,alpha=..,adapt_steps=..`` (Per-FedAvg, first-order / Hessian-free);
+- ``pfedbayes:rho=..,zeta=..,psteps=..,glr=..`` (pFedBayes-style mean-field Bayesian);
 - ``fedhb:family=iso|diag,eps=..,participation=scaled|stale,weighting=size|equal,
   start=global|own,prox=..,pseudo=..,lambda0=..`` (FedHB; hyper-prior: prior prox
   weight ``prox`` per coordinate on the summed-NLL scale, worth ``pseudo`` clients).
@@ -41,16 +45,19 @@ import pyro
 import torch
 
 from hbfl_pyro.deep import FedHB, FlatNet, LocalSpec, diag_prior, iso_prior, mlp, partition
-from hbfl_pyro.deep.baselines import FedProx, local_only
+from hbfl_pyro.deep.baselines import FedProx, Pooled, local_only
 from hbfl_pyro.deep.data import load_images, load_mnist
 from hbfl_pyro.deep.local import schedules_for
+from hbfl_pyro.deep.metrics import _pooled as pooled_scores
 from hbfl_pyro.deep.metrics import evaluate
 from hbfl_pyro.deep.nets import small_cnn
+from hbfl_pyro.deep.personalised import Ditto, PerFedAvg, PFedBayes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist_t10k"
 DEFAULT_METHODS = [
     "local",
+    "pooled",
     "fedavg",
     "fedprox:mu=0.01",
     "fedprox:mu=0.1",
@@ -58,8 +65,22 @@ DEFAULT_METHODS = [
     "fedhb:family=iso,eps=0.1,participation=scaled,weighting=size",
     "fedhb:family=diag,eps=0.1,participation=scaled,weighting=size",
     "fedhb:family=iso,eps=0.1,participation=stale,weighting=equal",
+    "ditto:lam=0.1",
+    "ditto:lam=1",
+    "perfedavg:variant=fo",
+    "perfedavg:variant=hf",
+    "pfedbayes:rho=-2,psteps=3",
 ]
-METRICS = ["global_acc", "personal_acc", "new_acc", "global_nll", "global_ece", "personal_ece"]
+METHOD_NAMES = ("local", "fedavg", "fedprox", "fedhb", "ditto", "perfedavg", "pfedbayes", "pooled")
+METRICS = [
+    "global_acc",
+    "personal_acc",
+    "new_acc",
+    "global_nll",
+    "global_ece",
+    "personal_ece",
+    "native_personal_acc",
+]
 
 
 def parse_method(spec: str) -> Dict:
@@ -68,7 +89,7 @@ def parse_method(spec: str) -> Dict:
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         out[key] = value
-    if name not in ("local", "fedavg", "fedprox", "fedhb"):
+    if name not in METHOD_NAMES:
         raise SystemExit(f"unknown method {name!r} in {spec!r}")
     return out
 
@@ -116,6 +137,41 @@ def build(method: Dict, net, clients, args, seed):
         return FedProx(net, clients, mu=0.0, **common)
     if name == "fedprox":
         return FedProx(net, clients, mu=float(method.get("mu", 0.01)), **common)
+    if name == "ditto":
+        return Ditto(
+            net,
+            clients,
+            lam=float(method.get("lam", 0.1)),
+            weighting=method.get("weighting", "size"),
+            **common,
+        )
+    if name == "perfedavg":
+        steps = method.get("adapt_steps")
+        return PerFedAvg(
+            net,
+            clients,
+            alpha=float(method.get("alpha", args.lr)),
+            variant=method.get("variant", "fo"),
+            adapt_steps=int(steps) if steps else None,
+            weighting=method.get("weighting", "equal"),
+            **common,
+        )
+    if name == "pfedbayes":
+        return PFedBayes(
+            net,
+            clients,
+            zeta=float(method.get("zeta", 1.0)),
+            init_rho=float(method.get("rho", -2.0)),
+            global_lr=float(method["glr"]) if "glr" in method else None,
+            personal_steps=int(method.get("psteps", 1)),
+            beta=float(method.get("beta", 1.0)),
+            train_samples=int(method.get("samples", 1)),
+            predict_samples=int(method.get("predict", 10)),
+            weighting=method.get("weighting", "equal"),
+            **common,
+        )
+    if name == "pooled":
+        return Pooled(net, clients, **common)
     init = FlatNet(net).vector()
     prior = iso_prior if method.get("family", "iso") == "iso" else diag_prior
     family = prior(
@@ -156,6 +212,12 @@ def run_one(method: Dict, split, args, seed) -> Dict:
             fit.step()
             cpu.append(time.process_time() - t0)
         out = evaluate(fit, split, finetune_epochs=args.finetune_epochs)
+        if hasattr(fit, "personal_weights"):
+            # Ditto / pFedBayes also keep the persistent personal models their papers score.
+            tests = [(c.x_test, c.y_test) for c in split.clients]
+            out["native_personal_acc"] = pooled_scores(fit.net, fit.personal_weights(), tests)[
+                "acc"
+            ]
         # Round 1 carries one-time costs (allocations, first calls): left out when possible.
         skip = 1 if len(cpu) > 2 else 0
         out["round_seconds"] = statistics.median(r["seconds"] for r in fit.history[skip:])
@@ -256,7 +318,7 @@ def markdown(results: Dict, cost_rows: List[Dict], settings: Dict) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         base = per_method.get("fedavg")
         for spec, runs in per_method.items():
-            cells = [spec] + [fmt([r[m] for r in runs]) for m in METRICS]
+            cells = [spec] + [fmt([r.get(m, float("nan")) for r in runs]) for m in METRICS]
             for key in ("round_seconds", "round_cpu"):
                 if base:
                     ratio = [r[key] / b[key] for r, b in zip(runs, base)]

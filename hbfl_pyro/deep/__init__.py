@@ -2,7 +2,7 @@
 FedAvg / FedProx special cases, vectorised client simulation and metrics (method.md §4-7,
 evaluation.md §B-C)."""
 
-from .baselines import FedProx, local_only, reference_fedavg
+from .baselines import FedProx, Pooled, local_only, reference_fedavg
 from .data import ClientSplit, FederatedSplit, load_images, load_mnist, partition, read_idx
 from .fedhb import (
     FederatedTrainer,
@@ -25,15 +25,21 @@ from .local import (
 )
 from .metrics import ece, evaluate, scores
 from .nets import FlatNet, mlp, small_cnn
+from .personalised import Ditto, MeanFieldNet, PerFedAvg, PFedBayes
 
 __all__ = [
     "ClientSplit",
+    "Ditto",
     "FedHB",
     "FedProx",
     "FederatedSplit",
     "FederatedTrainer",
     "FlatNet",
     "LocalSpec",
+    "MeanFieldNet",
+    "PFedBayes",
+    "PerFedAvg",
+    "Pooled",
     "QuadraticPenalty",
     "batch_schedule",
     "client_objective",

@@ -13,11 +13,17 @@ order and batches" means in the special-case tests.
 :class:`FedProx` is FedProx(mu) (``mu = 0``: FedAvg) on the same local engine as
 :class:`~hbfl_pyro.deep.fedhb.FedHB` (loop or vmap), for benchmarks where round times
 must be comparable.
+
+:class:`Pooled` is centralised training on all clients' training data together with the
+budget of the federated runs (the upper reference of evaluation.md §B), and
+:func:`local_only` the no-federation lower one. The personalised-FL baselines (Ditto,
+Per-FedAvg, pFedBayes) are in :mod:`hbfl_pyro.deep.personalised`.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,8 +40,9 @@ from .local import (
     schedules_for,
     select_clients,
 )
+from .personalised import Ditto, PerFedAvg, PFedBayes  # noqa: F401  (re-exported)
 
-__all__ = ["FedProx", "local_only", "reference_fedavg"]
+__all__ = ["FedProx", "Pooled", "local_only", "reference_fedavg"]
 
 
 def reference_fedavg(
@@ -157,3 +164,72 @@ def local_only(
     sizes = [len(y) for _, y in pairs]
     schedules = schedules_for(sizes, spec, trainer.seed, "local-only", range(len(pairs)))
     return trainer.train(trainer.init, pairs, schedules, None, spec)
+
+
+class Pooled(FederatedTrainer):
+    """Centralised training on the pooled training data of all clients, with the federated
+    runs' budget: the upper reference of evaluation.md §B.
+
+    Round ``t`` draws the same clients as every federated method
+    (:func:`~hbfl_pyro.deep.local.select_clients`) only to set its budget: the examples
+    those clients would process, ``epochs * sum_{k in S_t} n_k``. The pooled model takes
+    minibatches (the local spec's size, optimiser and step size) from one stream of
+    shuffled passes over the pooled data (pass ``e`` seeded by ``(seed, "pooled", e)``)
+    until it has processed that many examples; a surplus of the last minibatch is carried
+    to the next round. So after ``R`` rounds it has seen the same number of examples as
+    FedAvg, in sequential rather than parallel steps. The loss is the mean minibatch
+    cross-entropy (no penalty); :meth:`finetune` is FedAvg's (plain local training from
+    the pooled model).
+
+    Example::
+
+        >>> import torch
+        >>> from hbfl_pyro.deep import LocalSpec, mlp
+        >>> clients = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(3)]
+        >>> fit = Pooled(mlp((4, 5, 3)), clients, fraction=2 / 3, local=LocalSpec(batch_size=8))
+        >>> [r["examples"] for r in fit.run(2)]
+        [32, 32]
+    """
+
+    def __init__(self, net: nn.Module, clients: Sequence[ClientLike], **kwargs):
+        super().__init__(net, clients, **kwargs)
+        self.pooled = (
+            torch.cat([x for x, _ in self.data]),
+            torch.cat([y for _, y in self.data]),
+        )
+        self.weights = self.init.clone()
+        self._pass, self._queue, self._owed = 0, [], 0
+
+    def penalty(self) -> Penalty:
+        return None
+
+    def global_weights(self) -> torch.Tensor:
+        return self.weights
+
+    def _next_batch(self) -> torch.Tensor:
+        if not self._queue:
+            seed = derive_seed(self.seed, "pooled", self._pass)
+            self._queue = batch_schedule(len(self.pooled[1]), self.local.batch_size, 1, seed)
+            self._pass += 1
+        return self._queue.pop(0)
+
+    def step(self) -> Dict:
+        """One round's budget of pooled minibatches (see the class doc)."""
+        server_round = self.round + 1
+        start = time.perf_counter()
+        chosen = select_clients(self.num_clients, self.fraction, self.seed, server_round)
+        self._owed += self.local.epochs * sum(self.sizes[i] for i in chosen)
+        batches = []
+        while self._owed > 0:
+            batches.append(self._next_batch())
+            self._owed -= len(batches[-1])
+        self.weights = self.train(self.weights, [self.pooled], [batches], None)[0]
+        record = {
+            "round": server_round,
+            "clients": chosen,
+            "examples": sum(len(b) for b in batches),
+            "seconds": time.perf_counter() - start,
+        }
+        self.round = server_round
+        self.history.append(record)
+        return record
