@@ -15,6 +15,9 @@ N = 10, 100, 1,000 clients.
 Methods (``--methods``) are names with optional ``key=value`` options after a colon:
 
 - ``local``: each client alone, from the initial weights, ``--local-only-epochs`` epochs;
+- ``mixture:K=..,warmup=..,prox=..,pseudo=..,mixing=uniform|learned`` (FedHB mixture with
+  a gate for global prediction; use with ``--rotations``; ``global_uniform_acc`` is the
+  uniform-ensemble fallback);
 - ``pooled``: one model on all clients' training data, same example budget (upper reference);
 - ``fedavg``; ``fedprox:mu=0.01`` (FedProx, per-example ``mu``);
 - ``ditto:lam=..`` (Ditto; ``native_personal_acc`` scores its persistent personal models);
@@ -50,6 +53,7 @@ from hbfl_pyro.deep.data import load_images, load_mnist
 from hbfl_pyro.deep.local import schedules_for
 from hbfl_pyro.deep.metrics import _pooled as pooled_scores
 from hbfl_pyro.deep.metrics import evaluate
+from hbfl_pyro.deep.mixture import FedHBMixture, evaluate_mixture, mixture_priors
 from hbfl_pyro.deep.nets import small_cnn
 from hbfl_pyro.deep.personalised import Ditto, PerFedAvg, PFedBayes
 
@@ -71,7 +75,17 @@ DEFAULT_METHODS = [
     "perfedavg:variant=hf",
     "pfedbayes:rho=-2,psteps=3",
 ]
-METHOD_NAMES = ("local", "fedavg", "fedprox", "fedhb", "ditto", "perfedavg", "pfedbayes", "pooled")
+METHOD_NAMES = (
+    "local",
+    "fedavg",
+    "fedprox",
+    "fedhb",
+    "mixture",
+    "ditto",
+    "perfedavg",
+    "pfedbayes",
+    "pooled",
+)
 METRICS = [
     "global_acc",
     "personal_acc",
@@ -80,6 +94,7 @@ METRICS = [
     "global_ece",
     "personal_ece",
     "native_personal_acc",
+    "global_uniform_acc",
 ]
 
 
@@ -172,6 +187,27 @@ def build(method: Dict, net, clients, args, seed):
         )
     if name == "pooled":
         return Pooled(net, clients, **common)
+    if name == "mixture":
+        prior = iso_prior if method.get("family", "iso") == "iso" else diag_prior
+        families = mixture_priors(
+            net,
+            int(method.get("K", args.rotations)),
+            prior=prior,
+            seed=seed,
+            prox_weight=float(method.get("prox", 100.0)),
+            pseudo_clients=float(method.get("pseudo", 0.01)),
+        )
+        return FedHBMixture(
+            net,
+            clients,
+            families,
+            eps=float(method.get("eps", 0.1)),
+            mixing=method.get("mixing", "uniform"),
+            warmup_rounds=int(method.get("warmup", 5)),
+            participation=method.get("participation", "stale"),
+            weighting=method.get("weighting", "size"),
+            **common,
+        )
     init = FlatNet(net).vector()
     prior = iso_prior if method.get("family", "iso") == "iso" else diag_prior
     family = prior(
@@ -211,7 +247,14 @@ def run_one(method: Dict, split, args, seed) -> Dict:
             t0 = time.process_time()
             fit.step()
             cpu.append(time.process_time() - t0)
-        out = evaluate(fit, split, finetune_epochs=args.finetune_epochs)
+        if isinstance(fit, FedHBMixture):
+            # Global prediction through a gate g(x) over the components, trained by FedAvg
+            # for as many rounds as the mixture (the uniform ensemble is also reported).
+            gate = mlp([int(np.prod(args.image_shape)), *args.hidden[:1], fit.K])
+            fit.train_gate(gate.to(device=args.device, dtype=args.dtype), args.rounds)
+            out = evaluate_mixture(fit, split, finetune_epochs=args.finetune_epochs)
+        else:
+            out = evaluate(fit, split, finetune_epochs=args.finetune_epochs)
         if hasattr(fit, "personal_weights"):
             # Ditto / pFedBayes also keep the persistent personal models their papers score.
             tests = [(c.x_test, c.y_test) for c in split.clients]
@@ -224,6 +267,8 @@ def run_one(method: Dict, split, args, seed) -> Dict:
         out["round_cpu"] = statistics.median(cpu[skip:])
         if isinstance(fit, FedHB):
             out["prox_weight"] = fit.prox_weight()
+        if isinstance(fit, FedHBMixture):
+            out["prox_weight"] = float(np.mean(fit.prox_weights()))
     out["total_seconds"] = time.perf_counter() - start
     return out
 

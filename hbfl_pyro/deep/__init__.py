@@ -24,6 +24,13 @@ from .local import (
     train_vmap,
 )
 from .metrics import ece, evaluate, scores
+from .mixture import (
+    FedHBMixture,
+    MixturePenalty,
+    component_inits,
+    evaluate_mixture,
+    mixture_priors,
+)
 from .nets import FlatNet, mlp, small_cnn
 from .personalised import Ditto, MeanFieldNet, PerFedAvg, PFedBayes
 
@@ -31,27 +38,32 @@ __all__ = [
     "ClientSplit",
     "Ditto",
     "FedHB",
+    "FedHBMixture",
     "FedProx",
     "FederatedSplit",
     "FederatedTrainer",
     "FlatNet",
     "LocalSpec",
     "MeanFieldNet",
+    "MixturePenalty",
     "PFedBayes",
     "PerFedAvg",
     "Pooled",
     "QuadraticPenalty",
     "batch_schedule",
     "client_objective",
+    "component_inits",
     "diag_prior",
     "ece",
     "evaluate",
+    "evaluate_mixture",
     "fedavg_family",
     "fedprox_family",
     "iso_prior",
     "load_images",
     "load_mnist",
     "local_only",
+    "mixture_priors",
     "mlp",
     "network_model",
     "partition",
