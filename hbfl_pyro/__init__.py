@@ -8,6 +8,7 @@ Hierarchical Bayesian Federated Learning", arXiv:2305.04979.
 
 from .client import Client, LocalConfig
 from .data import DataValidationError, FederatedData, collate, num_clients
+from .dp import DPConfig
 from .export import compare_clients_loo, to_inference_data
 from .families import ClosedFormFamily, InverseWishart, NIWDiag, NIWFull, NIWIso, NormalNormal
 from .guides import GuideError
@@ -23,6 +24,7 @@ __all__ = [
     "Client",
     "ClientFailureWarning",
     "ClosedFormFamily",
+    "DPConfig",
     "DataValidationError",
     "FederatedData",
     "FederatedSVI",

@@ -107,6 +107,8 @@ class Client:
     :param local_guide: ``"auto"``, an autoguide class, or a PyroModule template.
     :param family: the closed-form family, or ``None`` in gradient mode.
     :param config: the :class:`LocalConfig`.
+    :param dp: a :class:`~hbfl_pyro.dp.DPConfig`: the reply's summaries or gradients are
+        clipped to its norm here, on the client, and no ELBO value is sent (``0.0``).
     """
 
     def __init__(
@@ -120,8 +122,10 @@ class Client:
         family: Optional[ClosedFormFamily],
         config: LocalConfig,
         per_client=(),
+        dp=None,
     ):
         self.name = name
+        self.dp = dp  # a hbfl_pyro.dp.DPConfig: clip the reply before it leaves
         self.data = data
         self.per_client = tuple(per_client)
         self._batch = collate([data], per_client=per_client)
@@ -231,6 +235,11 @@ class Client:
                 reply["elbo"] = float(value.detach())
         if not math.isfinite(reply["elbo"]):
             reply["elbo"] = float("nan")
+        if self.dp is not None:
+            key = "stats" if self._family is not None else "grads"
+            reply[key] = self.dp.clip_message(reply[key], f"client {self.name!r}")
+            # The ELBO value is data-dependent and not clipped or noised: it is not sent.
+            reply["elbo"] = 0.0
         return reply
 
     # ------------------------------------------------------------------ state

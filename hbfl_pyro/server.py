@@ -76,6 +76,9 @@ class Server:
     :param lr_decay: multiplicative learning-rate decay per round (gradient mode).
     :param num_particles: particles for the server term's gradient.
     :param seed: the run's seed.
+    :param dp: a :class:`~hbfl_pyro.dp.DPConfig`: every reply is clipped again, Gaussian
+        noise is added to the round's sum before the update, and the round's record holds
+        the run's ``epsilon`` and ``delta`` so far (its ``elbo`` is NaN: clients send none).
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class Server:
         lr_decay: float = 1.0,
         num_particles: int = 8,
         seed: int = 0,
+        dp=None,
     ):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -112,6 +116,8 @@ class Server:
         self.participation = participation
         self.num_particles, self.seed = num_particles, seed
         self.stale: Dict[str, Dict] = {}
+        self.dp = dp
+        self.dp_releases = 0  # rounds that released a noisy sum (what the accountant counts)
         if family is not None:
             self.family_params = family.init_params()
             self.optim = self.scheduler = None
@@ -187,6 +193,9 @@ class Server:
                 stacklevel=2,
             )
             record["elbo"] = float("nan")
+            if self.dp is not None:
+                record["epsilon"] = self.dp.epsilon(self.dp_releases)
+                record["delta"] = self.dp.delta
             return record
         if self.participation == "stale":
             self.stale.update(good)
@@ -194,9 +203,18 @@ class Server:
         else:
             pool, scale = good, self.num_clients / len(good)
         client_elbo = scale * sum(r["elbo"] for r in pool.values())
+        noisy = None
+        if self.dp is not None:
+            # Noise on the unscaled sum; scaling and the update are post-processing.
+            seed = derive_seed(self.seed, server_round, "dp")
+            noisy = self.dp.noisy_sum([r[key] for r in pool.values()], seed)
+            self.dp_releases += 1
         if self.family is not None:
             keys = next(iter(pool.values()))["stats"].keys()
-            sums = {k: scale * sum(r["stats"][k] for r in pool.values()) for k in keys}
+            if noisy is not None:
+                sums = {k: scale * noisy[k] for k in keys}
+            else:
+                sums = {k: scale * sum(r["stats"][k] for r in pool.values()) for k in keys}
             self.family_params = self.family.server_update(sums, self.num_clients)
             own = float(self.family.neg_kl(self.family_params))
         else:
@@ -211,13 +229,20 @@ class Server:
                 self.optim.zero_grad()
                 (-own_term).backward()
             for name, param in self.global_guide.named_parameters():
-                total = sum(r["grads"][name] for r in pool.values())
+                if noisy is not None:
+                    total = noisy[name]
+                else:
+                    total = sum(r["grads"][name] for r in pool.values())
                 param.grad = param.grad + scale * total if param.grad is not None else scale * total
             self.optim.step()
             self.scheduler.step()
             own = float(own_term.detach())
         record["updated"] = True
         record["elbo"] = own + client_elbo
+        if self.dp is not None:
+            record["elbo"] = float("nan")  # clients send no ELBO under DP
+            record["epsilon"] = self.dp.epsilon(self.dp_releases)
+            record["delta"] = self.dp.delta
         return record
 
     def _expected_reply(self):
@@ -243,6 +268,8 @@ class Server:
     def state_dict(self) -> Dict:
         """A snapshot of the server's state (copies: later rounds do not change it)."""
         state = {"mode": self.mode, "stale": copy.deepcopy(self.stale)}
+        if self.dp is not None:
+            state["dp_releases"] = self.dp_releases
         if self.family is not None:
             state["family_params"] = {k: v.clone() for k, v in self.family_params.items()}
         else:
@@ -260,6 +287,11 @@ class Server:
                 f"the checkpoint is of a {state.get('mode')!r}-mode server; this run's server "
                 f"is in {self.mode!r} mode"
             )
+        if self.dp is not None and "dp_releases" not in state:
+            raise ValueError(
+                "the checkpoint is of a run without differential privacy: its rounds were "
+                "released without noise, so no epsilon holds for a continuation; start afresh"
+            )
         params = self.family_params if self.family is not None else self.global_guide.state_dict()
         key = "family_params" if self.family is not None else "global_guide"
         want = {k: tuple(v.shape) for k, v in params.items()}
@@ -272,6 +304,7 @@ class Server:
     def load_state_dict(self, state: Dict) -> None:
         self.check_state(state)
         self.stale = copy.deepcopy(state["stale"])
+        self.dp_releases = state.get("dp_releases", 0)
         if self.family is not None:
             self.family_params = {k: v.clone() for k, v in state["family_params"].items()}
         else:

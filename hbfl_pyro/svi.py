@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .client import Client, LocalConfig
 from .data import FederatedData
+from .dp import DPConfig
 from .elbo import server_term, with_particles
 from .engines import ENGINES
 from .families.base import ClosedFormFamily
@@ -112,6 +113,11 @@ class FederatedSVI:
         reference) or ``"vectorised"`` (a round's clients in one batched computation; for
         simulations with many clients).
     :param on_message: hook ``(direction, client, message)`` called on every message.
+    :param dp: a :class:`~hbfl_pyro.dp.DPConfig` for client-level differential privacy:
+        clients clip their replies and send no ELBO, the server adds Gaussian noise to each
+        round's sum; :attr:`privacy` and each history record report ``epsilon, delta``.
+        (The vectorised engine computes replies outside :class:`Client`; there the
+        server's re-clipping applies the same clip.)
 
     Example::
 
@@ -155,8 +161,15 @@ class FederatedSVI:
         per_client=(),
         engine: str = "inprocess",
         on_message=None,
+        dp=None,
     ):
         self.model = model
+        if dp is not None and not isinstance(dp, DPConfig):
+            raise TypeError(
+                f"dp must be a hbfl_pyro.dp.DPConfig (e.g. DPConfig(clip=1.0, "
+                f"noise_multiplier=1.0)), got {type(dp).__name__}"
+            )
+        self.dp = dp
         if isinstance(data, FederatedData) and per_client and tuple(per_client) != data.per_client:
             raise ValueError(
                 "per_client was given but data is already a FederatedData with per_client="
@@ -188,6 +201,7 @@ class FederatedSVI:
                     self.family,
                     config,
                     self.data.per_client,
+                    dp=dp,
                 )
                 for i, name in enumerate(self.data.names)
             }
@@ -207,6 +221,7 @@ class FederatedSVI:
             lr_decay=lr_decay,
             num_particles=server_particles,
             seed=seed,
+            dp=dp,
         )
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
@@ -218,6 +233,8 @@ class FederatedSVI:
     def step(self) -> Dict:
         """Run one round; returns its record (ELBO estimate, participants, seconds)."""
         server_round = self.round + 1
+        if self.dp is not None:
+            self.dp.check_round(server_round)
         start = time.perf_counter()
         chosen = self.server.select(server_round)
         messages = {name: self.server.message(server_round, name) for name in chosen}
@@ -235,6 +252,14 @@ class FederatedSVI:
             record = self.step()
             bar.set_postfix(elbo=f"{record['elbo']:.3f}", clients=len(record["clients"]))
         return self.history
+
+    @property
+    def privacy(self) -> Optional[Dict]:
+        """``None`` without DP; else the run's ``epsilon``, ``delta`` and settings so far
+        (:meth:`hbfl_pyro.dp.DPConfig.report`). Covers what the server releases (``q(phi)``,
+        the history); :meth:`elbo` and the clients' local factors read the clients directly
+        and are not covered."""
+        return None if self.dp is None else self.dp.report(self.server.dp_releases)
 
     # ------------------------------------------------------------------ evaluation
     def elbo(self, num_particles: int = 256) -> float:
