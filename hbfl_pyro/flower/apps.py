@@ -11,6 +11,9 @@ Both apps read the same *run config* (Flower's ``context.run_config``, overridde
     (``{"seed": 1, "local_steps": 5}``); both sides must be given the same.
 ``rounds``
     federated rounds (-1: the file's ``fit_options["rounds"]``, else 100).
+``secagg``
+    route the clients' closed-form summaries through Flower's SecAgg+ protocol, so the
+    server sees only their sum (:mod:`hbfl_pyro.flower.secagg`; keys ``secagg-*``).
 
 A round is the in-process round, message for message: the server samples clients with
 :meth:`~hbfl_pyro.Server.select`, sends each a ``train`` message holding
@@ -47,6 +50,7 @@ import torch
 
 from ..server import ClientFailureWarning
 from .records import decode, has_tree, num_bytes, record_dict
+from .secagg import SECAGG_CONFIG_DEFAULTS, flag
 
 # A child of Flower's logger: shown by `flwr run --stream` and `flwr log`.
 logger = logging.getLogger("flwr.hbfl_pyro")
@@ -68,6 +72,8 @@ RUN_CONFIG_DEFAULTS: Dict[str, Any] = {
     # Clients send their local state at the end (for simulation summaries only): the
     # ServerApp asks, and a ClientApp answers only if its own config says so too.
     "collect-local": False,
+    # Secure aggregation (closed-form server): see hbfl_pyro.flower.secagg.
+    **SECAGG_CONFIG_DEFAULTS,
 }
 #: Keywords a node's client ignores: they belong to the server.
 _CLIENT_SIDE = {"fraction": 1.0, "min_clients": 1, "engine": "inprocess", "on_message": None}
@@ -223,6 +229,7 @@ def client_app(run_config: Optional[Mapping] = None):
     from flwr.clientapp import ClientApp
 
     from .records import encode
+    from .secagg import client_train, is_secagg_message
 
     overrides = dict(run_config or {})
     app = ClientApp()
@@ -233,14 +240,28 @@ def client_app(run_config: Optional[Mapping] = None):
         else:  # a new run on this node: start from the initial local factor
             node.client.load_state_dict(node.initial_state)
 
-    @app.train()
-    def train(msg, context):
-        _, node = _node_client(context, overrides)
+    def update(context, node: NodeClient, message, finish=None):
+        """The local update; the state is stored only if ``finish(reply)`` returns."""
         load_state(context, node)
-        message = decode(msg.content)
         reply = node.client.update(message)
+        out = reply if finish is None else finish(reply)
         for name, record in encode(node.client.state_dict(), STATE_PREFIX).items():
             context.state[name] = record
+        return out
+
+    @app.train()
+    def train(msg, context):
+        spec, node = _node_client(context, overrides)
+        if is_secagg_message(msg):
+            return client_train(
+                msg, context, node.name, lambda m, finish: update(context, node, m, finish)
+            )
+        if flag(spec.config["secagg"]):
+            raise PermissionError(
+                f"client {node.name!r}: this node's run config sets secagg, but the server "
+                "sent a plain train message; it answers only through SecAgg+"
+            )
+        reply = update(context, node, decode(msg.content))
         return Message(record_dict(reply), reply_to=msg)
 
     @app.query()
@@ -580,7 +601,13 @@ def server_app(run_config: Optional[Mapping] = None, on_result: Optional[Callabl
 
     @app.main()
     def main(grid, context) -> None:
-        result = run_server(grid, merged_config(context.run_config, overrides))
+        config = merged_config(context.run_config, overrides)
+        if flag(config["secagg"]):
+            from .secagg import run_secagg_server
+
+            result = run_secagg_server(grid, config, context)
+        else:
+            result = run_server(grid, config)
         if on_result is not None:
             on_result(result)
 

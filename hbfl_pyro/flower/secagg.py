@@ -1,0 +1,741 @@
+"""Secure aggregation: closed-form server updates through Flower's SecAgg+ protocol.
+
+In closed-form mode (:class:`~hbfl_pyro.families.base.ClosedFormFamily`) the server needs
+only the *sum over clients* of small per-client summaries of ``q_i`` (and, for the ELBO
+record, the sum of the clients' ELBO terms). With run config ``secagg = true`` these sums
+travel through Flower's SecAgg+ protocol, so the server only ever holds the sum; it then
+applies the family's closed-form update exactly as :meth:`hbfl_pyro.Server.aggregate`
+does with ``participation="scaled"``.
+
+What Flower 1.42's SecAgg+ computes (``flwr.server.workflow.SecAggPlusWorkflow`` on the
+server, ``flwr.client.mod.secaggplus_mod`` on the client; read from the installed
+source):
+
+* **API**: the *legacy* one. The workflow is called with a ``LegacyContext`` holding a
+  legacy ``Strategy``; it calls ``strategy.configure_fit`` (``FitIns`` per node) and
+  ``strategy.aggregate_fit``. A round is four message exchanges (``setup``: public keys;
+  ``share keys``: encrypted Shamir shares; ``collect masked vectors``: the ClientApp runs
+  here and its ``FitRes`` is masked; ``unmask``: shares to remove the masks). We call the
+  workflow once per round (what ``DefaultWorkflow(fit_workflow=...)`` does), so that the
+  client discovery, history and result of :mod:`hbfl_pyro.flower.apps` are kept.
+* **Client** (``_collect_masked_vectors``): with ``w = num_examples`` of its ``FitRes``,
+  ``q_ratio = round(w / max_weight * Q)``, the parameters are multiplied by
+  ``q_ratio / Q``, **clipped** to ``[-c, c]`` (``c = clipping_range``), mapped to
+  ``(x + c) * Q / (2c)`` and **stochastically rounded** to an int32 in ``[0, Q]``
+  (``Q = quantization_range``); ``q_ratio`` is prepended; the private and pairwise masks
+  (uniform in ``[0, M - 1)``, ``M = modulus_range``) are added mod ``M``. Its other
+  ``FitRes`` fields (``num_examples``, ``metrics``, status) reach the server **in the
+  clear**; the mod only empties the array records.
+* **Server** (``unmask_stage``): the masked vectors are summed mod ``M``, the masks
+  removed, ``K = sum_i k_i`` dequantised to ``K * 2c / Q - c``, the offset
+  ``-(n - 1) c`` added (``n`` = clients that sent a masked vector), and the result
+  multiplied by ``Q / sum_i q_ratio_i``: a **weighted average**
+  ``sum_i q_ratio_i x_i / sum_i q_ratio_i``, not a sum. Every result passed to
+  ``aggregate_fit`` carries that same aggregate as its ``parameters``.
+
+How hbfl_pyro uses it:
+
+* every client reports ``num_examples = 1`` and the server sets ``max_weight = 1``, so
+  ``q_ratio = Q`` for everyone, the multiplication is by exactly 1, and the average is the
+  plain mean; the server multiplies it by ``n`` (the number of results) to get the sum. The
+  clients' real sizes are not sent (``num_examples`` would be in the clear), nor any
+  metric.
+* each client packs its summary ``s_i`` (the family's :meth:`client_summary`, keys in
+  sorted order, flattened) and its ELBO term ``e_i`` into one vector divided element-wise
+  by public bounds: ``v_i = [s_i / b, e_i / b_elbo]``, and ``c = 1``. A value outside its
+  bound is **not clipped** (that would bias the posterior silently): the client raises,
+  naming itself and the run-config key to raise; the protocol treats it as a dropout.
+* **No per-client reply validation on the server.** In plain mode
+  :meth:`~hbfl_pyro.Server.aggregate` inspects each reply (finite ELBO, keys, shapes,
+  NaN/Inf) and leaves bad ones out; under SecAgg+ it cannot see individual replies, so each
+  client checks its own reply (finite, the layout the server sent, within the bounds)
+  before masking, and a client that fails the check drops out of the round.
+* **Participation**: the server has the round's sum only, so partial participation is
+  ``"scaled"`` (sum times ``N / n``). ``"stale"`` (each client's latest reply) needs
+  individual replies: with ``fraction < 1`` it is rejected; with ``fraction = 1`` it equals
+  ``"scaled"`` in every round where no client fails (in process, a failed client's stale
+  reply would be reused; here the round's survivors are rescaled).
+* **Gradient mode is not supported**: :func:`run_secagg_server` raises. (Gradients are
+  sums too, but their scale is unknown in advance and the server's Adam step would need
+  its own error analysis.)
+
+**Quantisation error.** With ``c = 1`` and every ``|v_ij| <= 1`` nothing is clipped; each
+client's integer ``k_ij`` differs from ``(v_ij + 1) Q / 2`` by less than 1 (stochastic
+rounding), the masks cancel exactly, and ``K_j = sum_i k_ij <= n Q < M`` does not wrap
+around. Hence the decoded mean differs from ``(1/n) sum_i v_ij`` by less than ``2 / Q``, and
+the decoded *sum* of element ``j`` (bound ``b_j``) from the true sum by less than
+``2 n b_j / Q`` (:func:`sum_error_bound`; the float64 arithmetic adds a relative
+``~1e-16``, covered by a ``1e-6`` relative slack). We take the largest ``Q`` for which
+``n Q < M`` (and ``Q < 2^31``, the int32 of the rounding): ``Q = min(2^31 - 1, (M - 1) //
+n)`` (:func:`quantization_range`). With Flower's default ``M = 2^32`` and 10 clients,
+``Q = 429,496,729`` and the sum's error is below ``4.7e-8 b``. For the Normal–Normal
+family ``loc = (mu0/s0^2 + S/tau^2) / (1/s0^2 + N/tau^2)``, so the error of ``loc`` is at
+most ``|dS| / N`` and that of ``scale`` is zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..server import ClientFailureWarning
+from .records import flatten, unflatten
+
+#: Run-config keys of secure aggregation (merged into ``RUN_CONFIG_DEFAULTS``).
+SECAGG_CONFIG_DEFAULTS: Dict[str, Any] = {
+    # Route the clients' closed-form summaries through SecAgg+ (both apps read it; a
+    # ClientApp whose run config sets it refuses plain train messages).
+    "secagg": False,
+    # Public bound on |every element of a client's summary| (the family's client_summary).
+    "secagg-bound": 1000.0,
+    # Public bound on |a client's ELBO term|.
+    "secagg-elbo-bound": 1.0e6,
+    # SecAgg+ neighbourhood size and Shamir threshold (int, or float: a fraction); the
+    # defaults are those of Flower's secure-aggregation example.
+    "secagg-num-shares": 3,
+    "secagg-threshold": 2,
+    # Modulus of the masks (a power of 2); Flower's default and documented maximum.
+    "secagg-modulus": 2**32,
+}
+
+#: Relative slack for float64 rounding in the protocol's dequantisation (see module doc).
+FLOAT_SLACK = 1e-6
+_INT32_MAX = 2**31 - 1
+_MESSAGE_KEY = "hbfl.message"
+_LAYOUT_KEY = "hbfl.layout"
+
+
+def flag(value) -> bool:
+    """A run-config boolean (``flwr run`` may give ``"true"``/``"false"`` strings)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+# ---------------------------------------------------------------------- quantisation
+def quantization_range(num_clients: int, modulus: int = 2**32) -> int:
+    """The largest quantisation range ``Q`` for which ``num_clients`` sums cannot wrap.
+
+    Each client's integers lie in ``[0, Q]`` and the weights ``q_ratio = Q`` are summed as
+    well, so ``num_clients * Q < modulus`` is needed; Flower rounds to int32, so ``Q < 2^31``.
+
+    :param num_clients: clients sampled per round (at least 2 for SecAgg+).
+    :param modulus: SecAgg+'s ``modulus_range`` (a power of 2).
+    :returns: ``Q``.
+
+    Example::
+
+        >>> quantization_range(10)
+        429496729
+        >>> quantization_range(2)
+        2147483647
+    """
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be positive, got {num_clients}")
+    q = min(_INT32_MAX, (int(modulus) - 1) // int(num_clients))
+    if q < 2:
+        raise ValueError(
+            f"modulus {modulus} is too small for {num_clients} clients: raise secagg-modulus"
+        )
+    return q
+
+
+def sum_error_bound(num_clients: int, bound: float, quant_range: int) -> float:
+    """Worst-case error of one element of the securely summed vector (module doc).
+
+    :param num_clients: clients whose vectors are summed.
+    :param bound: the element's public bound ``b`` (``|x_i| <= b`` for every client).
+    :param quant_range: SecAgg+'s ``quantization_range`` ``Q``.
+    :returns: ``2 n b / Q`` plus a ``1e-6`` relative slack for float64 rounding.
+
+    Example::
+
+        >>> sum_error_bound(10, 1000.0, quantization_range(10)) < 5e-5
+        True
+    """
+    return 2.0 * num_clients * float(bound) / quant_range * (1.0 + FLOAT_SLACK)
+
+
+# ---------------------------------------------------------------------- packing
+def summary_layout(shapes: Mapping[str, torch.Size]) -> List[Tuple[str, List[int]]]:
+    """The vector layout of a client's summary: ``[(key, shape)]`` in sorted key order."""
+    return [(k, list(shapes[k])) for k in sorted(shapes)]
+
+
+def pack(
+    reply: Mapping, layout: Sequence, bound: float, elbo_bound: float, client: str = "client"
+) -> np.ndarray:
+    """A client's reply as the vector it puts into SecAgg+: ``[stats / b, elbo / b_elbo]``.
+
+    :param reply: the client's reply (:meth:`hbfl_pyro.Client.update`, closed-form mode).
+    :param layout: :func:`summary_layout` of the family's summary (sent by the server).
+    :param bound: ``b``, the public bound on every summary element.
+    :param elbo_bound: ``b_elbo``, the public bound on the client's ELBO term.
+    :param client: the client's name, for errors.
+    :returns: a float64 vector with every element in ``[-1, 1]``.
+    :raises ValueError: naming the client when the reply is not finite, does not match the
+        layout, or exceeds a bound (values are never clipped: that would bias the posterior).
+
+    Example::
+
+        >>> reply = {"stats": {"sum_mean": torch.tensor([2.5]), "count": torch.tensor(1.0)},
+        ...          "elbo": -30.0}
+        >>> layout = summary_layout({"sum_mean": (1,), "count": ()})
+        >>> pack(reply, layout, 10.0, 100.0).tolist()
+        [0.1, 0.25, -0.3]
+    """
+    stats = reply.get("stats")
+    if not isinstance(stats, Mapping):
+        raise ValueError(
+            f"client {client!r}: the reply has no closed-form summary ('stats'); SecAgg+ "
+            "needs the closed-form server"
+        )
+    want = [k for k, _ in layout]
+    if sorted(stats) != sorted(want):
+        raise ValueError(f"client {client!r}: its summary holds {sorted(stats)}, not {want}")
+    parts = []
+    for key, shape in layout:
+        t = stats[key]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(
+                f"client {client!r}: summary[{key!r}] has shape {tuple(t.shape)}, "
+                f"expected {tuple(shape)}"
+            )
+        parts.append(t.detach().reshape(-1).to(torch.float64).cpu().numpy())
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    elbo = reply.get("elbo")
+    if not isinstance(elbo, (int, float)) or not math.isfinite(elbo):
+        raise ValueError(f"client {client!r}: its ELBO {elbo!r} is not a finite number")
+    if not np.isfinite(values).all():
+        raise ValueError(f"client {client!r}: its summary holds NaN or Inf")
+    if values.size and np.abs(values).max() > bound:
+        raise ValueError(
+            f"client {client!r}: a summary value {np.abs(values).max():.6g} exceeds the "
+            f"SecAgg+ bound {bound:g}; raise the run config's secagg-bound (values are not "
+            "clipped, which would bias the posterior)"
+        )
+    if abs(elbo) > elbo_bound:
+        raise ValueError(
+            f"client {client!r}: its ELBO term {elbo:.6g} exceeds the SecAgg+ bound "
+            f"{elbo_bound:g}; raise the run config's secagg-elbo-bound"
+        )
+    return np.concatenate([values / bound, [elbo / elbo_bound]]).astype(np.float64)
+
+
+def unpack(
+    vector: np.ndarray, layout: Sequence, bound: float, elbo_bound: float
+) -> Tuple[Dict[str, torch.Tensor], float]:
+    """Invert :func:`pack` on a *sum* of packed vectors: ``(summed stats, summed ELBO)``.
+
+    Example::
+
+        >>> layout = summary_layout({"sum_mean": (1,), "count": ()})
+        >>> stats, elbo = unpack(np.array([0.3, 0.5, -0.6]), layout, 10.0, 100.0)
+        >>> stats["sum_mean"].tolist(), float(stats["count"]), elbo
+        ([5.0], 3.0, -60.0)
+    """
+    vector = np.asarray(vector, dtype=np.float64).reshape(-1)
+    sizes = [int(np.prod(shape)) for _, shape in layout]
+    if vector.size != sum(sizes) + 1:
+        raise ValueError(
+            f"the secure aggregate has {vector.size} values; the layout {layout} needs "
+            f"{sum(sizes) + 1}"
+        )
+    stats, start = {}, 0
+    for (key, shape), size in zip(layout, sizes):
+        part = vector[start : start + size] * bound
+        stats[key] = torch.from_numpy(part.copy()).reshape(shape)
+        start += size
+    return stats, float(vector[-1] * elbo_bound)
+
+
+# ---------------------------------------------------------------------- messages
+def to_fitins(message: Mapping, layout: Sequence, bound: float, elbo_bound: float):
+    """The server's message (:meth:`hbfl_pyro.Server.message`) as a legacy ``FitIns``.
+
+    The tensors go into ``parameters`` (NumPy's format: float64 bit for bit), the tree's
+    skeleton, the summary layout and the bounds into ``config``.
+    """
+    from flwr.common import FitIns, ndarrays_to_parameters
+
+    skeleton, tensors = flatten(dict(message))
+    arrays = [np.ascontiguousarray(t.cpu().numpy()) for t in tensors.values()]
+    config = {
+        _MESSAGE_KEY: json.dumps({"skeleton": skeleton, "keys": list(tensors)}),
+        _LAYOUT_KEY: json.dumps({"layout": layout, "bound": bound, "elbo_bound": elbo_bound}),
+    }
+    return FitIns(parameters=ndarrays_to_parameters(arrays), config=config)
+
+
+def from_fitins(fitins) -> Tuple[Dict, List, float, float]:
+    """Invert :func:`to_fitins`: ``(message, layout, bound, elbo_bound)``."""
+    from flwr.common import parameters_to_ndarrays
+
+    body = json.loads(str(fitins.config[_MESSAGE_KEY]))
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    tensors = {k: torch.from_numpy(np.array(a, copy=True)) for k, a in zip(body["keys"], arrays)}
+    spec = json.loads(str(fitins.config[_LAYOUT_KEY]))
+    return unflatten(body["skeleton"], tensors), spec["layout"], spec["bound"], spec["elbo_bound"]
+
+
+def is_secagg_message(msg) -> bool:
+    """Whether a ``train`` message belongs to the SecAgg+ protocol."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    return RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def client_train(msg, context, name: str, update: Callable) -> Any:
+    """The ClientApp's ``train`` handler for SecAgg+ messages (all four stages).
+
+    Runs Flower's ``secaggplus_mod``; in its ``collect masked vectors`` stage the mod
+    calls back here: the server's message is decoded from the ``FitIns``, ``update``
+    (``(message, finish) -> finish(reply)``, which must store the client's state only if
+    ``finish`` returns) runs the client's local update, and the reply is packed
+    (:func:`pack`, which checks it) into a ``FitRes`` with ``num_examples = 1`` and no
+    metrics. The mod masks the vector and empties the array records before replying.
+    """
+    from flwr.app import Message
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    def fit(inner, ctxt):
+        fitins = compat.recorddict_to_fitins(inner.content, keep_input=True)
+        message, layout, bound, elbo_bound = from_fitins(fitins)
+
+        def finish(reply):
+            return pack(reply, layout, bound, elbo_bound, client=name)
+
+        vector = update(message, finish)
+        fitres = FitRes(
+            status=Status(code=Code.OK, message=""),
+            parameters=ndarrays_to_parameters([vector]),
+            num_examples=1,  # every weight 1: the protocol then averages (see module doc)
+            metrics={},
+        )
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=inner)
+
+    return secaggplus_mod(msg, context, fit)
+
+
+# ---------------------------------------------------------------------- server side
+def content_bytes(msg) -> int:
+    """Serialized size (protobuf) of a message's content; 0 for an error reply."""
+    from flwr.common.serde import recorddict_to_proto
+
+    if not msg.has_content():
+        return 0
+    return int(recorddict_to_proto(msg.content).ByteSize())
+
+
+def _short_error(text: str) -> str:
+    """The ClientApp's own exception message out of a Ray/Flower error reply."""
+    code, _, reason = text.partition(": ")
+    marker = "Message: "
+    if marker in reason:  # keep the error code, drop the Ray traceback
+        return f"{code}: {reason.rsplit(marker, 1)[1].rstrip(chr(39) + '> ').strip()}"
+    return text
+
+
+def _array_bytes(msg) -> int:
+    if not msg.has_content():
+        return 0
+    return int(sum(len(a.data) for r in msg.content.array_records.values() for a in r.values()))
+
+
+class RecordingGrid:
+    """A Flower grid that polls fast and records what the server sends and receives.
+
+    ``send_and_receive`` is :func:`hbfl_pyro.flower.apps.send_and_receive` (a deployment's
+    grid sleeps 3 s between pulls; SecAgg+ makes four exchanges a round). Every message
+    is logged in :attr:`log`: direction, node, serialized content bytes, the bytes of its
+    array records, and for a reply its error text; everything else goes to the grid.
+    """
+
+    def __init__(self, grid, timeout: float, poll: float):
+        self._grid, self._timeout, self._poll = grid, timeout, poll
+        self.log: List[Dict] = []
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: Optional[float] = None):
+        from .apps import _error_text, send_and_receive
+
+        messages = list(messages)
+        for m in messages:
+            self.log.append(
+                {"dir": "down", "node": m.metadata.dst_node_id, "bytes": content_bytes(m)}
+            )
+        limit = self._timeout if timeout is None else timeout
+        replies = send_and_receive(self._grid, messages, limit, self._poll)
+        for r in replies:
+            entry = {
+                "dir": "up",
+                "node": r.metadata.src_node_id,
+                "bytes": content_bytes(r),
+                "array_bytes": _array_bytes(r),
+                "error": _short_error(_error_text(r)) if r.has_error() else None,
+            }
+            if r.has_content():
+                metrics = r.content.config_records.get("fitres.metrics")
+                entry["metrics"] = dict(metrics) if metrics is not None else None
+                counts = r.content.metric_records.get("fitres.num_examples")
+                entry["num_examples"] = counts["num_examples"] if counts is not None else None
+            self.log.append(entry)
+        return replies
+
+
+class SecAggStrategy:
+    """The legacy Flower strategy that SecAgg+ drives: the library's closed-form server.
+
+    ``SecAggPlusWorkflow`` calls two methods of ``flwr.server.strategy.Strategy``:
+    :meth:`configure_fit` (one ``FitIns`` per sampled client: :meth:`~hbfl_pyro.Server.message`
+    with the summary layout and bounds) and :meth:`aggregate_fit`, which receives the secure
+    *mean* of the packed vectors (the same aggregate in every result), turns it into the
+    sums and updates ``q(phi)`` in closed form (:func:`apply_sums`).
+
+    :param server: the closed-form :class:`~hbfl_pyro.Server`.
+    :param nodes: ``{client name: Flower node id}``.
+    :param proxies: ``{node id: ClientProxy}``.
+    :param bound: public bound on every summary element.
+    :param elbo_bound: public bound on every client's ELBO term.
+    """
+
+    def __init__(self, server, nodes: Dict[str, int], proxies: Dict, bound, elbo_bound):
+        self.server, self.nodes, self.proxies = server, dict(nodes), proxies
+        self.names = {nid: name for name, nid in self.nodes.items()}
+        self.bound, self.elbo_bound = float(bound), float(elbo_bound)
+        shapes, _ = server._expected_reply()
+        self.layout = summary_layout(shapes)
+        self.sent: Dict[int, List[str]] = {}
+        self.records: Dict[int, Dict] = {}
+
+    def configure_fit(self, server_round: int, parameters, client_manager) -> List:
+        pairs = []
+        self.sent[server_round] = self.server.select(server_round)
+        for name in self.sent[server_round]:
+            fitins = to_fitins(
+                self.server.message(server_round, name), self.layout, self.bound, self.elbo_bound
+            )
+            pairs.append((self.proxies[self.nodes[name]], fitins))
+        return pairs
+
+    def aggregate_fit(self, server_round: int, results, failures) -> Tuple[None, Dict]:
+        from flwr.common import parameters_to_ndarrays
+
+        names = [self.names[proxy.node_id] for proxy, _ in results]
+        # What the server holds: one aggregate, shared by every result (never a vector of
+        # a single client); counted so that the tests can check it.
+        distinct = {bytes(b"".join(fr.parameters.tensors)) for _, fr in results}
+        mean = parameters_to_ndarrays(results[0][1].parameters)[0] if results else None
+        failed = sorted(set(self.sent.get(server_round, [])) - set(names))
+        sums = elbo = None
+        if mean is not None:
+            sums, elbo = unpack(mean * len(results), self.layout, self.bound, self.elbo_bound)
+        record = apply_sums(self.server, server_round, sums, elbo, names, failed)
+        record["secagg"] = {
+            "aggregates": len(distinct),
+            "quantization_range": None,
+            "sums": {k: v.clone() for k, v in (sums or {}).items()},
+            "elbo_sum": elbo,
+        }
+        self.records[server_round] = record
+        return None, {}
+
+    # The workflow never calls these (no centralised or federated evaluation).
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def apply_sums(
+    server,
+    server_round: int,
+    sums: Optional[Dict[str, torch.Tensor]],
+    elbo_sum: Optional[float],
+    clients: Sequence[str],
+    failed: Sequence[str] = (),
+) -> Dict:
+    """The closed-form update of :meth:`hbfl_pyro.Server.aggregate` from the round's sums.
+
+    ``participation="scaled"``: the sums over the round's ``n`` clients are multiplied by
+    ``N / n``; with every client in the round this is also ``"stale"``'s update.
+
+    :param server: a closed-form :class:`~hbfl_pyro.Server`.
+    :param sums: ``{key: sum over the round's clients of the summaries}`` (``None``: none).
+    :param elbo_sum: the sum of the round's clients' ELBO terms.
+    :param clients: the names of the clients in the sums.
+    :param failed: the names of the round's sampled clients not in them.
+    :returns: the round's record, as :meth:`~hbfl_pyro.Server.aggregate`'s.
+
+    Example::
+
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> from hbfl_pyro.families.normal import NormalNormal
+        >>> fam = NormalNormal("mu", "theta", torch.zeros(1), torch.ones(1), torch.ones(1), ())
+        >>> server = SimpleNamespace(family=fam, num_clients=2, min_clients=1,
+        ...                          family_params=fam.init_params())
+        >>> sums = {"sum_mean": torch.tensor([3.0]), "count": torch.tensor(2.0)}
+        >>> record = apply_sums(server, 1, sums, -10.0, ["a", "b"])
+        >>> server.family_params["loc"], record["updated"]
+        (tensor([1.]), True)
+    """
+    record = {
+        "round": server_round,
+        "clients": sorted(clients),
+        "failed": sorted(failed),
+        "updated": False,
+        "elbo": float("nan"),
+    }
+    if sums is None or len(clients) < server.min_clients:
+        warnings.warn(
+            f"round {server_round}: only {len(clients)} client(s) in the secure sum "
+            f"(min_clients={server.min_clients}); the global factor is not updated this round",
+            ClientFailureWarning,
+            stacklevel=2,
+        )
+        return record
+    scale = server.num_clients / len(clients)
+    scaled = {k: scale * v for k, v in sums.items()}
+    server.family_params = server.family.server_update(scaled, server.num_clients)
+    own = float(server.family.neg_kl(server.family_params))
+    record["updated"] = True
+    record["elbo"] = own + scale * elbo_sum
+    return record
+
+
+def check_secagg_server(server, fraction_clients: int) -> None:
+    """Raise ``ValueError`` unless SecAgg+ can run this server: closed form, no ``dp``,
+    at least 2 clients a round, and no ``"stale"`` participation with ``fraction < 1``.
+
+    :param server: the :class:`~hbfl_pyro.Server`.
+    :param fraction_clients: the number of clients sampled per round.
+    """
+    if server.mode != "closed_form":
+        raise ValueError(
+            "SecAgg+ supports the closed-form server only (its client messages are sums of "
+            "summaries); this model's server is in gradient mode. Use a closed-form family "
+            "(server='closed_form') or turn secagg off"
+        )
+    if getattr(server, "dp", None) is not None:
+        raise ValueError(
+            "SecAgg+ with differential privacy (dp=) is not supported yet: the server would "
+            "have to add its noise to the secure sum; turn one of them off"
+        )
+    if fraction_clients < 2:
+        raise ValueError(
+            f"SecAgg+ needs at least 2 clients a round, this run samples {fraction_clients}; "
+            "raise fraction or add clients"
+        )
+    if server.participation == "stale" and fraction_clients < server.num_clients:
+        raise ValueError(
+            "participation='stale' keeps each client's latest reply, which SecAgg+ never "
+            "shows the server; use participation='scaled' or fraction=1"
+        )
+
+
+def run_secagg_server(grid, config: Mapping, context) -> Dict:
+    """The ServerApp's work under SecAgg+: as :func:`~hbfl_pyro.flower.apps.run_server`,
+    but each round is one call of Flower's ``SecAggPlusWorkflow``.
+
+    :param grid: the ServerApp's grid.
+    :param config: the merged run config (``secagg-*`` keys: :data:`SECAGG_CONFIG_DEFAULTS`).
+    :param context: the ServerApp's ``Context`` (wrapped in a ``LegacyContext``).
+    :returns: the result dict of :func:`~hbfl_pyro.flower.server_app`; each history record
+        also holds ``secagg`` (the decoded sums, the number of distinct aggregates the
+        strategy received, ``Q`` and the error bound of the sums) and ``traffic`` holds
+        the serialized bytes each client sent and received over the round's four stages.
+    """
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.server import ServerConfig
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    from .apps import (
+        _global_summary,
+        _query,
+        _result,
+        _write_history,
+        build_server,
+        discover_clients,
+        load_spec,
+        logger,
+        write_result,
+    )
+
+    spec = load_spec(config)
+    cfg = spec.config
+    start = time.perf_counter()
+    timeout, poll = float(cfg["round-timeout"]), float(cfg["poll-interval"])
+    names, nodes, schemas = discover_clients(grid, cfg)
+    fit = build_server(spec, names, schemas)
+    server = fit.server
+    per_round = len(server.select(1))
+    check_secagg_server(server, per_round)
+    bound, elbo_bound = float(cfg["secagg-bound"]), float(cfg["secagg-elbo-bound"])
+    modulus = int(cfg["secagg-modulus"])
+    quant = quantization_range(per_round, modulus)
+    recording = RecordingGrid(grid, timeout, poll)
+    manager = SimpleClientManager()
+    proxies = {}
+    for nid in nodes.values():
+        proxies[nid] = GridClientProxy(nid, recording, int(context.run_id))
+        manager.register(proxies[nid])
+    strategy = SecAggStrategy(server, nodes, proxies, bound, elbo_bound)
+    legacy = LegacyContext(
+        context,
+        config=ServerConfig(num_rounds=spec.rounds),
+        strategy=strategy,
+        client_manager=manager,
+    )
+    workflow = SecAggPlusWorkflow(
+        num_shares=cfg["secagg-num-shares"],
+        reconstruction_threshold=cfg["secagg-threshold"],
+        max_weight=1.0,
+        clipping_range=1.0,
+        quantization_range=quant,
+        modulus_range=modulus,
+        timeout=timeout,
+    )
+    history: List[Dict] = []
+    traffic: List[Dict] = []
+    holder = type("Holder", (), {"history": history, "traffic": traffic})()
+    setup = time.perf_counter() - start
+    out = str(cfg["out-dir"])
+    logger.info(
+        "hbfl secagg: %d clients on nodes %s; %d rounds, Q=%d",
+        len(names),
+        nodes,
+        spec.rounds,
+        quant,
+    )
+    for server_round in range(1, spec.rounds + 1):
+        t0 = time.perf_counter()
+        first = len(recording.log)
+        legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
+        legacy.state.array_records["parameters"] = ArrayRecord()
+        workflow(recording, legacy)
+        log = recording.log[first:]
+        errors = {}
+        for entry in log:
+            if entry["dir"] == "up" and entry.get("error"):
+                errors.setdefault(
+                    strategy.names.get(entry["node"], str(entry["node"])), entry["error"]
+                )
+        record = strategy.records.pop(server_round, None)
+        if record is None:  # the protocol halted: too few clients left to unmask
+            sent = strategy.sent.get(server_round, [])
+            if (
+                errors
+                and len(errors) == len(sent)
+                and all("RAISED_EXCEPTION" in w for w in errors.values())
+            ):
+                first_err = sorted(errors.items())[0]
+                raise RuntimeError(
+                    f"every client failed round {server_round} (first: {first_err[0]!r}: "
+                    f"{first_err[1]}); the server state is unchanged"
+                )
+            record = apply_sums(server, server_round, None, None, [], sent)
+        for name in record["failed"]:
+            why = errors.get(name, "dropped out of the secure aggregation")
+            errors.setdefault(name, why)
+            logger.warning("hbfl round %d: client %r failed: %s", server_round, name, why)
+            warnings.warn(
+                f"round {server_round}: client {name!r} (node {nodes[name]}) failed: {why}; "
+                "it is left out of this round",
+                ClientFailureWarning,
+                stacklevel=2,
+            )
+        n = len(record["clients"])
+        if "secagg" in record:
+            record["secagg"]["quantization_range"] = quant
+            record["secagg"]["sum_error_bound"] = sum_error_bound(max(n, 1), bound, quant)
+            record["secagg"]["elbo_error_bound"] = sum_error_bound(max(n, 1), elbo_bound, quant)
+        record["errors"] = dict(sorted(errors.items()))
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        down = {nid: 0 for nid in nodes.values()}
+        up = {nid: 0 for nid in nodes.values()}
+        for entry in log:
+            side = down if entry["dir"] == "down" else up
+            if entry["node"] in side:
+                side[entry["node"]] += entry["bytes"]
+        sent = strategy.sent.get(server_round, [])
+        traffic.append(
+            {
+                "round": server_round,
+                "bytes_down": [down[nodes[n]] for n in sent],
+                "bytes_up": [up[nodes[n]] for n in sent],
+                "replies": [
+                    dict(e, node=strategy.names.get(e["node"], e["node"]))
+                    for e in log
+                    if e["dir"] == "up"
+                ],
+            }
+        )
+        if out:
+            _write_history(_result(spec, fit, names, nodes, holder, setup), out)
+        logger.info(
+            "hbfl secagg round %d: elbo %.6g, clients %s, failed %s",
+            server_round,
+            record["elbo"],
+            record["clients"],
+            record["failed"],
+        )
+    result = _result(spec, fit, names, nodes, holder, setup)
+    result["secagg"] = {
+        "quantization_range": quant,
+        "modulus": modulus,
+        "bound": bound,
+        "elbo_bound": elbo_bound,
+        "clients_per_round": per_round,
+    }
+    if flag(cfg["collect-local"]):
+        answers, errs = _query(grid, list(nodes.values()), "report", timeout, poll)
+        for why in errs.values():
+            logger.warning("hbfl: a client did not report its local state: %s", why)
+        result["clients"] = {a["name"]: a["state"] for a in answers.values()}
+    result["global"] = _global_summary(fit)
+    if out:
+        write_result(result, out)
+    return result
+
+
+__all__ = [
+    "SECAGG_CONFIG_DEFAULTS",
+    "RecordingGrid",
+    "SecAggStrategy",
+    "apply_sums",
+    "check_secagg_server",
+    "client_train",
+    "content_bytes",
+    "flag",
+    "from_fitins",
+    "is_secagg_message",
+    "pack",
+    "quantization_range",
+    "run_secagg_server",
+    "sum_error_bound",
+    "summary_layout",
+    "to_fitins",
+    "unpack",
+]
