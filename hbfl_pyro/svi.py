@@ -190,21 +190,24 @@ class FederatedSVI:
             config = LocalConfig(
                 local_steps, local_lr, local_lr_decay, num_particles, grad_particles, moment_matched
             )
-            self.clients = {
-                name: Client(
-                    name,
-                    self.data[i],
-                    model,
-                    self.structure,
-                    global_template,
-                    local_guide,
-                    self.family,
-                    config,
-                    self.data.per_client,
-                    dp=dp,
-                )
-                for i, name in enumerate(self.data.names)
-            }
+            self.clients = {}
+            for i, name in enumerate(self.data.names):
+                # Each client's initialisation has its own seed, so it does not depend on
+                # the other clients: a Flower node, which builds its client alone, starts
+                # exactly where the in-process client starts.
+                with seeded(derive_seed(seed, "init", name)):
+                    self.clients[name] = Client(
+                        name,
+                        self.data[i],
+                        model,
+                        self.structure,
+                        global_template,
+                        local_guide,
+                        self.family,
+                        config,
+                        self.data.per_client,
+                        dp=dp,
+                    )
         if participation is None:
             participation = "stale" if self.family is not None else "scaled"
         self.server = Server(
