@@ -29,6 +29,13 @@ data and each client's log-likelihood, computed on the client), DIR/forest.png,
 DIR/elbo.png and DIR/report.md (settings, seeds, versions, timings, the summary table);
 --no-report skips these four.
 
+With --compare-pooled the same model is also fitted on the pooled data of all clients with
+plain Pyro: SVI with the same guide family (--pooled-* flags) and NUTS (--nuts-* flags,
+small budgets by default). The side-by-side table (mean and sd per method and parameter,
+z-scores and sd ratios against --reference or else NUTS, federated minus pooled VI, wall
+times, ELBOs) goes to DIR/comparison.csv, DIR/report.md and stdout, and a forest plot of
+the methods to DIR/comparison.png.
+
 MODEL_FILE is a Python file defining model(data) and load_data(); MODEL_FILE:NAME picks
 another model callable of the file (e.g. models/eight_schools.py:centered). Its optional
 fit_options dict sets defaults for the options below; a flag given here overrides it.
@@ -207,6 +214,99 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write only summary.csv: no posterior.nc, forest.png, elbo.png or report.md",
     )
+    compare = fit.add_argument_group(
+        "comparison with pooled fits (plain Pyro on the pooled data; see hbfl_pyro.compare)"
+    )
+    compare.add_argument(
+        "--compare-pooled",
+        action="store_true",
+        help="also fit the model on the pooled data by Pyro SVI (same guide family) and NUTS, "
+        "and write DIR/comparison.csv, DIR/comparison.png and the table in DIR/report.md",
+    )
+    compare.add_argument(
+        "--pooled-steps",
+        type=_nonnegative_int,
+        default=2000,
+        metavar="N",
+        help="pooled SVI steps; 0 skips pooled SVI (default: 2000)",
+    )
+    compare.add_argument(
+        "--pooled-lr",
+        type=_positive_float,
+        default=0.05,
+        metavar="LR",
+        help="pooled SVI's ClippedAdam step size, decayed 100-fold over the run (default: 0.05)",
+    )
+    compare.add_argument(
+        "--pooled-particles",
+        type=_positive_int,
+        default=8,
+        metavar="P",
+        help="Monte Carlo particles per pooled SVI step (default: 8)",
+    )
+    compare.add_argument(
+        "--nuts-warmup",
+        type=_nonnegative_int,
+        default=300,
+        metavar="W",
+        help="NUTS warm-up (adaptation) iterations, one chain (default: 300)",
+    )
+    compare.add_argument(
+        "--nuts-samples",
+        type=_nonnegative_int,
+        default=500,
+        metavar="M",
+        help="NUTS draws kept after warm-up; 0 skips NUTS (default: 500)",
+    )
+    compare.add_argument(
+        "--nuts-jit",
+        action="store_true",
+        help="compile NUTS's potential energy with the PyTorch JIT (faster on larger models)",
+    )
+    compare.add_argument(
+        "--reference",
+        metavar="JSON",
+        help="an external reference posterior summary (a JSON file with 'reference_summary': "
+        "{name: {mean, sd}}, as in ../shared/data/reference_posteriors): z-scores and sd "
+        "ratios are against it instead of NUTS",
+    )
+    privacy = fit.add_argument_group(
+        "privacy",
+        "client-level differential privacy (hbfl_pyro.dp: clients clip their replies, the "
+        "server adds Gaussian noise to each round's sum; epsilon is reported) and secure "
+        "aggregation (Flower's SecAgg+, closed-form servers, with --engine flower-sim)",
+    )
+    privacy.add_argument(
+        "--dp-clip",
+        type=_positive_float,
+        metavar="C",
+        help="turn on differential privacy: the L2 bound of each client's reply",
+    )
+    privacy.add_argument(
+        "--dp-noise",
+        type=float,
+        metavar="Z",
+        help="noise multiplier: the noise on each round's sum has sd Z*C",
+    )
+    privacy.add_argument(
+        "--dp-epsilon",
+        type=_positive_float,
+        metavar="E",
+        help="instead of --dp-noise: the privacy budget of the whole run (Z is solved)",
+    )
+    privacy.add_argument(
+        "--dp-delta",
+        type=float,
+        default=1e-5,
+        metavar="D",
+        help="delta of the reported (epsilon, delta) (default: 1e-5)",
+    )
+    privacy.add_argument(
+        "--secagg",
+        action="store_true",
+        help="with --engine flower-sim: the clients' closed-form summaries travel through "
+        "Flower's SecAgg+ protocol, so the server sees only their sum",
+    )
     fit.add_argument(
         "--no-progress",
         action="store_true",
@@ -223,6 +323,31 @@ def _svi_options(args: argparse.Namespace, file_options: Dict[str, Any]) -> Dict
         if value is not None:
             options[keyword] = value
     return options
+
+
+def _dp_config(args: argparse.Namespace, rounds: int, flower_sim: bool):
+    """The :class:`~hbfl_pyro.dp.DPConfig` the --dp-* flags ask for, or ``None``."""
+    given = [f for f in ("dp_noise", "dp_epsilon") if getattr(args, f) is not None]
+    if args.dp_clip is None:
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --dp-clip C")
+        return None
+    if len(given) != 1:
+        raise UsageError("with --dp-clip give exactly one of --dp-noise Z or --dp-epsilon E")
+    if flower_sim:
+        raise UsageError(
+            "differential privacy runs in-process or vectorised here; drop --engine flower-sim"
+        )
+    from .dp import DPConfig
+
+    try:
+        if args.dp_noise is not None:
+            return DPConfig(clip=args.dp_clip, noise_multiplier=args.dp_noise, delta=args.dp_delta)
+        return DPConfig(
+            clip=args.dp_clip, target_epsilon=args.dp_epsilon, rounds=rounds, delta=args.dp_delta
+        )
+    except ValueError as exc:
+        raise UsageError(_one_line(exc)) from exc
 
 
 def _one_line(exc: BaseException) -> str:
@@ -266,9 +391,14 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
     options = _svi_options(args, spec.options)
     rounds = args.rounds if args.rounds is not None else spec.rounds
     rounds = DEFAULT_ROUNDS if rounds is None else rounds
+    # flower-sim: Flower runs the rounds; this in-process fit receives the result.
+    flower_sim = options.get("engine") == "flower-sim"
+    dp = _dp_config(args, rounds, flower_sim)
+    if dp is not None:
+        options["dp"] = dp
+    if args.secagg and not flower_sim:
+        raise UsageError("--secagg runs in Flower: add --engine flower-sim")
     try:
-        # flower-sim: Flower runs the rounds; this in-process fit receives the result.
-        flower_sim = options.get("engine") == "flower-sim"
         svi_options = {**options, "engine": "inprocess"} if flower_sim else options
         fit = FederatedSVI(spec.model, data, **svi_options)
     except user_errors as exc:
@@ -305,11 +435,26 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
             raise UsageError(str(exc)) from exc
         from .flower.simulation import fit_in_simulation
 
-        fit_in_simulation(fit, args.model_file, _svi_options(args, {}), rounds)
+        run_config = {"secagg": True} if args.secagg else None
+        try:
+            fit_in_simulation(
+                fit, args.model_file, _svi_options(args, {}), rounds, run_config=run_config
+            )
+        except ValueError as exc:  # e.g. SecAgg+ with a gradient-mode server
+            raise UsageError(f"{spec.label}: {_one_line(exc)}") from exc
     else:
         fit.run(rounds, progress=not args.no_progress)
     timings = {"fit": time.perf_counter() - start}
-    if fit.history:
+    if fit.privacy is not None:
+        p = fit.privacy
+        print(
+            f"\nprivacy: epsilon {p['epsilon']:.4g} at delta {p['delta']:g} (client level, "
+            f"{p['rounds']} rounds, clip {p['clip']:g}, "
+            f"noise multiplier {p['noise_multiplier']:.4g}); "
+            "no ELBO is released under DP",
+            file=out,
+        )
+    elif fit.history:
         print(f"\nfinal ELBO estimate (round {fit.round}): {fit.history[-1]['elbo']:.6g}", file=out)
     start = time.perf_counter()
     rows = posterior_summary(fit, num_samples=args.num_samples, seed=args.seed)
@@ -317,12 +462,63 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
     print("\n" + format_table(rows), file=out)
     path = write_csv(rows, out_dir / "summary.csv")
     print(f"\nwrote {path}", file=out)
+    comparison = _compare(fit, args, out_dir, timings, out) if args.compare_pooled else None
     if not args.no_report:
-        _write_report(fit, args, out_dir, rows, header, options, timings, out)
+        _write_report(fit, args, out_dir, rows, header, options, timings, out, comparison)
     return 0
 
 
-def _write_report(fit, args, out_dir, rows, header, options, timings, out) -> None:
+def _compare(fit, args, out_dir, timings, out):
+    """--compare-pooled: pooled SVI and NUTS, the table on stdout, comparison.csv/.png."""
+    import time
+
+    from .compare import compare_pooled
+
+    if args.reference is not None and not Path(args.reference).is_file():
+        raise UsageError(f"--reference {args.reference!r}: no such file")
+    if args.pooled_steps == 0 and args.nuts_samples == 0 and args.reference is None:
+        raise UsageError(
+            "--compare-pooled with --pooled-steps 0 and --nuts-samples 0 has nothing to "
+            "compare with; give a budget to one of them, or a --reference"
+        )
+    print("\ncomparing with pooled fits (plain Pyro on the pooled data) ...", file=out)
+    out.flush()
+    start = time.perf_counter()
+    try:
+        comparison = compare_pooled(
+            fit,
+            svi=False
+            if args.pooled_steps == 0
+            else {
+                "steps": args.pooled_steps,
+                "lr": args.pooled_lr,
+                "num_particles": args.pooled_particles,
+            },
+            nuts=False
+            if args.nuts_samples == 0
+            else {
+                "warmup": args.nuts_warmup,
+                "samples": args.nuts_samples,
+                "jit_compile": args.nuts_jit,
+            },
+            reference=args.reference,
+            num_samples=args.num_samples,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--compare-pooled: {_one_line(exc)}") from exc
+    timings["comparison (pooled SVI, NUTS, draws)"] = time.perf_counter() - start
+    print("\n" + comparison.to_markdown(max_clients=20), file=out)
+    paths = [comparison.to_csv(out_dir / "comparison.csv")]
+    paths.append(out_dir / "comparison.png")
+    comparison.plot_forest(paths[-1])
+    for path in paths:
+        print(f"wrote {path}", file=out)
+    return comparison
+
+
+def _write_report(fit, args, out_dir, rows, header, options, timings, out, comparison=None):
     """posterior.nc, forest.png, elbo.png and report.md (see :mod:`hbfl_pyro.report`)."""
     import time
 
@@ -355,7 +551,15 @@ def _write_report(fit, args, out_dir, rows, header, options, timings, out) -> No
     ]
     if getattr(args, "argv", None) is not None:
         settings.append(("command", " ".join(["hbfl"] + list(args.argv))))
-    paths = write_report(fit, out_dir, rows, idata=idata, settings=settings, timings=timings)
+    paths = write_report(
+        fit,
+        out_dir,
+        rows,
+        idata=idata,
+        settings=settings,
+        timings=timings,
+        comparison=comparison,
+    )
     for path in paths.values():
         print(f"wrote {path}", file=out)
 

@@ -8,7 +8,10 @@
   and the deterministic sites that are global or per client (90% HDI and quartiles);
 - ``elbo.png``: the server's ELBO estimate per round, whole run and its second half;
 - ``report.md``: settings, seeds, library versions, timings, the posterior summary table
-  (the rows of ``summary.csv``) and a leave-one-client-out PSIS-LOO estimate.
+  (the rows of ``summary.csv``), a leave-one-client-out PSIS-LOO estimate and, given a
+  :class:`~hbfl_pyro.compare.Comparison`, the side-by-side table of the federated fit,
+  pooled SVI, NUTS and a reference (``comparison.csv`` and ``comparison.png`` are written
+  by its own methods).
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so writing a report
 neither needs a display nor changes the caller's matplotlib backend.
@@ -239,6 +242,7 @@ def report_markdown(
     timings: Mapping[str, float],
     files: Sequence[str],
     idata=None,
+    comparison=None,
 ) -> str:
     """The text of ``report.md``.
 
@@ -248,6 +252,8 @@ def report_markdown(
     :param timings: ``{step: seconds}``.
     :param files: names of the files written next to the report.
     :param idata: the export, for the leave-one-client-out line (optional).
+    :param comparison: a :class:`~hbfl_pyro.compare.Comparison` (optional): its settings
+        and table (first 20 clients' local rows; all rows in ``comparison.csv``).
     """
     history = fit.history
     lines = ["# hbfl_pyro run report", ""]
@@ -274,6 +280,19 @@ def report_markdown(
     ]
     if idata is not None:
         lines += ["## Model checking", "", _loo_line(idata), ""]
+    if comparison is not None:
+        lines += [
+            "## Comparison with pooled fits",
+            "",
+            "The same model fitted on the pooled data of all clients with plain Pyro: SVI "
+            "with the same guide family and NUTS (small budgets; see the settings below). "
+            "Means and sds from draws of each method; the federated-minus-pooled column is "
+            "in units of the pooled-VI sd.",
+            "",
+            _key_value_table(list(comparison.settings.items())),
+            "",
+            comparison.to_markdown(max_clients=20),
+        ]
     lines += [
         "## Timings",
         "",
@@ -302,6 +321,7 @@ def write_report(
     num_samples: int = 2000,
     seed: int = 0,
     pointwise: bool = False,
+    comparison=None,
 ) -> Dict[str, Path]:
     """Write ``posterior.nc``, ``forest.png``, ``elbo.png`` and ``report.md`` to ``out_dir``.
 
@@ -312,6 +332,9 @@ def write_report(
         when not given.
     :param settings: ``(name, value)`` pairs for the report's settings table.
     :param timings: ``{step: seconds}`` measured by the caller; this function adds its own.
+    :param comparison: a :class:`~hbfl_pyro.compare.Comparison` whose table goes into
+        ``report.md``; the names of ``comparison.csv`` and ``comparison.png`` are listed
+        when they exist in ``out_dir``.
     :returns: ``{"posterior": path, "forest": path, "elbo": path, "report": path}``
         (``posterior`` absent when no netCDF engine is installed).
 
@@ -343,7 +366,11 @@ def write_report(
     files = [p.name for p in paths.values()]
     if (out_dir / "summary.csv").exists():
         files.insert(0, "summary.csv")
-    text = report_markdown(fit, rows, settings, timings, files + ["report.md"], idata)
+    if comparison is not None:
+        files += [n for n in ("comparison.csv", "comparison.png") if (out_dir / n).exists()]
+    text = report_markdown(
+        fit, rows, settings, timings, files + ["report.md"], idata, comparison=comparison
+    )
     paths["report"] = out_dir / "report.md"
     paths["report"].write_text(text)
     return paths

@@ -42,6 +42,19 @@ FLAGS = [
     "--marginal-draws",
     "--no-report",
     "--no-progress",
+    "--compare-pooled",
+    "--pooled-steps",
+    "--pooled-lr",
+    "--pooled-particles",
+    "--nuts-warmup",
+    "--nuts-samples",
+    "--nuts-jit",
+    "--reference",
+    "--dp-clip",
+    "--dp-noise",
+    "--dp-epsilon",
+    "--dp-delta",
+    "--secagg",
 ]
 REPORT_FILES = ("posterior.nc", "forest.png", "elbo.png", "report.md")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -386,3 +399,34 @@ def test_model_file_errors_name_the_file_and_the_fix(tmp_path):
     path = _write(tmp_path, "p.py", "def model(d): pass\ndef load_data(): pass\nfit_options = 1\n")
     with pytest.raises(ModelFileError, match="fit_options must be a dict"):
         load_model_file(path)
+
+
+def test_dp_flags_report_epsilon(tmp_path, capsys):
+    """--dp-clip/--dp-noise fit with client-level DP and print the run's epsilon, which
+    equals the accountant's for the rounds run (3 noisy releases)."""
+    from hbfl_pyro.dp import DPConfig
+
+    argv = ["fit", "models/normal_normal.py", "--rounds", "3", "--no-progress", "--no-report"]
+    argv += ["--dp-clip", "10", "--dp-noise", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    expected = DPConfig(clip=10.0, noise_multiplier=2.0).epsilon(3)
+    assert f"privacy: epsilon {expected:.4g} at delta 1e-05" in out
+    assert "final ELBO estimate" not in out  # no ELBO is released under DP
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dp-noise", "1"], "--dp-noise needs --dp-clip C"),
+        (["--dp-clip", "1"], "exactly one of --dp-noise Z or --dp-epsilon E"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--dp-epsilon", "1"], "exactly one of"),
+        (["--secagg"], "--secagg runs in Flower: add --engine flower-sim"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--engine", "flower-sim"], "drop --engine"),
+    ],
+)
+def test_privacy_flag_errors(tmp_path, capsys, flags, message):
+    argv = ["fit", "models/normal_normal.py", "--rounds", "1", "--no-progress", "--no-report"]
+    assert main(argv + flags + ["--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

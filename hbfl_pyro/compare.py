@@ -1,0 +1,787 @@
+"""One call: a federated fit side by side with pooled Pyro SVI, pooled NUTS and a reference.
+
+:func:`compare_pooled` takes a fitted :class:`~hbfl_pyro.FederatedSVI` and fits the *same
+model* on the pooled data of all clients twice, with plain Pyro:
+
+- **pooled SVI** with the *same guide family* as the federated fit (a fresh copy of its
+  global factor's class and of its local factor's class, joined into one guide of the
+  whole model; a structured local factor ``q_i(theta_i | phi)`` receives the global draws
+  as in the federated fit), ``Trace_ELBO`` and ``ClippedAdam`` as
+  :func:`~hbfl_pyro.pooled.fit_pooled_svi`;
+- **NUTS** (:class:`pyro.infer.MCMC`, one chain, small budgets by default).
+
+It returns a :class:`Comparison`: one row per scalar element of every global site, every
+local site per client, and every per-client deterministic site, with the mean and sd of
+each method; ``z = (mean - mean_ref) / sd_ref`` and ``sd / sd_ref`` against the reference
+(an external summary when given, else the NUTS run); the federated-vs-pooled-SVI
+difference in pooled sd; the wall times and the ELBOs (both estimated by Monte Carlo with
+the same number of particles). :meth:`Comparison.to_markdown`, :meth:`Comparison.to_csv`
+and :meth:`Comparison.plot_forest` (``arviz.plot_forest`` of all methods) present it.
+
+Only the summaries of an external reference are needed (mean and sd per parameter), in the
+format of ``../shared/data/reference_posteriors/*.json``'s ``reference_summary``: see
+:func:`reference_rows`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import MCMC, NUTS, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoGuide, AutoNormal
+from pyro.optim.clipped_adam import ClippedAdam as TorchClippedAdam
+from pyro.poutine.util import site_is_subsample
+from tqdm.auto import tqdm
+
+from .guides import build_global_guide, build_local_guide, private_params
+from .pooled import pooled_elbo
+from .seeding import derive_seed, seeded
+from .summary import _drop_broadcast_dims, _index, deterministic_samples
+
+#: Method keys, in table order.
+FEDERATED, POOLED_SVI, NUTS_KEY, REFERENCE = "federated", "pooled_svi", "nuts", "reference"
+LABELS = {
+    FEDERATED: "federated VI",
+    POOLED_SVI: "pooled VI",
+    NUTS_KEY: "NUTS",
+    REFERENCE: "reference",
+}
+Key = Tuple[str, str, str]  # (site, client, index), as in summary.csv
+
+
+# ---------------------------------------------------------------------------- the result
+@dataclass
+class Comparison:
+    """The result of :func:`compare_pooled`.
+
+    :ivar rows: the table: one dict per scalar parameter with ``site``, ``client``,
+        ``index``, then ``<method>_mean`` and ``<method>_sd`` for every method run
+        (``federated``, ``pooled_svi``, ``nuts``, ``reference``), ``<method>_z`` and
+        ``<method>_sd_ratio`` against :attr:`reference` for the other methods, and
+        ``fed_vs_pooled_z`` (``(mean_fed - mean_pooled) / sd_pooled``) and
+        ``fed_vs_pooled_sd_ratio``. Missing values are ``nan``.
+    :ivar methods: the methods with columns, in order.
+    :ivar reference: the method the ``z`` and sd ratios are against (``"reference"``,
+        ``"nuts"``), or ``None``.
+    :ivar timings: wall seconds per method (``federated``: the fit's rounds).
+    :ivar elbo: ELBO estimates of the variational fits (same estimator and particles).
+    :ivar draws: ``{method: {site: draws}}``; global ``(n, *shape)``, per client
+        ``(n, clients, *shape)``.
+    :ivar clients: the client names (the order of the clients axis).
+    :ivar per_client: the sites that have one value per client.
+    :ivar settings: budgets and seeds, for reports.
+    :ivar diagnostics: NUTS diagnostics (divergences, min effective sample size, max
+        R-hat over parameters) when NUTS ran.
+    """
+
+    rows: List[Dict[str, Any]]
+    methods: Tuple[str, ...]
+    reference: Optional[str]
+    timings: Dict[str, float] = field(default_factory=dict)
+    elbo: Dict[str, float] = field(default_factory=dict)
+    draws: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
+    clients: Tuple[str, ...] = ()
+    per_client: Tuple[str, ...] = ()
+    settings: Dict[str, Any] = field(default_factory=dict)
+    diagnostics: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> List[str]:
+        """The column names of :attr:`rows`, in order."""
+        cols = ["site", "client", "index"]
+        for m in self.methods:
+            cols += [f"{m}_mean", f"{m}_sd"]
+        for m in self.methods:
+            if self.reference is not None and m != self.reference:
+                cols += [f"{m}_z", f"{m}_sd_ratio"]
+        if FEDERATED in self.methods and POOLED_SVI in self.methods:
+            cols += ["fed_vs_pooled_z", "fed_vs_pooled_sd_ratio"]
+        return cols
+
+    def stats(self) -> Dict[str, Dict[str, float]]:
+        """Max and median ``|z|`` and min/max sd ratio, per method, over global and local rows.
+
+        :returns: ``{"<method> global": {"max_abs_z", "median_abs_z", "min_sd_ratio",
+            "max_sd_ratio", "n"}, "<method> local": ..., "fed_vs_pooled all": ...}``;
+            "local" covers the rows with a client. Methods without a reference are left out.
+        """
+        out: Dict[str, Dict[str, float]] = {}
+        targets = [m for m in self.methods if self.reference and m != self.reference]
+        for m in targets + ["fed_vs_pooled"]:
+            prefix = m if m != "fed_vs_pooled" else "fed_vs_pooled"
+            if f"{prefix}_z" not in self.columns:
+                continue
+            for kind in ("global", "local", "all"):
+                chosen = [
+                    r for r in self.rows if kind == "all" or (kind == "local") == bool(r["client"])
+                ]
+                zs = [abs(r[f"{prefix}_z"]) for r in chosen if math.isfinite(r[f"{prefix}_z"])]
+                ratios = [
+                    r[f"{prefix}_sd_ratio"]
+                    for r in chosen
+                    if math.isfinite(r[f"{prefix}_sd_ratio"])
+                ]
+                if zs:
+                    out[f"{m} {kind}"] = {
+                        "max_abs_z": max(zs),
+                        "median_abs_z": statistics.median(zs),
+                        "min_sd_ratio": min(ratios),
+                        "max_sd_ratio": max(ratios),
+                        "n": len(zs),
+                    }
+        return out
+
+    def to_markdown(self, max_clients: Optional[int] = None) -> str:
+        """The table as markdown, then the timings, ELBOs and NUTS diagnostics.
+
+        :param max_clients: show the local rows of the first this many clients only
+            (the statistics line below still covers every row).
+        """
+        names = set(self.clients[:max_clients]) if max_clients is not None else None
+        methods = self.methods
+        head = ["site", "client", "index"]
+        head += [f"{LABELS[m]} mean" for m in methods] + [f"{LABELS[m]} sd" for m in methods]
+        zcols = [m for m in methods if self.reference is not None and m != self.reference]
+        head += [f"z {LABELS[m]}" for m in zcols] + [f"sd ratio {LABELS[m]}" for m in zcols]
+        fvp = "fed_vs_pooled_z" in self.columns
+        if fvp:
+            head += ["fed − pooled (pooled sd)"]
+        lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+        shown = 0
+        for r in self.rows:
+            if names is not None and r["client"] and r["client"] not in names:
+                continue
+            shown += 1
+            cells = [r["site"], r["client"], r["index"]]
+            cells += [_fmt(r[f"{m}_mean"]) for m in methods]
+            cells += [_fmt(r[f"{m}_sd"]) for m in methods]
+            cells += [_fmt(r[f"{m}_z"], "+.2f") for m in zcols]
+            cells += [_fmt(r[f"{m}_sd_ratio"], ".2f") for m in zcols]
+            if fvp:
+                cells.append(_fmt(r["fed_vs_pooled_z"], "+.3f"))
+            lines.append("| " + " | ".join(cells) + " |")
+        text = ["\n".join(lines), ""]
+        if shown < len(self.rows):
+            text += [f"({shown} of {len(self.rows)} rows shown; all are in comparison.csv.)", ""]
+        if self.reference is not None:
+            text.append(
+                f"z = (mean − mean_ref) / sd_ref and sd ratio = sd / sd_ref against "
+                f"**{LABELS[self.reference]}**."
+            )
+            text.append("")
+        stats = self.stats()
+        if stats:
+            text += [
+                "| method | sites | max abs z | median abs z | sd ratio min | sd ratio max |",
+                "|---|---|---:|---:|---:|---:|",
+            ]
+            for key, s in stats.items():
+                method, kind = key.rsplit(" ", 1)
+                label = LABELS.get(method, "federated vs pooled VI")
+                text.append(
+                    f"| {label} | {kind} ({s['n']}) | {s['max_abs_z']:.3f} | "
+                    f"{s['median_abs_z']:.3f} | {s['min_sd_ratio']:.3f} | "
+                    f"{s['max_sd_ratio']:.3f} |"
+                )
+            text.append("")
+        text += ["| method | wall time | ELBO |", "|---|---:|---:|"]
+        for m in self.methods:
+            if m in self.timings or m in self.elbo:
+                t = f"{self.timings[m]:.2f} s" if m in self.timings else ""
+                e = f"{self.elbo[m]:.3f}" if m in self.elbo else ""
+                text.append(f"| {LABELS[m]} | {t} | {e} |")
+        text.append("")
+        if self.diagnostics:
+            d = self.diagnostics
+            text.append(
+                f"NUTS: {d.get('divergences', 0)} divergent transitions; smallest effective "
+                f"sample size {d.get('min_ess', float('nan')):.0f}; largest R-hat "
+                f"{d.get('max_rhat', float('nan')):.3f} (one chain: split R-hat)."
+            )
+            text.append("")
+        return "\n".join(text)
+
+    def to_csv(self, path: Union[str, os.PathLike]) -> Path:
+        """Write :attr:`rows` to ``path`` (full precision; ``nan`` where missing)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer.writeheader()
+            for r in self.rows:
+                writer.writerow({c: r[c] for c in self.columns})
+        return path
+
+    def to_inference_data(self) -> Dict[str, Any]:
+        """``{label: arviz.InferenceData}``, one posterior per method that has draws."""
+        import arviz as az
+
+        out = {}
+        for m, draws in self.draws.items():
+            posterior, dims = {}, {}
+            for site, value in draws.items():
+                array = value.detach().cpu().numpy()[None]  # one chain
+                posterior[site] = array
+                extra = [f"{site}_dim_{k}" for k in range(array.ndim - 2)]
+                if site in self.per_client:
+                    extra = ["client"] + extra[1:]
+                dims[site] = extra
+            out[LABELS[m]] = az.from_dict(
+                posterior=posterior, coords={"client": list(self.clients)}, dims=dims
+            )
+        return out
+
+    def plot_forest(self, path=None, var_names: Optional[Sequence[str]] = None, max_clients=20):
+        """``arviz.plot_forest`` of every method side by side (90% HDI, quartiles).
+
+        :param path: write a PNG here when given.
+        :param var_names: sites to draw (default: all).
+        :param max_clients: draw the local sites of the first this many clients only.
+        :returns: the matplotlib figure.
+        """
+        import arviz as az
+
+        from .report import _figure
+
+        idatas = self.to_inference_data()
+        names = list(idatas)
+        sites = list(var_names) if var_names is not None else list(next(iter(self.draws.values())))
+        coords = {"client": list(self.clients[:max_clients])}
+        rows = 0
+        for site in sites:
+            value = next(iter(self.draws.values()))[site]
+            shape = list(value.shape[1:])
+            if site in self.per_client:
+                shape[0] = min(shape[0], max_clients)
+            rows += math.prod(shape)
+        fig = _figure(8.0, min(max(3.0, 0.3 * rows * 1.2 + 1.5), 80.0))
+        ax = fig.add_subplot()
+        az.plot_forest(
+            [idatas[n] for n in names],
+            model_names=names,
+            var_names=sites,
+            coords=coords,
+            combined=True,
+            hdi_prob=0.9,
+            ax=ax,
+            show=False,
+        )
+        title = "federated vs pooled VI vs NUTS: 90% HDI, quartiles"
+        if self.reference == REFERENCE:
+            title += "\n(the external reference is a summary: its mean and sd are in the table)"
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        if path is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path)
+        return fig
+
+
+def _fmt(x: float, spec: str = ".4g") -> str:
+    return "" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+# ---------------------------------------------------------------------------- site layout
+def _site_layout(model, batch, structure) -> Dict[str, Tuple[bool, int]]:
+    """``{site: (per_client, event_dim)}`` for the global, local and per-client deterministic
+    sites of the model (per-observation deterministic sites are left out)."""
+    with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False), private_params():
+        trace = poutine.trace(model).get_trace(batch)
+    nesting = structure.max_plate_nesting
+    wanted = structure.global_sites + structure.local_sites + structure.deterministic_sites
+    layout = {}
+    for name in wanted:
+        node = trace.nodes[name]
+        if node["type"] != "sample" or site_is_subsample(node):
+            continue
+        plates = [f.name for f in node["cond_indep_stack"] if f.vectorized]
+        if any(p != structure.plate for p in plates):
+            continue  # per observation
+        value, event_dim = node["value"], node["fn"].event_dim
+        if name in structure.deterministic_sites and event_dim >= value.dim():
+            # pyro.deterministic's default event_dim is value.ndim: take the batch dims back.
+            event_dim = max(value.dim() - nesting, 0)
+        layout[name] = (structure.plate in plates, event_dim)
+    return layout
+
+
+def _pooled_draws(samples, layout, plate_dim: int) -> Dict[str, torch.Tensor]:
+    """Draws ``{site: (n, *pooled value shape)}`` to ``(n, [clients,] *shape)``."""
+    out = {}
+    for site, (per_client, event_dim) in layout.items():
+        if site not in samples:
+            continue
+        value = samples[site].detach()
+        if per_client:
+            axis = value.dim() - event_dim + plate_dim
+            value = value.movedim(axis, 1)
+            out[site] = _drop_broadcast_dims(value, 2, event_dim)
+        else:
+            out[site] = _drop_broadcast_dims(value, 1, event_dim)
+    return out
+
+
+def _federated_draws(fit, layout, num_samples: int, seed: int) -> Dict[str, torch.Tensor]:
+    structure = fit.structure
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        g = fit.global_samples(num_samples)
+        q = fit.local_samples(num_samples, global_draws=g)
+        det_sites = [s for s in structure.deterministic_sites if s in layout]
+        det = {}
+        if det_sites:
+            batches = {name: fit.clients[name]._batch for name in fit.data.names}
+            det = deterministic_samples(fit.model, batches, g, q, structure, sites=det_sites)
+    out = {}
+    for site, (per_client, event_dim) in layout.items():
+        if site in g:
+            out[site] = _drop_broadcast_dims(g[site], 1, event_dim)
+        elif site in q:
+            out[site] = _drop_broadcast_dims(q[site], 2, event_dim)
+        elif site in det:
+            per = det[site]
+            if per_client:
+                out[site] = torch.stack([per[c] for c in fit.data.names], 1)
+            else:
+                out[site] = per[""]
+    return out
+
+
+def _moments(draws: Dict[str, torch.Tensor], per_client) -> Dict[Key, Tuple[float, float]]:
+    out = {}
+    for site, value in draws.items():
+        value = value.to(torch.float64)
+        if site in per_client:
+            groups = [(c, value[:, i]) for i, c in enumerate(per_client[site])]
+        else:
+            groups = [("", value)]
+        for client, v in groups:
+            shape = tuple(v.shape[1:])
+            flat = v.reshape(v.shape[0], -1)
+            mean, sd = flat.mean(0), flat.std(0)
+            for j in range(flat.shape[1]):
+                out[site, client, _index(j, shape)] = (float(mean[j]), float(sd[j]))
+    return out
+
+
+# ---------------------------------------------------------------------------- references
+def reference_rows(summary, keys: Sequence[Key], clients: Sequence[str]) -> Dict[Key, Tuple]:
+    """An external reference summary as ``{(site, client, index): (mean, sd)}``.
+
+    :param summary: ``{name: {"mean": m, "sd": s}}`` (the ``reference_summary`` of the
+        JSON files in ``../shared/data/reference_posteriors``), a path to such a JSON file,
+        or a dict already keyed by ``(site, client, index)`` with ``(mean, sd)`` values.
+        ``name`` is a site (``m`` a number, or a list with one entry per client, in the
+        clients' order, or per element of a vector site) or ``site[j]`` (1-based, as
+        posteriordb writes it: client ``j`` of a per-client site, else element ``j - 1``).
+        Names that match no row are ignored (derived quantities such as ``log_tau``).
+    :param keys: the table's row keys.
+    :param clients: the client names in order.
+    :returns: the reference's ``(mean, sd)`` for the rows it covers.
+
+    Example::
+
+        >>> keys = [("mu", "", ""), ("theta", "A", ""), ("theta", "B", "")]
+        >>> ref = {"mu": {"mean": 4.4, "sd": 3.3}, "theta[2]": {"mean": 5.0, "sd": 6.0},
+        ...        "log_tau": {"mean": 1.0, "sd": 1.0}}
+        >>> reference_rows(ref, keys, ["A", "B"])
+        {('mu', '', ''): (4.4, 3.3), ('theta', 'B', ''): (5.0, 6.0)}
+    """
+    if isinstance(summary, (str, os.PathLike)):
+        loaded = json.loads(Path(summary).read_text())
+        summary = loaded.get("reference_summary", loaded)
+    keyset = set(keys)
+    if all(isinstance(k, tuple) for k in summary):
+        return {k: (float(v[0]), float(v[1])) for k, v in summary.items() if k in keyset}
+    per_client_sites = {k[0] for k in keys if k[1]}
+    out: Dict[Key, Tuple[float, float]] = {}
+    for name, entry in summary.items():
+        site, sep, rest = name.partition("[")
+        if sep:
+            j = int(rest.rstrip("]")) - 1
+            if site in per_client_sites and 0 <= j < len(clients):
+                candidates = [((site, clients[j], ""), entry["mean"], entry["sd"])]
+            else:
+                candidates = [((site, "", f"[{j}]"), entry["mean"], entry["sd"])]
+        else:
+            means = torch.as_tensor(entry["mean"], dtype=torch.float64)
+            sds = torch.as_tensor(entry["sd"], dtype=torch.float64)
+            if means.dim() == 0:
+                candidates = [((site, "", ""), means, sds)]
+            elif site in per_client_sites:
+                means, sds = means.reshape(len(clients), -1), sds.reshape(len(clients), -1)
+                shape = tuple(torch.as_tensor(entry["mean"]).shape[1:])
+                candidates = [
+                    ((site, c, _index(e, shape)), means[i, e], sds[i, e])
+                    for i, c in enumerate(clients)
+                    for e in range(means.shape[1])
+                ]
+            else:
+                shape = tuple(means.shape)
+                candidates = [
+                    ((site, "", _index(e, shape)), m, s)
+                    for e, (m, s) in enumerate(zip(means.reshape(-1), sds.reshape(-1)))
+                ]
+        for key, mean, sd in candidates:
+            if key in keyset:
+                out[key] = (float(mean), float(sd))
+    return out
+
+
+# ---------------------------------------------------------------------------- pooled fits
+class JointGuide:
+    """``q(phi) q(theta | phi)`` over the pooled model: a global and a local guide joined.
+
+    A plain callable holding the two modules (Pyro does not let a module that has already
+    run, as both have while being checked against the model, become a submodule).
+
+    A local guide with ``needs_globals`` (e.g. :class:`~hbfl_pyro.StructuredLocalNormal`)
+    is given the global guide's draws, as in the federated fit.
+
+    :param global_guide: a guide of the global sites.
+    :param local_guide: a guide of the local sites of all clients (one batch).
+    """
+
+    def __init__(self, global_guide, local_guide):
+        self.global_guide = global_guide
+        self.local_guide = local_guide
+
+    def __call__(self, data):
+        out = dict(self.global_guide(data))
+        if getattr(self.local_guide, "needs_globals", False):
+            out.update(self.local_guide(data, globals=out))
+        else:
+            out.update(self.local_guide(data))
+        return out
+
+
+def _fresh_spec(guide, role: str):
+    """The guide family of a fitted factor, to build an untrained copy of it."""
+    if guide is None:
+        return AutoNormal
+    # FederatedSVI builds autoguides from their class (default rank, init scale): so here.
+    if isinstance(guide, AutoGuide) or hasattr(type(guide), "for_client"):
+        return type(guide)
+    raise TypeError(
+        f"compare_pooled cannot rebuild the federated {role} guide "
+        f"{type(guide).__name__} untrained; pass {role}_guide= (a class or a fresh "
+        "module of the same family) to compare_pooled"
+    )
+
+
+def pooled_guide(fit, global_guide=None, local_guide=None) -> JointGuide:
+    """A fresh, untrained pooled guide of the same family as a federated fit's factors.
+
+    :param fit: a :class:`~hbfl_pyro.FederatedSVI`.
+    :param global_guide: the global factor's family (default: the fit's; ``AutoNormal``
+        for a closed-form fit, whose conjugate ``q(phi)`` is a Normal for ``NormalNormal``).
+    :param local_guide: the local factor's family (default: the fit's).
+    :returns: a :class:`JointGuide`.
+
+    Example::
+
+        >>> guide = pooled_guide(fit)  # doctest: +SKIP
+    """
+    structure, batch = fit.structure, fit.data.collate()
+    template = next(iter(fit.clients.values())).local_guide
+    if global_guide is None:
+        server_guide = fit.server.global_guide if fit.family is None else None
+        global_guide = _fresh_spec(server_guide, "global")
+    if local_guide is None:
+        local_guide = _fresh_spec(template, "local")
+    with private_params(), seeded(derive_seed(fit.seed, "pooled guide")):
+        g = build_global_guide(fit.model, structure, fit.data.placeholder(), global_guide)
+        q = build_local_guide(fit.model, structure, batch, local_guide)
+        return JointGuide(g, q)
+
+
+def _fit_svi(model, guide, batch, steps, lr, lr_decay, num_particles, seed, progress):
+    """Pooled SVI: ``Trace_ELBO`` and ClippedAdam as :func:`~hbfl_pyro.pooled.fit_pooled_svi`.
+
+    The optimiser steps the guide modules' own parameters (module-local, as everywhere in
+    this library): Pyro's ``SVI`` collects parameters from the param store's view, which
+    misses plain ``nn.Parameter`` attributes such as ``AutoMultivariateNormal.loc``.
+    """
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+    losses = []
+    with private_params(), seeded(seed):
+        params = [p for m in (guide.global_guide, guide.local_guide) for p in m.parameters()]
+        optim = TorchClippedAdam(params, lr=lr, lrd=lr_decay ** (1.0 / max(steps, 1)))
+        bar = tqdm(range(steps), disable=not progress, desc="pooled SVI", unit="step")
+        for step in bar:
+            optim.zero_grad()
+            loss = elbo.differentiable_loss(model, guide, batch)
+            loss.backward()
+            optim.step()
+            losses.append(loss.item())
+            if step % 50 == 0:
+                bar.set_postfix(elbo=f"{-losses[-1]:.3f}")
+    return losses
+
+
+def _predictive(model, batch, sites, num_samples, seed, chunk=500, **kwargs):
+    """Predictive draws of ``sites``, ``chunk`` draws at a time: Predictive also draws the
+    observed sites, ``(draws, *data shape)``, which would not fit in memory all at once."""
+    posterior = kwargs.pop("posterior_samples", None)
+    parts = []
+    with private_params(), seeded(seed), torch.no_grad():
+        for start in range(0, num_samples, chunk):
+            n = min(chunk, num_samples - start)
+            given = dict(kwargs)
+            if posterior is not None:
+                given["posterior_samples"] = {k: v[start : start + n] for k, v in posterior.items()}
+            else:
+                given["num_samples"] = n
+            try:
+                parts.append(Predictive(model, return_sites=sites, parallel=True, **given)(batch))
+            except Exception:  # a model that does not vectorise over draws: one at a time
+                parts.append(Predictive(model, return_sites=sites, **given)(batch))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+# ---------------------------------------------------------------------------- entry point
+def compare_pooled(
+    fit,
+    *,
+    svi: Optional[Mapping[str, Any]] = None,
+    nuts: Optional[Mapping[str, Any]] = None,
+    reference=None,
+    num_samples: int = 2000,
+    elbo_particles: int = 1000,
+    global_guide=None,
+    local_guide=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Comparison:
+    """Fit the federated fit's model pooled (Pyro SVI, same guide family, and NUTS) and
+    return the side-by-side :class:`Comparison`.
+
+    :param fit: a fitted :class:`~hbfl_pyro.FederatedSVI` (its model, clients, guide
+        family and seed are used; the fit itself is not changed).
+    :param svi: pooled SVI settings: ``steps`` (2000), ``lr`` (0.05), ``lr_decay`` (0.01:
+        total decay over the run), ``num_particles`` (8); ``None`` uses these, ``False``
+        skips pooled SVI.
+    :param nuts: NUTS settings: ``warmup`` (300), ``samples`` (500), ``jit_compile``
+        (False), ``target_accept_prob`` (0.8), ``max_tree_depth`` (10); ``None`` uses
+        these, ``False`` skips NUTS.
+    :param reference: an external reference summary (see :func:`reference_rows`): the
+        ``z`` and sd ratios are against it; without one, against NUTS.
+    :param num_samples: draws of each variational posterior behind its mean and sd.
+    :param elbo_particles: Monte Carlo particles of both ELBO estimates.
+    :param global_guide: the pooled global factor's family (default: the fit's).
+    :param local_guide: the pooled local factor's family (default: the fit's).
+    :param seed: seed of every random choice here.
+    :param progress: progress bars (on stderr) for pooled SVI and NUTS.
+    :returns: a :class:`Comparison`.
+    :raises TypeError: if ``fit`` is not a :class:`~hbfl_pyro.FederatedSVI`.
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from hbfl_pyro import FederatedSVI, num_clients
+        >>> def model(data):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("clients", num_clients(data)):
+        ...         theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+        ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=data["y"])
+        >>> clients = {f"site{i}": {"y": torch.tensor(float(i))} for i in range(3)}
+        >>> fit = FederatedSVI(model, clients, seed=0)
+        >>> _ = fit.run(20, progress=False)
+        >>> c = compare_pooled(fit, svi=dict(steps=100), nuts=dict(warmup=20, samples=20),
+        ...                    num_samples=100, progress=False)
+        >>> [r["client"] for r in c.rows]
+        ['', 'site0', 'site1', 'site2']
+        >>> c.reference, "fed_vs_pooled_z" in c.columns
+        ('nuts', True)
+    """
+    from .svi import FederatedSVI
+
+    if not isinstance(fit, FederatedSVI):
+        raise TypeError(
+            f"compare_pooled takes a fitted FederatedSVI, got {type(fit).__name__}; build one "
+            "with FederatedSVI(model, clients, ...) and run it first"
+        )
+    svi_settings = None if svi is False else {
+        "steps": 2000, "lr": 0.05, "lr_decay": 0.01, "num_particles": 8, **(svi or {})
+    }  # fmt: skip
+    nuts_settings = None if nuts is False else {
+        "warmup": 300, "samples": 500, "jit_compile": False, "target_accept_prob": 0.8,
+        "max_tree_depth": 10, **(nuts or {}),
+    }  # fmt: skip
+    for name, given, allowed in (
+        ("svi", svi_settings, ("steps", "lr", "lr_decay", "num_particles")),
+        (
+            "nuts",
+            nuts_settings,
+            ("warmup", "samples", "jit_compile", "target_accept_prob", "max_tree_depth"),
+        ),
+    ):
+        unknown = sorted(set(given or ()) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown {name} settings {unknown}; allowed: {list(allowed)}")
+
+    model, structure, data = fit.model, fit.structure, fit.data
+    batch = data.collate()
+    clients = tuple(data.names)
+    layout = _site_layout(model, batch, structure)
+    per_client = {s: clients for s, (pc, _) in layout.items() if pc}
+    latent = [s for s in structure.global_sites + structure.local_sites]
+    det = [s for s in structure.deterministic_sites if s in layout]
+
+    draws: Dict[str, Dict[str, torch.Tensor]] = {}
+    timings: Dict[str, float] = {FEDERATED: float(sum(r["seconds"] for r in fit.history))}
+    elbo: Dict[str, float] = {}
+    settings: Dict[str, Any] = {
+        "federated rounds": fit.round,
+        "posterior draws": num_samples,
+        "ELBO particles": elbo_particles,
+        "seed": seed,
+    }
+    diagnostics: Dict[str, Any] = {}
+
+    draws[FEDERATED] = _federated_draws(fit, layout, num_samples, derive_seed(seed, "fed"))
+    with seeded(derive_seed(seed, "fed elbo")):
+        elbo[FEDERATED] = float(fit.elbo(num_particles=elbo_particles))
+
+    if svi_settings is not None:
+        guide = pooled_guide(fit, global_guide, local_guide)
+        start = time.perf_counter()
+        _fit_svi(
+            model,
+            guide,
+            batch,
+            svi_settings["steps"],
+            svi_settings["lr"],
+            svi_settings["lr_decay"],
+            svi_settings["num_particles"],
+            derive_seed(seed, "pooled svi"),
+            progress,
+        )
+        timings[POOLED_SVI] = time.perf_counter() - start
+        samples = _predictive(
+            model, batch, latent + det, num_samples, derive_seed(seed, "svi draws"), guide=guide
+        )
+        draws[POOLED_SVI] = _pooled_draws(samples, layout, structure.plate_dim)
+        elbo[POOLED_SVI] = pooled_elbo(
+            model, guide, data, elbo_particles, seed=derive_seed(seed, "pooled elbo")
+        )
+        settings.update({f"pooled SVI {k}": v for k, v in svi_settings.items()})
+        settings["pooled guide"] = (
+            f"{type(guide.global_guide).__name__} x {type(guide.local_guide).__name__}"
+        )
+
+    if nuts_settings is not None:
+        kernel = NUTS(
+            model,
+            jit_compile=nuts_settings["jit_compile"],
+            ignore_jit_warnings=True,
+            target_accept_prob=nuts_settings["target_accept_prob"],
+            max_tree_depth=nuts_settings["max_tree_depth"],
+            max_plate_nesting=structure.max_plate_nesting,
+        )
+        mcmc = MCMC(
+            kernel,
+            num_samples=nuts_settings["samples"],
+            warmup_steps=nuts_settings["warmup"],
+            num_chains=1,
+            disable_progbar=not progress,
+        )
+        start = time.perf_counter()
+        with seeded(derive_seed(seed, "nuts")), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # jit tracer warnings
+            mcmc.run(batch)
+        timings[NUTS_KEY] = time.perf_counter() - start
+        samples = dict(mcmc.get_samples())
+        if det:
+            samples.update(
+                _predictive(
+                    model,
+                    batch,
+                    det,
+                    len(next(iter(samples.values()))),
+                    derive_seed(seed, "nuts det"),
+                    posterior_samples=samples,
+                )
+            )
+        draws[NUTS_KEY] = _pooled_draws(samples, layout, structure.plate_dim)
+        diagnostics = _nuts_diagnostics(mcmc)
+        settings.update({f"NUTS {k}": v for k, v in nuts_settings.items()})
+
+    moments = {m: _moments(d, per_client) for m, d in draws.items()}
+    keys = list(moments[FEDERATED])
+    methods = list(draws)
+    ref_name = None
+    if reference is not None:
+        moments[REFERENCE] = reference_rows(reference, keys, clients)
+        if not moments[REFERENCE]:
+            raise ValueError(
+                "the reference matches no parameter of the model; its names must be site "
+                f"names ({sorted({k[0] for k in keys})}) or site[j] (1-based)"
+            )
+        methods.append(REFERENCE)
+        ref_name = REFERENCE
+    elif NUTS_KEY in draws:
+        ref_name = NUTS_KEY
+
+    nan = float("nan")
+    rows = []
+    for key in keys:
+        row: Dict[str, Any] = {"site": key[0], "client": key[1], "index": key[2]}
+        for m in methods:
+            row[f"{m}_mean"], row[f"{m}_sd"] = moments[m].get(key, (nan, nan))
+        if ref_name is not None:
+            mean_ref, sd_ref = moments[ref_name].get(key, (nan, nan))
+            for m in methods:
+                if m != ref_name:
+                    row[f"{m}_z"] = (row[f"{m}_mean"] - mean_ref) / sd_ref
+                    row[f"{m}_sd_ratio"] = row[f"{m}_sd"] / sd_ref
+        if POOLED_SVI in methods:
+            sd = row[f"{POOLED_SVI}_sd"]
+            row["fed_vs_pooled_z"] = (row[f"{FEDERATED}_mean"] - row[f"{POOLED_SVI}_mean"]) / sd
+            row["fed_vs_pooled_sd_ratio"] = row[f"{FEDERATED}_sd"] / sd
+        rows.append(row)
+    return Comparison(
+        rows=rows,
+        methods=tuple(methods),
+        reference=ref_name,
+        timings=timings,
+        elbo=elbo,
+        draws=draws,
+        clients=clients,
+        per_client=tuple(per_client),
+        settings=settings,
+        diagnostics=diagnostics,
+    )
+
+
+def _nuts_diagnostics(mcmc) -> Dict[str, Any]:
+    diag = mcmc.diagnostics()
+    ess, rhat = [], []
+    divergences = 0
+    for name, entry in diag.items():
+        if name == "divergences":
+            divergences = sum(len(v) for v in entry.values())
+        elif isinstance(entry, dict) and "n_eff" in entry:
+            ess.append(float(torch.as_tensor(entry["n_eff"]).min()))
+            rhat.append(float(torch.as_tensor(entry["r_hat"]).max()))
+    return {
+        "divergences": divergences,
+        "min_ess": min(ess) if ess else float("nan"),
+        "max_rhat": max(rhat) if rhat else float("nan"),
+    }
+
+
+__all__ = ["Comparison", "JointGuide", "compare_pooled", "pooled_guide", "reference_rows"]
