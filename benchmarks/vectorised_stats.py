@@ -5,12 +5,15 @@ For each number of clients N the same model, data, seeds and settings are fitted
 (the round's clients as one batched computation); the table gives the median wall time
 of a round over the timed rounds and the ratio, both measured in this one run.
 
-    python benchmarks/vectorised_stats.py                 # N = 10, 100, 400, 1000
-    python benchmarks/vectorised_stats.py --clients 10 100 --rounds 3
+    python benchmarks/vectorised_stats.py                 # N = 10, 100, 400, 1000 + IRT
+    python benchmarks/vectorised_stats.py --clients 10 100 --rounds 3 --no-irt
 
-The model is a radon-like varying-intercept regression with a global slope and noise
-scale inside the likelihood (gradient server mode), each client holding 2 to 20
-observations.
+The synthetic model is a radon-like varying-intercept regression with a global slope and
+noise scale inside the likelihood (gradient server mode), each client holding 2 to 20
+observations. The last row is ``models/item_response.py`` (2PL item-response model of the
+LSAT, one client per student, 400 students) with its own ``fit_options``. A round's time
+includes the server's work (messages, reply checks, update), which the engines share; the
+"engine" column is the vectorised engine's own share of the round.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -54,15 +59,35 @@ def make_clients(n: int, seed: int = 0):
     return clients
 
 
-def round_times(engine: str, clients, rounds: int, local_steps: int) -> list:
-    fit = FederatedSVI(model, clients, seed=0, engine=engine, local_steps=local_steps)
+def round_times(engine: str, model_fn, clients, rounds: int, **options):
+    """Median wall time of a round and of the engine's part of it (one warm-up round)."""
+    fit = FederatedSVI(model_fn, clients, seed=0, engine=engine, **options)
+    inner, engine_times = fit.engine.run_round, []
+
+    def timed(messages):
+        start = time.perf_counter()
+        out = inner(messages)
+        engine_times.append(time.perf_counter() - start)
+        return out
+
+    fit.engine.run_round = timed
     fit.step()  # warm-up round (first-call costs), not timed
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
         fit.step()
         times.append(time.perf_counter() - start)
-    return times
+    return statistics.median(times), statistics.median(engine_times[1:])
+
+
+def item_response_case():
+    """The item-response model file, its 400 students and its fit options (no rounds)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    import item_response
+
+    options = {k: v for k, v in item_response.fit_options.items() if k not in ("rounds", "engine")}
+    options["per_client"] = item_response.per_client
+    return item_response.model, item_response.load_data(), options
 
 
 def main(argv=None) -> None:
@@ -71,27 +96,34 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per engine")
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--loop-max", type=int, default=1000, help="largest N to loop over")
+    parser.add_argument("--no-irt", action="store_true", help="skip the item-response row")
     args = parser.parse_args(argv)
     torch.set_default_dtype(torch.float64)
     print(f"# vectorised vs loop round time ({time.strftime('%Y-%m-%d')})")
     print(
         f"python {platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}, "
         f"{platform.machine()}, {torch.get_num_threads()} threads; seeds 0; "
-        f"local steps {args.local_steps}; median of {args.rounds} rounds after 1 warm-up"
+        f"median of {args.rounds} rounds after 1 warm-up; synthetic: local steps "
+        f"{args.local_steps}, other settings default"
     )
     print()
-    print("| clients | loop s/round | vectorised s/round | speed-up |")
-    print("|---:|---:|---:|---:|")
-    for n in args.clients:
-        clients = make_clients(n)
-        vec = statistics.median(round_times("vectorised", clients, args.rounds, args.local_steps))
+    print("| model | clients | loop s/round | vectorised s/round (engine) | speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    cases = [
+        ("synthetic", model, make_clients(n), {"local_steps": args.local_steps})
+        for n in args.clients
+    ]
+    if not args.no_irt:
+        cases.append(("item response", *item_response_case()))
+    for label, model_fn, clients, options in cases:
+        n = len(clients)
+        vec, eng = round_times("vectorised", model_fn, clients, args.rounds, **options)
         if n <= args.loop_max:
-            loop = statistics.median(
-                round_times("inprocess", clients, args.rounds, args.local_steps)
-            )
-            print(f"| {n} | {loop:.3f} | {vec:.4f} | {loop / vec:.1f}x |")
+            loop, _ = round_times("inprocess", model_fn, clients, args.rounds, **options)
+            print(f"| {label} | {n} | {loop:.3f} | {vec:.4f} ({eng:.4f}) | {loop / vec:.1f}x |")
         else:
-            print(f"| {n} | (skipped) | {vec:.4f} | |")
+            print(f"| {label} | {n} | (skipped) | {vec:.4f} ({eng:.4f}) | |")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

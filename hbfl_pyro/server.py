@@ -55,8 +55,12 @@ def _problem(reply, expected: Dict[str, torch.Size], key: str) -> Optional[str]:
         if not isinstance(t, torch.Tensor) or t.shape != shape:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             return f"{key}[{name!r}] should have shape {tuple(shape)}, got {got}"
-        if not bool(torch.isfinite(t).all()):
-            return f"{key}[{name!r}] holds NaN or Inf"
+    # One finiteness check per reply (a call per tensor dominates a round of 1,000
+    # clients); the offending tensor is looked for only when there is one.
+    if not bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors.values()])).all()):
+        for name, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                return f"{key}[{name!r}] holds NaN or Inf"
     return None
 
 
@@ -116,6 +120,7 @@ class Server:
         self.participation = participation
         self.num_particles, self.seed = num_particles, seed
         self.stale: Dict[str, Dict] = {}
+        self._round_state = None  # (round, q(phi)'s state dict) behind that round's messages
         self.dp = dp
         self.dp_releases = 0  # rounds that released a noisy sum (what the accountant counts)
         if family is not None:
@@ -155,9 +160,12 @@ class Server:
         if self.family is not None:
             msg["family_params"] = {k: v.detach().clone() for k, v in self.family_params.items()}
         else:
-            msg["global_params"] = {
-                k: v.detach().clone() for k, v in self.global_guide.state_dict().items()
-            }
+            # The guide's state dict is collected once per round (walking the module is the
+            # costly part with many clients); every client still gets its own copy.
+            if self._round_state is None or self._round_state[0] != server_round:
+                state = {k: v.detach() for k, v in self.global_guide.state_dict().items()}
+                self._round_state = (server_round, state)
+            msg["global_params"] = {k: v.clone() for k, v in self._round_state[1].items()}
         return msg
 
     # ------------------------------------------------------------------ aggregate
@@ -165,6 +173,7 @@ class Server:
         self, server_round: int, replies: Dict[str, Dict], failed: Sequence[str] = ()
     ) -> Dict:
         """Update ``q(phi)`` from the round's replies; returns the round's record."""
+        self._round_state = None  # q(phi) changes below
         good, bad = {}, list(failed)
         expected, key = self._expected_reply()
         for name, reply in replies.items():
@@ -303,6 +312,7 @@ class Server:
 
     def load_state_dict(self, state: Dict) -> None:
         self.check_state(state)
+        self._round_state = None
         self.stale = copy.deepcopy(state["stale"])
         self.dp_releases = state.get("dp_releases", 0)
         if self.family is not None:

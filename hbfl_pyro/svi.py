@@ -116,8 +116,6 @@ class FederatedSVI:
     :param dp: a :class:`~hbfl_pyro.dp.DPConfig` for client-level differential privacy:
         clients clip their replies and send no ELBO, the server adds Gaussian noise to each
         round's sum; :attr:`privacy` and each history record report ``epsilon, delta``.
-        (The vectorised engine computes replies outside :class:`Client`; there the
-        server's re-clipping applies the same clip.)
 
     Example::
 

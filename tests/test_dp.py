@@ -60,7 +60,7 @@ CASES = {
 }
 
 
-def _fit(case, dp, on_message=None, rounds=3):
+def _fit(case, dp, on_message=None, rounds=3, engine="inprocess"):
     model, load, server, fraction, _ = CASES[case]
     fit = FederatedSVI(
         model,
@@ -73,6 +73,7 @@ def _fit(case, dp, on_message=None, rounds=3):
         seed=0,
         dp=dp,
         on_message=on_message,
+        engine=engine,
     )
     fit.run(rounds, progress=False)
     return fit
@@ -83,12 +84,13 @@ def _payload(message):
 
 
 # ---------------------------------------------------------------------- clipping
+@pytest.mark.parametrize("engine", ["inprocess", "vectorised"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_client_message_is_clipped(case):
+def test_every_client_message_is_clipped(case, engine):
     clip = CASES[case][4]
     dp = DPConfig(clip=clip, noise_multiplier=1.0, delta=DELTA)
     ups = []
-    fit = _fit(case, dp, lambda d, c, m: ups.append(m) if d == "up" else None)
+    fit = _fit(case, dp, lambda d, c, m: ups.append(m) if d == "up" else None, engine=engine)
     assert len(ups) == sum(len(r["clients"]) for r in fit.history) > 0
     norms = torch.stack([message_norm(_payload(m)) for m in ups])
     # Clipping scales by clip / norm: the result's norm is clip up to float64 round-off.

@@ -8,7 +8,16 @@ count and learning rate, so a client's update is the one the per-client loop
 (:class:`~hbfl_pyro.engines.InProcessEngine`) computes — identical whenever the objective
 is deterministic (tested), equal in distribution otherwise (the batch shares one draw of
 ``phi`` per step instead of one per client). Replies are per client: the per-client
-gradients come from one batched vector-Jacobian product.
+gradients come from one backward pass through per-client copies of the global parameters
+(global sites whose own plates lie right of the clients plate), else from one batched
+vector-Jacobian product.
+
+The clients' state stays where the loop keeps it (each client's guide parameters and its
+``torch.optim.Adam`` state), so ``state_dict``/checkpoints are engine-independent. A round
+gathers it into stacked tensors once and scatters it back once, with one ``torch.cat`` /
+``torch._foreach_copy_`` per parameter: the per-client Python work left is a few
+dictionary look-ups and the per-client reply dicts the protocol needs, so the round time
+grows with the batched arithmetic rather than with a Python loop over clients.
 
 This engine simulates many clients on one machine; the clients' data meet in one process,
 so it is for simulation and benchmarks, never deployment.
@@ -36,8 +45,30 @@ from .inprocess import InProcessEngine
 class VectorisedEngine(InProcessEngine):
     """Runs all of a round's clients in one batched computation.
 
+    A round gathers the sampled clients' local parameters and Adam moments into stacked
+    tensors once (one ``torch.cat`` per parameter), runs every local step on the stacks,
+    and scatters the results back once (one ``torch._foreach_copy_`` per parameter), so
+    the per-client Python work of a round is a few dictionary look-ups: each client's
+    ``state_dict`` (and so checkpointing) is exactly what the per-client loop leaves.
+
     :param clients: ``{name: Client}`` (their states are read and written back each round).
     :param on_message: optional hook called with every message, both directions.
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from hbfl_pyro import FederatedSVI, num_clients
+        >>> def model(data):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("clients", num_clients(data)):
+        ...         theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+        ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=data["y"])
+        >>> clients = {f"site{i}": {"y": torch.tensor(float(i))} for i in range(4)}
+        >>> fit = FederatedSVI(model, clients, engine="vectorised", local_steps=2, seed=0)
+        >>> type(fit.engine).__name__
+        'VectorisedEngine'
+        >>> fit.step()["clients"]
+        ['site0', 'site1', 'site2', 'site3']
     """
 
     def __init__(self, clients: Dict[str, Client], on_message=None):
@@ -51,7 +82,20 @@ class VectorisedEngine(InProcessEngine):
                     f"the vectorised engine stacks local parameters along their first axis; "
                     f"{name!r} has shape {tuple(param.shape)} (use the in-process engine)"
                 )
+        for name, client in clients.items():
+            # Rounds read a client's parameters from its optimiser's list (no module walk
+            # per client); that list must be its guide's parameters, in the same order.
+            own = client.optim.param_groups[0]["params"]
+            guide_params = [p for _, p in client.local_guide.named_parameters()]
+            if len(own) != len(guide_params) or any(a is not b for a, b in zip(own, guide_params)):
+                raise NotImplementedError(
+                    f"client {name!r}: its optimiser does not hold exactly its local guide's "
+                    "parameters in order; the vectorised engine cannot stack them (use the "
+                    "in-process engine)"
+                )
         self._guides: Dict[int, object] = {}
+        self._batch_key: Tuple[str, ...] = ()
+        self._batch = None
 
     def _batched_guide(self, names: List[str], batch):
         size = len(names)
@@ -63,24 +107,34 @@ class VectorisedEngine(InProcessEngine):
                 )
         return self._guides[size]
 
+    def _collated(self, names: List[str], clients: List[Client]):
+        # Under full participation every round has the same clients: collate them once
+        # (clients' data never change during a fit).
+        key = tuple(names)
+        if key != self._batch_key:
+            self._batch = collate([c.data for c in clients], per_client=clients[0].per_client)
+            self._batch_key = key
+        return self._batch
+
     def run_round(self, messages: Dict[str, Dict]) -> Tuple[Dict[str, Dict], List[str]]:
+        """Deliver the messages, run every sampled client's local steps in one batch, reply."""
         names = list(messages)
         for name in names:
             self.deliver("down", name, messages[name])
         clients = [self.clients[n] for n in names]
+        own = [c.optim.param_groups[0]["params"] for c in clients]
         first = clients[0]
-        batch = collate([c.data for c in clients], per_client=first.per_client)
+        batch = self._collated(names, clients)
         guide = self._batched_guide(names, batch)
         message = messages[names[0]]
         config, structure, family = first.config, first._structure, first._family
         with private_params(), seeded(derive_seed(message["seed"], "vectorised")):
             params = dict(guide.named_parameters())
+            stacked = [params[k] for k in self._names]
             with torch.no_grad():
-                for key in self._names:
-                    params[key].copy_(
-                        torch.cat([dict(c.local_guide.named_parameters())[key] for c in clients])
-                    )
-            adam = _RowAdam(clients, self._names, params)
+                for j, param in enumerate(stacked):
+                    param.copy_(torch.cat([p[j] for p in own]))
+            adam = _RowAdam(clients, own, stacked)
             global_guide = first.global_guide
             if family is None:
                 global_guide.load_state_dict(message["global_params"])
@@ -97,15 +151,20 @@ class VectorisedEngine(InProcessEngine):
                     config.num_particles,
                     config.moment_matched,
                 )
-                grads = torch.autograd.grad(-terms.sum(), [params[k] for k in self._names])
-                adam.step(dict(zip(self._names, grads)))
+                adam.step(torch.autograd.grad(-terms.sum(), stacked))
             adam.write_back()
-            for i, client in enumerate(clients):
-                with torch.no_grad():
-                    for key, param in client.local_guide.named_parameters():
-                        param.copy_(params[key][i : i + 1])
+            with torch.no_grad():
+                for j, param in enumerate(stacked):
+                    torch._foreach_copy_([p[j] for p in own], param.split(1))
+            for client in clients:
                 client.updates += 1
             replies = self._replies(names, clients, message, guide, batch, global_guide)
+        for client, name in zip(clients, names):
+            if client.dp is not None:  # as Client.update does: clip on the client, no ELBO
+                key = "stats" if client._family is not None else "grads"
+                reply = replies[name]
+                reply[key] = client.dp.clip_message(reply[key], f"client {name!r}")
+                reply["elbo"] = 0.0
         failed = []
         for name in names:
             self.deliver("up", name, replies[name])
@@ -115,20 +174,35 @@ class VectorisedEngine(InProcessEngine):
     def _per_client_copies(global_guide, size: int, structure):
         """Per-client copies of an autoguide's global parameters, or ``None`` if unsupported.
 
-        Supported when every global site has no batch dimensions of its own (its shape is
-        its event shape), so a leading clients axis can sit where the clients plate does.
+        Supported when every global site's batch dimensions (its own plates, e.g. an items
+        plate) lie to the right of the clients plate, so a leading clients axis can sit
+        where the clients plate does: a parameter of shape ``batch + event`` becomes
+        ``(clients, 1, ..., 1) + batch + event``.
         """
         if not isinstance(global_guide, (AutoNormal, AutoDelta)):
             return None
         prototype = global_guide.prototype_trace
+        pad = {}
         for name in structure.global_sites:
-            if prototype.nodes[name]["fn"].batch_shape != ():
+            batch = len(prototype.nodes[name]["fn"].batch_shape)
+            if batch >= -structure.plate_dim:
                 return None
-        lead = (size,) + (1,) * (-structure.plate_dim - 1)
-        return {
-            k: p.detach().expand(lead + p.shape).clone().requires_grad_()
-            for k, p in global_guide.named_parameters()
+            pad[name] = (size,) + (1,) * (-structure.plate_dim - 1 - batch)
+        # Parameter names: AutoNormal's locs.<site> and scales.<site>, AutoDelta's <site>,
+        # with PyroModule's "_unconstrained" suffix on constrained ones.
+        site_of = {
+            f"{prefix}{name}{suffix}": name
+            for name in pad
+            for prefix in ("", "locs.", "scales.")
+            for suffix in ("", "_unconstrained")
         }
+        copies = {}
+        for key, param in global_guide.named_parameters():
+            site = site_of.get(key)
+            if site is None:
+                return None
+            copies[key] = param.detach().expand(pad[site] + param.shape).clone().requires_grad_()
+        return copies
 
     def _replies(self, names, clients, message, guide, batch, global_guide) -> Dict[str, Dict]:
         first = clients[0]
@@ -146,12 +220,15 @@ class VectorisedEngine(InProcessEngine):
             )  # fmt: skip
 
         if family is not None:
-            terms = terms_with(None).detach()
-            for i, (name, client) in enumerate(zip(names, clients)):
-                mean, var = local_moments(client.local_guide, family.local_site)
-                stats = family.client_summary(mean.detach(), var.detach())
+            values = terms_with(None).detach().tolist()
+            # The stacked guide holds every client's q_i in its rows: one call gives all
+            # clients' moments, row i being what local_moments gives on client i's guide.
+            mean, var = local_moments(guide, family.local_site)
+            mean, var = mean.detach().reshape(size, -1), var.detach().reshape(size, -1)
+            for i, name in enumerate(names):
+                stats = family.client_summary(mean[i], var[i])
                 replies[name]["stats"] = {k: v.detach().clone() for k, v in stats.items()}
-                replies[name]["elbo"] = float(terms[i])
+                replies[name]["elbo"] = values[i]
             return replies
         keys, tensors = zip(*global_guide.named_parameters())
         copies = self._per_client_copies(global_guide, size, structure)
@@ -164,8 +241,7 @@ class VectorisedEngine(InProcessEngine):
                     return functional_call(global_guide, copies, (data,))
 
             terms = terms_with(per_client_guide)
-            rows = torch.autograd.grad(-terms.sum(), [copies[k] for k in keys])
-            jac = [r.reshape((size,) + t.shape) for r, t in zip(rows, tensors)]
+            jac = torch.autograd.grad(-terms.sum(), [copies[k] for k in keys], allow_unused=True)
         else:
             # Other guides: one batched vector-Jacobian product over the shared draw.
             terms = terms_with(global_guide)
@@ -173,13 +249,18 @@ class VectorisedEngine(InProcessEngine):
             jac = torch.autograd.grad(
                 terms, tensors, grad_outputs=eye, is_grads_batched=True, allow_unused=True
             )
+        # Row i of each gradient is client i's; one unbind per parameter, then each client
+        # gets its own copies (its reply shares no storage with another client's).
+        rows = [
+            [r.clone() for r in j.detach().reshape((size,) + t.shape).unbind(0)]
+            if j is not None
+            else [torch.zeros_like(t) for _ in range(size)]
+            for t, j in zip(tensors, jac)
+        ]
+        values = terms.detach().tolist()
         for i, name in enumerate(names):
-            replies[name]["grads"] = {
-                k: (torch.zeros_like(p) if j is None else j[i].detach().clone())
-                for k, p, j in zip(keys, tensors, jac)
-            }
-            value = float(terms[i].detach())
-            replies[name]["elbo"] = value if math.isfinite(value) else float("nan")
+            replies[name]["grads"] = {k: r[i] for k, r in zip(keys, rows)}
+            replies[name]["elbo"] = values[i] if math.isfinite(values[i]) else float("nan")
         return replies
 
 
@@ -187,11 +268,16 @@ class _RowAdam:
     """``torch.optim.Adam`` (default hyper-parameters) applied client by client on stacked rows.
 
     Each client keeps its own step count, learning rate and moment estimates, read from and
-    written back to its own ``torch.optim.Adam``; the arithmetic is torch's own Adam update.
+    written back to its own ``torch.optim.Adam`` (gathered into stacks once per round and
+    copied back once); the arithmetic is torch's own Adam update.
+
+    :param clients: the round's clients.
+    :param own: each client's parameter tensors (its optimiser's list).
+    :param params: the stacked parameters (row ``i`` is client ``i``), in the same order.
     """
 
-    def __init__(self, clients: List[Client], names: List[str], params: Dict[str, torch.Tensor]):
-        self.clients, self.names, self.params = clients, names, params
+    def __init__(self, clients: List[Client], own: List[List], params: List[torch.Tensor]):
+        self.clients, self.own, self.params = clients, own, params
         group = clients[0].optim.param_groups[0]
         self.beta1, self.beta2 = group["betas"]
         self.eps = group["eps"]
@@ -201,42 +287,60 @@ class _RowAdam:
                 ClientFailureWarning,
                 stacklevel=2,
             )
-        self.lr = torch.tensor([c.config.lr * c.config.lr_decay**c.updates for c in clients])
-        self.steps = torch.tensor([float(self._state(c, 0).get("step", 0.0)) for c in clients])
-        self.m, self.v = {}, {}
-        for j, key in enumerate(names):
-            rows_m, rows_v = [], []
-            for c in clients:
-                state = self._state(c, j)
-                p = dict(c.local_guide.named_parameters())[key]
-                rows_m.append(state.get("exp_avg", torch.zeros_like(p)))
-                rows_v.append(state.get("exp_avg_sq", torch.zeros_like(p)))
-            self.m[key], self.v[key] = torch.cat(rows_m), torch.cat(rows_v)
+        rates = [c.config.lr * c.config.lr_decay**c.updates for c in clients]
+        for client, rate in zip(clients, rates):
+            for group in client.optim.param_groups:  # as the loop leaves it (checkpoints)
+                group["lr"] = rate
+        self.lr = torch.tensor(rates)
+        # One look-up of each client's Adam state per parameter and round; ``None`` before
+        # the client's first step. The same dicts are written back in place at the end.
+        self.states = [
+            [c.optim.state.get(p[j]) for c, p in zip(clients, own)] for j in range(len(params))
+        ]
+        self.steps = torch.tensor([float(s["step"]) if s else 0.0 for s in self.states[0]])
+        self.m = [self._gather(states, p, "exp_avg") for states, p in zip(self.states, params)]
+        self.v = [self._gather(states, p, "exp_avg_sq") for states, p in zip(self.states, params)]
 
     @staticmethod
-    def _state(client: Client, index: int) -> Dict:
-        param = client.optim.param_groups[0]["params"][index]
-        return client.optim.state.get(param, {})
+    def _gather(states: List, param: torch.Tensor, key: str) -> torch.Tensor:
+        """Row ``i``: client ``i``'s moment ``key`` (zeros before its first step)."""
+        if all(states):
+            return torch.cat([s[key] for s in states])
+        out = torch.zeros_like(param, requires_grad=False)
+        have = [i for i, s in enumerate(states) if s]
+        if have:
+            out[have] = torch.cat([states[i][key] for i in have])
+        return out
 
-    def step(self, grads: Dict[str, torch.Tensor]) -> None:
+    def step(self, grads) -> None:
+        """One Adam step of every row, with each client's own step count and rate."""
         self.steps = self.steps + 1
         bias1 = 1 - self.beta1**self.steps
         bias2 = 1 - self.beta2**self.steps
         with torch.no_grad():
-            for key in self.names:
-                g, p = grads[key], self.params[key]
+            for g, p, m, v in zip(grads, self.params, self.m, self.v):
                 shape = (-1,) + (1,) * (p.dim() - 1)
-                self.m[key].lerp_(g, 1 - self.beta1)
-                self.v[key].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-                denom = (self.v[key].sqrt() / bias2.sqrt().reshape(shape)).add_(self.eps)
-                p.addcdiv_(self.m[key], denom * (bias1 / self.lr).reshape(shape), value=-1)
+                m.lerp_(g, 1 - self.beta1)
+                v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+                denom = (v.sqrt() / bias2.sqrt().reshape(shape)).add_(self.eps)
+                p.addcdiv_(m, denom * (bias1 / self.lr).reshape(shape), value=-1)
 
     def write_back(self) -> None:
-        for i, client in enumerate(self.clients):
-            for j, key in enumerate(self.names):
-                param = client.optim.param_groups[0]["params"][j]
-                client.optim.state[param] = {
-                    "step": torch.tensor(float(self.steps[i])),
-                    "exp_avg": self.m[key][i : i + 1].clone(),
-                    "exp_avg_sq": self.v[key][i : i + 1].clone(),
-                }
+        """Each client's Adam state becomes its row: copied into its state tensors in place."""
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        steps = self.steps.unbind()
+        for j, states in enumerate(self.states):
+            m_rows, v_rows = self.m[j].split(1), self.v[j].split(1)
+            dst, src = [], []
+            for i, state in enumerate(states):
+                if state and isinstance(state.get("step"), torch.Tensor):
+                    dst += [state["step"], state["exp_avg"], state["exp_avg_sq"]]
+                    src += [steps[i], m_rows[i], v_rows[i]]
+                else:  # the client's first round: tensors of its own, as Adam creates them
+                    self.clients[i].optim.state[self.own[i][j]] = {
+                        "step": torch.tensor(float(steps[i]), dtype=scalar),
+                        "exp_avg": m_rows[i].clone(),
+                        "exp_avg_sq": v_rows[i].clone(),
+                    }
+            if dst:
+                torch._foreach_copy_(dst, src)
