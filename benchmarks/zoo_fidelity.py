@@ -151,7 +151,15 @@ def main(argv=None):
         ref_label = "external" if isinstance(ref, Path) else ("exact" if ref else "NUTS")
         nuts_time = None
         for guide_name in args.guides:
-            fit = _fit(module, attribute, guide_name, args.seed)
+            try:
+                fit = _fit(module, attribute, guide_name, args.seed)
+            except (ValueError, RuntimeError) as exc:
+                # A diverged fit (e.g. NaN variational parameters) is a result too: record
+                # it and go on with the next guide.
+                reason = " ".join(str(exc).split())[:80]
+                print(f"| {name} | {guide_name} | {ref_label} | failed: {reason} |" + " |" * 11)
+                results.append({"model": name, "guide": guide_name, "failed": reason})
+                continue
             nuts = False
             if reference is None:  # the first guide runs NUTS; later ones reuse its summary
                 nuts = {"warmup": args.nuts_warmup, "samples": args.nuts_samples}

@@ -243,6 +243,18 @@ class Server:
                 else:
                     total = sum(r["grads"][name] for r in pool.values())
                 param.grad = param.grad + scale * total if param.grad is not None else scale * total
+            bad = [
+                n for n, p in self.global_guide.named_parameters() if not p.grad.isfinite().all()
+            ]
+            if bad:
+                # Refuse the step: q(phi) and the optimiser stay as they were after the last
+                # good round, so the run can be checkpointed or continued with other settings.
+                raise FloatingPointError(
+                    f"round {server_round}: the gradient of the ELBO with respect to q(phi)'s "
+                    f"{', '.join(repr(n) for n in bad)} is NaN or Inf (the fit is diverging); "
+                    "q(phi) was left at its last good value. Lower server_lr / local_lr, add "
+                    "particles, or use a simpler global guide"
+                )
             self.optim.step()
             self.scheduler.step()
             own = float(own_term.detach())

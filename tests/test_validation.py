@@ -800,3 +800,19 @@ def test_closed_form_with_a_momentless_local_guide_fails_up_front(no_training):
             on_message=no_training,
         )
     _assert_message(info, "'theta'")
+
+
+def test_a_diverging_server_update_is_refused_and_state_kept(monkeypatch):
+    """A NaN gradient of q(phi) stops the run with an error naming the parameters and the
+    fix; q(phi), its optimiser and the round counter stay at the last good round."""
+    fit = FederatedSVI(eight_schools.noncentered, eight_schools.load_data(), local_steps=2, seed=0)
+    fit.run(2, progress=False)
+    before = copy.deepcopy(fit.server.state_dict())
+    real = hbfl_pyro.server.server_term
+    monkeypatch.setattr(
+        hbfl_pyro.server, "server_term", lambda *a, **k: real(*a, **k) * float("nan")
+    )
+    with pytest.raises(FloatingPointError, match=r"round 3: .*NaN or Inf.*Lower server_lr"):
+        fit.step()
+    assert fit.round == 2 and len(fit.history) == 2
+    _assert_same(fit.server.state_dict(), before)
