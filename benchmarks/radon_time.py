@@ -40,6 +40,7 @@ from pyro.optim import ClippedAdam  # noqa: E402
 
 from hbfl_pyro import FederatedData, FederatedSVI  # noqa: E402
 from hbfl_pyro.guides import private_params  # noqa: E402
+from hbfl_pyro.modelfile import fit_settings  # noqa: E402
 from hbfl_pyro.pooled import joint_guide_of, pooled_elbo  # noqa: E402
 from hbfl_pyro.seeding import seeded  # noqa: E402
 
@@ -60,12 +61,8 @@ CONFIGS = {
 
 
 def _options(config):
-    options = dict(radon.fit_options)
-    options.update(config)
-    rounds = options.pop("rounds")
-    if "rounds" in config:  # the decays are per round: keep the same total decay
-        options["local_lr_decay"] = 0.01 ** (1 / rounds)
-        options["lr_decay"] = 0.01 ** (1 / rounds)
+    # The file states its decays over the run: fit_settings spreads them over `rounds`.
+    options, rounds = fit_settings({**radon.fit_options, **config})
     options["engine"] = "vectorised"
     return options, rounds
 

@@ -31,6 +31,7 @@ import torch
 from pyro import poutine
 
 from hbfl_pyro import FederatedSVI, num_clients
+from hbfl_pyro.modelfile import fit_settings
 
 
 def model(data):
@@ -85,7 +86,8 @@ def item_response_case():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
     import item_response
 
-    options = {k: v for k, v in item_response.fit_options.items() if k not in ("rounds", "engine")}
+    options, _ = fit_settings(item_response.fit_options)
+    options.pop("engine", None)
     options["per_client"] = item_response.per_client
     return item_response.model, item_response.load_data(), options
 

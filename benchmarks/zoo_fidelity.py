@@ -50,6 +50,7 @@ from pyro.infer.autoguide import (  # noqa: E402
 
 from hbfl_pyro import FederatedSVI, StructuredLocalNormal  # noqa: E402
 from hbfl_pyro.compare import compare_pooled  # noqa: E402
+from hbfl_pyro.modelfile import fit_settings  # noqa: E402
 
 GUIDES = {
     "mean-field": (AutoNormal, AutoNormal),
@@ -102,10 +103,9 @@ QUICK = ["eight_schools noncentered"]
 def _fit(module, attribute, guide_name, seed):
     global_guide, local_guide = GUIDES[guide_name]
     if module is normal_normal:
-        options = dict(_CLOSED if guide_name == "mean-field" else _GRADIENT)
+        options, rounds = fit_settings(_CLOSED if guide_name == "mean-field" else _GRADIENT)
     else:
-        options = dict(module.fit_options)
-    rounds = options.pop("rounds")
+        options, rounds = fit_settings(module.fit_options)
     if guide_name != "mean-field":
         options.update(global_guide=global_guide, local_guide=local_guide, server="gradient")
     fit = FederatedSVI(getattr(module, attribute), module.load_data(), seed=seed, **options)

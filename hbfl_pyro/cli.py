@@ -388,9 +388,11 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
             )
     except user_errors as exc:
         raise UsageError(_one_line(exc)) from exc
-    options = _svi_options(args, spec.options)
     rounds = args.rounds if args.rounds is not None else spec.rounds
     rounds = DEFAULT_ROUNDS if rounds is None else rounds
+    # Decays the file states over the whole run are spread over the rounds actually run.
+    file_options = spec.options_for(rounds)
+    options = _svi_options(args, file_options)
     # flower-sim: Flower runs the rounds; this in-process fit receives the result.
     flower_sim = options.get("engine") == "flower-sim"
     dp = _dp_config(args, rounds, flower_sim)
@@ -437,8 +439,9 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
 
         run_config = {"secagg": True} if args.secagg else None
         try:
+            rescaled = {k: file_options[k] for k in spec.decay_over_run}
             fit_in_simulation(
-                fit, args.model_file, _svi_options(args, {}), rounds, run_config=run_config
+                fit, args.model_file, _svi_options(args, rescaled), rounds, run_config=run_config
             )
         except ValueError as exc:  # e.g. SecAgg+ with a gradient-mode server
             raise UsageError(f"{spec.label}: {_one_line(exc)}") from exc

@@ -10,7 +10,10 @@ The protocol (what ``hbfl fit`` reads):
   :class:`~hbfl_pyro.FederatedSVI` as the keywords of the same names.
 * ``per_client`` -- optional: a tuple of keys that are per-client values.
 * ``fit_options`` -- optional: a dict of :class:`~hbfl_pyro.FederatedSVI` keyword
-  defaults, plus ``"rounds"``; command-line flags override them.
+  defaults, plus ``"rounds"``; command-line flags override them. Instead of the per-round
+  ``lr_decay`` / ``local_lr_decay`` it may state ``lr_decay_over_run`` /
+  ``local_lr_decay_over_run``: the factor by which the step size falls over the whole run,
+  spread over however many rounds are run (``hbfl fit --rounds`` keeps the schedule's shape).
 
 The file is imported by path (it need not be on ``sys.path`` nor be part of a package);
 its own directory is on ``sys.path`` only while it is imported, so it can import helper
@@ -52,6 +55,8 @@ class ModelFile:
         ``global_guide``/``local_guide``/``server``/``per_client`` attributes, then its
         ``fit_options`` without ``"rounds"``).
     :ivar rounds: ``fit_options["rounds"]`` if given, else ``None``.
+    :ivar decay_over_run: ``{"lr_decay": total, ...}`` for the decays stated over the whole
+        run; :attr:`options` holds them as per-round factors for :attr:`rounds` rounds.
     """
 
     path: Path
@@ -61,6 +66,21 @@ class ModelFile:
     load_data: Callable
     options: Dict[str, Any] = field(default_factory=dict)
     rounds: Optional[int] = None
+    decay_over_run: Dict[str, float] = field(default_factory=dict)
+
+    def options_for(self, rounds: int) -> Dict[str, Any]:
+        """:attr:`options` with the decays stated over the run spread over ``rounds``.
+
+        Example::
+
+            >>> mf = load_model_file("models/eight_schools.py")
+            >>> mf.rounds, round(mf.options_for(100)["lr_decay"] ** 100, 12)
+            (300, 0.01)
+        """
+        out = dict(self.options)
+        for key, total in self.decay_over_run.items():
+            out[key] = total ** (1.0 / rounds) if rounds > 0 else 1.0
+        return out
 
     @property
     def label(self) -> str:
@@ -119,6 +139,51 @@ def _import_file(path: Path) -> ModuleType:
         if directory in sys.path:
             sys.path.remove(directory)
     return module
+
+
+#: fit_options keys stating a decay over the whole run -> the per-round keyword.
+_OVER_RUN = {"lr_decay_over_run": "lr_decay", "local_lr_decay_over_run": "local_lr_decay"}
+
+
+def _decays_over_run(fit_options: Dict[str, Any], rounds: Optional[int]) -> Dict[str, float]:
+    """Pop the ``*_over_run`` keys of ``fit_options``; returns ``{keyword: total}``."""
+    over_run = {}
+    for key, target in _OVER_RUN.items():
+        if key not in fit_options:
+            continue
+        total = fit_options.pop(key)
+        if target in fit_options:
+            raise ValueError(f"fit_options gives both {key!r} and {target!r}; keep one")
+        if isinstance(total, bool) or not isinstance(total, (int, float)) or not 0 < total <= 1:
+            raise ValueError(
+                f"fit_options[{key!r}] must be a number in (0, 1] (the factor by which the "
+                f"step size falls over the whole run), got {total!r}"
+            )
+        over_run[target] = float(total)
+    if over_run and rounds is None:
+        raise ValueError(f"fit_options states {sorted(over_run)} over the run; give 'rounds'")
+    return over_run
+
+
+def fit_settings(
+    fit_options: Dict[str, Any], rounds: Optional[int] = None
+) -> Tuple[Dict[str, Any], Optional[int]]:
+    """A model file's ``fit_options`` as :class:`~hbfl_pyro.FederatedSVI` keywords and a
+    number of rounds (``rounds``, else the dict's ``"rounds"``), the decays stated over the
+    run spread over those rounds.
+
+    Example::
+
+        >>> options, rounds = fit_settings({"rounds": 4, "lr_decay_over_run": 0.01})
+        >>> rounds, round(options["lr_decay"], 12)
+        (4, 0.316227766017)
+    """
+    options = dict(fit_options)
+    file_rounds = options.pop("rounds", None)
+    rounds = file_rounds if rounds is None else rounds
+    for key, total in _decays_over_run(options, rounds).items():
+        options[key] = total ** (1.0 / rounds) if rounds > 0 else 1.0
+    return options, rounds
 
 
 def _svi_keywords() -> Tuple[str, ...]:
@@ -194,6 +259,10 @@ def load_model_file(spec: Union[str, os.PathLike], attribute: Optional[str] = No
         )
     fit_options = dict(raw or {})
     rounds = fit_options.pop("rounds", None)
+    try:
+        over_run = _decays_over_run(fit_options, rounds)
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: {exc}") from exc
     allowed = _svi_keywords()
     unknown = sorted(set(fit_options) - set(allowed))
     if unknown:
@@ -206,4 +275,7 @@ def load_model_file(spec: Union[str, os.PathLike], attribute: Optional[str] = No
         isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0
     ):
         raise ModelFileError(f"{path}: fit_options['rounds'] must be an integer >= 0")
-    return ModelFile(path, name, module, model, load_data, options, rounds)
+    spec = ModelFile(path, name, module, model, load_data, options, rounds, over_run)
+    if over_run:
+        spec.options = spec.options_for(rounds)
+    return spec

@@ -54,10 +54,10 @@ fit_options = {
     "rounds": ROUNDS,
     "local_steps": 2,
     "local_lr": 0.1,
-    "local_lr_decay": 0.01 ** (1 / ROUNDS),
+    "local_lr_decay_over_run": 0.01,
     "num_particles": 16,
     "grad_particles": 16,
     "server_lr": 0.2,
-    "lr_decay": 0.01 ** (1 / ROUNDS),
+    "lr_decay_over_run": 0.01,
     "server_particles": 16,
 }

@@ -79,11 +79,11 @@ fit_options = {
     "rounds": ROUNDS,
     "local_steps": 5,
     "local_lr": 0.1,
-    "local_lr_decay": 0.01 ** (1 / ROUNDS),
+    "local_lr_decay_over_run": 0.01,
     "num_particles": 4,
     "grad_particles": 8,
     "server_lr": 0.3,
-    "lr_decay": 0.05 ** (1 / ROUNDS),
+    "lr_decay_over_run": 0.05,
     "server_particles": 8,
     "engine": "vectorised",
 }

@@ -86,11 +86,11 @@ fit_options = {
     "rounds": ROUNDS,
     "local_steps": 2,
     "local_lr": 0.2,
-    "local_lr_decay": 0.05 ** (1 / ROUNDS),
+    "local_lr_decay_over_run": 0.05,
     "num_particles": 16,
     "grad_particles": 16,
     "server_lr": 0.4,
-    "lr_decay": 0.05 ** (1 / ROUNDS),
+    "lr_decay_over_run": 0.05,
     "server_particles": 16,
     "engine": "vectorised",
 }

@@ -430,3 +430,29 @@ def test_privacy_flag_errors(tmp_path, capsys, flags, message):
     assert main(argv + flags + ["--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_decays_stated_over_the_run_follow_the_rounds_run(tmp_path):
+    """``*_over_run`` decays are spread over the rounds actually run: the file's default
+    rounds, or ``hbfl fit --rounds`` (the step size falls by the stated total either way)."""
+    from hbfl_pyro.modelfile import fit_settings
+
+    text = VECTOR_MODEL.replace(
+        '"rounds": 2,', '"rounds": 4, "lr_decay_over_run": 0.01, "local_lr_decay_over_run": 0.5,'
+    )
+    spec = load_model_file(_write(tmp_path, "decay.py", text))
+    assert spec.decay_over_run == {"lr_decay": 0.01, "local_lr_decay": 0.5}
+    assert spec.options["lr_decay"] == pytest.approx(0.01 ** (1 / 4), rel=1e-15)
+    assert spec.options_for(10)["local_lr_decay"] == pytest.approx(0.5 ** (1 / 10), rel=1e-15)
+    assert fit_settings(spec.module.fit_options, 2)[0]["lr_decay"] == pytest.approx(0.1)
+    # Through the command line: 2 rounds instead of the file's 4.
+    out = tmp_path / "run"
+    assert main(["fit", str(spec.path), "--rounds", "2", "--no-progress", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| option lr_decay | 0.1 |" in report  # 0.01 over 2 rounds
+    assert f"| option local_lr_decay | {0.5**0.5!r} |" in report
+    bad = VECTOR_MODEL.replace(
+        '"rounds": 2,', '"rounds": 2, "lr_decay": 0.9, "lr_decay_over_run": 0.1,'
+    )
+    with pytest.raises(ModelFileError, match="both 'lr_decay_over_run' and 'lr_decay'"):
+        load_model_file(_write(tmp_path, "bad.py", bad))

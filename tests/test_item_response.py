@@ -14,6 +14,7 @@ import pytest
 
 from hbfl_pyro import FederatedData, FederatedSVI
 from hbfl_pyro.guides import private_params
+from hbfl_pyro.modelfile import fit_settings
 from hbfl_pyro.pooled import fit_pooled_svi, joint_guide_of
 
 ITEM_SITES = ("difficulty", "discrimination")
@@ -67,8 +68,7 @@ def test_federated_vectorised_recovers_pooled_item_parameters(report):
     """Item difficulties and (log) discriminations: federated within 0.3 pooled sd, sds
     within 10% (see ``MEAN_TOL_SD``)."""
     data = item_response.load_data(num_students=STUDENTS)
-    options = dict(item_response.fit_options)
-    rounds = options.pop("rounds")
+    options, rounds = fit_settings(item_response.fit_options)
     fit = FederatedSVI(
         item_response.model, data, seed=0, per_client=item_response.per_client, **options
     )

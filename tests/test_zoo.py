@@ -32,6 +32,7 @@ import torch
 
 from hbfl_pyro import FederatedData, FederatedSVI
 from hbfl_pyro.guides import private_params
+from hbfl_pyro.modelfile import fit_settings
 from hbfl_pyro.pooled import fit_pooled_svi, joint_guide_of
 
 NUM_DRAWS = 20000  # Monte Carlo error of a VI mean: sd_VI / sqrt(20000) < 0.01 sd_ref
@@ -41,8 +42,7 @@ SEEDS_GLOBALS = ALPHAS + ("sigma",)
 
 def _fit(module, variant="model", **overrides):
     """The model file's ``fit_options`` fit (seed 0); returns the fit and its seconds."""
-    options = dict(module.fit_options)
-    rounds = options.pop("rounds")
+    options, rounds = fit_settings(module.fit_options)
     options.update(overrides)
     fit = FederatedSVI(getattr(module, variant), module.load_data(), seed=0, **options)
     start = time.perf_counter()

@@ -132,11 +132,12 @@ def load_spec(config: Mapping) -> AppSpec:
     overrides = json.loads(raw) if isinstance(raw, str) else dict(raw)
     if not isinstance(overrides, dict):
         raise ValueError(f"run config 'options' must be a JSON object, got {raw!r}")
-    options = dict(mf.options)
-    options.update(overrides)
     rounds = int(config["rounds"])
     if rounds < 0:
         rounds = mf.rounds if mf.rounds is not None else DEFAULT_ROUNDS
+    # Decays the file states over the whole run are spread over the rounds run here.
+    options = mf.options_for(rounds)
+    options.update(overrides)
     return AppSpec(dict(config), mf, options, rounds)
 
 
