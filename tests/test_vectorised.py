@@ -137,3 +137,32 @@ def _assert_fits_equal(loop, vec):
         torch.tensor([r["elbo"] for r in loop.history]),
         **TOL,
     )
+
+
+def test_a_custom_local_guide_module_is_refused_up_front():
+    """The vectorised engine rebuilds the round's guide from the template's class: a
+    hand-written PyroModule guide is refused when the fit is built, naming the way out."""
+    import eight_schools
+    import pyro
+    import pyro.distributions as dist
+    from pyro.nn import PyroModule, PyroParam
+
+    class LocalNormal(PyroModule):  # one client's q_i(theta_trans): run on its own data
+        def __init__(self):
+            super().__init__()
+            self.loc = PyroParam(torch.zeros(1))
+            self.scale = PyroParam(torch.ones(1), constraint=dist.constraints.positive)
+
+        def forward(self, data):
+            with pyro.plate("clients", data["y"].shape[0], dim=-1):
+                pyro.sample("theta_trans", dist.Normal(self.loc, self.scale))
+
+    # The same guide is accepted by the in-process engine.
+    FederatedSVI(eight_schools.noncentered, eight_schools.load_data(), local_guide=LocalNormal())
+    with pytest.raises(NotImplementedError, match="use engine='inprocess'"):
+        FederatedSVI(
+            eight_schools.noncentered,
+            eight_schools.load_data(),
+            local_guide=LocalNormal(),
+            engine="vectorised",
+        )

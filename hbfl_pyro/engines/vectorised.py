@@ -31,7 +31,7 @@ from typing import Dict, List, Tuple
 
 import pyro
 import torch
-from pyro.infer.autoguide import AutoDelta, AutoNormal
+from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
 from torch.func import functional_call
 
 from ..client import Client, local_objective
@@ -75,6 +75,16 @@ class VectorisedEngine(InProcessEngine):
         super().__init__(clients, on_message)
         first = next(iter(clients.values()))
         self._template = first.local_guide
+        if not isinstance(self._template, AutoGuide) and not hasattr(
+            type(self._template), "for_client"
+        ):
+            # The batched guide is rebuilt from the template's class for the whole round's
+            # clients: possible for autoguides and classes with ``for_client`` only.
+            raise NotImplementedError(
+                "the vectorised engine supports autoguides and guide classes with a "
+                f"for_client constructor (e.g. StructuredLocalNormal) as local guides, not "
+                f"{type(self._template).__name__}; use engine='inprocess' for this guide"
+            )
         self._names = [n for n, _ in first.local_guide.named_parameters()]
         for name, param in first.local_guide.named_parameters():
             if param.shape[:1] != (1,):
