@@ -122,7 +122,11 @@ def main(argv=None):
             start = time.perf_counter()
             dmu, dtheta, mus, clipped = [], [], [], 0
             for s in range(args.seeds):
-                dp = DPConfig(clip=args.clip, noise_multiplier=z, delta=DELTA)
+                # Seeded noise, so that the table can be reproduced (a benchmark, not a
+                # release: real runs draw fresh noise).
+                dp = DPConfig(
+                    clip=args.clip, noise_multiplier=z, delta=DELTA, reproducible_noise=True
+                )
                 mu, sd, locs, _, c, _ = fit_once(
                     data, args.rounds, s, dp, args.local_steps, args.local_lr
                 )

@@ -12,18 +12,23 @@ tensor of its reply, flattened and concatenated) to L2 norm ``clip`` *on the cli
 (:meth:`DPConfig.clip_message`) and sends no ELBO value. The server clips every reply again
 (a no-op for an honest client; it bounds the sensitivity whatever a transport or a faulty
 client did), sums the round's pool and adds ``N(0, (z * clip)^2 I)`` once to the sum
-(:meth:`DPConfig.noisy_sum`), from a generator of its own seeded by ``(seed, round)``, so the
-noise never touches the clients' random streams. Everything the server does afterwards
-(scaling by ``N/|S|``, projection onto valid statistics, the closed-form or Adam update,
-the next round's broadcast, the final ``q(phi)``) is post-processing of the noisy sums and
-keeps the guarantee.
+(:meth:`DPConfig.noisy_sum`), from a generator of its own seeded afresh from the operating
+system's entropy at every release (:meth:`DPConfig.noise_seed`): noise derived from the run's
+seed could be regenerated, and subtracted, by anyone who knows the seed, which ``hbfl fit``
+prints and every checkpoint stores. ``reproducible_noise=True`` derives it from
+``(seed, round)`` instead, for tests and benchmarks only: it voids the guarantee.
+Everything the server does afterwards (scaling by ``N/|S|``, projection onto valid
+statistics, the closed-form or Adam update, the next round's broadcast, the final
+``q(phi)``) is post-processing of the noisy sums and keeps the guarantee.
 
 **Threat model.** Central DP with a trusted server (or a trusted aggregator): the server
 sees the clipped, un-noised replies; what it releases (``q(phi)`` each round, the history,
 the final posterior of the global sites) is differentially private. Distributed noise
 (each client adding a share of the variance) protects against the server only together
-with secure aggregation, which is not implemented, so it is not offered. A client's own
-``q_i`` never leaves it and is not covered (it is that client's own output).
+with secure aggregation; :mod:`hbfl_pyro.flower.secagg` is not combined with DP yet, so it
+is not offered. A client's own ``q_i`` never leaves it and is not covered (it is that
+client's own output). Nor are the server's checkpoints: with ``participation="stale"``
+they hold the clients' clipped, un-noised replies, and must be kept like the data.
 
 **Closed-form families.** The public key ``"count"`` (the constant 1 of every client) is
 neither clipped nor noised. Noisy ``sum_m`` / ``sum_mm`` of the NIW families may be
@@ -47,10 +52,13 @@ anyway, and without it the bound is conservative.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
 
 import torch
+
+from .seeding import derive_seed
 
 #: Summary keys that are the same constant for every client (carry no data): not privatised.
 PUBLIC_KEYS = ("count",)
@@ -120,6 +128,10 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float, accountant: str 
         True
     """
     _check_accountant(accountant)
+    if not (isinstance(rounds, int) and rounds >= 0):
+        raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
     if rounds == 0:
         return 0.0
     if noise_multiplier == 0.0:
@@ -144,6 +156,10 @@ def noise_multiplier_for(
 
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if not (isinstance(rounds, int) and rounds >= 1):
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
     lo, hi = 1e-3, 1.0
     while epsilon(hi, rounds, delta, accountant) > target_epsilon:
         hi *= 2.0
@@ -230,6 +246,9 @@ class DPConfig:
     :param target_epsilon: solve ``z`` so that ``rounds`` rounds spend at most this.
     :param rounds: the planned number of rounds (needed with ``target_epsilon``).
     :param accountant: ``"gdp"`` (exact for composed Gaussian mechanisms) or ``"zcdp"``.
+    :param reproducible_noise: derive the noise from the run's seed and the round (tests and
+        benchmarks only: whoever knows the seed can remove the noise). Default: fresh
+        operating-system entropy at every release.
 
     Example::
 
@@ -248,6 +267,7 @@ class DPConfig:
     target_epsilon: Optional[float] = None
     rounds: Optional[int] = None
     accountant: str = "gdp"
+    reproducible_noise: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip > 0):
@@ -346,6 +366,13 @@ class DPConfig:
             sums = project_moments(sums, len(clipped))
         return sums
 
+    def noise_seed(self, run_seed: int, server_round: int) -> int:
+        """The seed of one release's noise: fresh entropy, or ``(run_seed, round)`` when
+        ``reproducible_noise`` (see the module docstring)."""
+        if self.reproducible_noise:
+            return derive_seed(run_seed, server_round, "dp")
+        return secrets.randbits(63)
+
     # ------------------------------------------------------------------ accounting
     def epsilon(self, rounds: int) -> float:
         """``epsilon`` at this config's ``delta`` after ``rounds`` released sums."""
@@ -378,5 +405,5 @@ class DPConfig:
             raise RuntimeError(
                 f"round {server_round} would exceed the privacy budget: DPConfig("
                 f"target_epsilon={self.target_epsilon}) was solved for rounds={self.rounds}; "
-                "make a DPConfig with more rounds (more noise) for a longer run"
+                "start a new run with a DPConfig for more rounds (more noise) for a longer run"
             )

@@ -177,7 +177,7 @@ class Server:
         good, bad = {}, list(failed)
         expected, key = self._expected_reply()
         for name, reply in replies.items():
-            problem = _problem(reply, expected, key)
+            problem = _problem(reply, expected, key) or self._dp_problem(reply, key)
             if problem is None:
                 good[name] = reply
             else:
@@ -215,7 +215,8 @@ class Server:
         noisy = None
         if self.dp is not None:
             # Noise on the unscaled sum; scaling and the update are post-processing.
-            seed = derive_seed(self.seed, server_round, "dp")
+            self.dp.check_round(self.dp_releases + 1)  # also where no FederatedSVI drives
+            seed = self.dp.noise_seed(self.seed, server_round)
             noisy = self.dp.noisy_sum([r[key] for r in pool.values()], seed)
             self.dp_releases += 1
         if self.family is not None:
@@ -266,6 +267,16 @@ class Server:
             record["delta"] = self.dp.delta
         return record
 
+    def _dp_problem(self, reply: Dict, key: str) -> Optional[str]:
+        """Under DP, the public ``count`` of a closed-form reply must be exactly 1 (it is
+        neither clipped nor noised); checked here so that such a reply is left out with a
+        warning naming the client, before it could enter the stale pool."""
+        if self.dp is None or key != "stats" or "count" not in reply[key]:
+            return None
+        if not bool((reply[key]["count"] == 1).all()):
+            return "its public 'count' is not 1, which differential privacy requires"
+        return None
+
     def _expected_reply(self):
         """The names and shapes a good reply carries (gradients or summaries)."""
         if self.family is None:
@@ -291,6 +302,7 @@ class Server:
         state = {"mode": self.mode, "stale": copy.deepcopy(self.stale)}
         if self.dp is not None:
             state["dp_releases"] = self.dp_releases
+            state["dp_accounting"] = (float(self.dp.noise_multiplier), self.dp.accountant)
         if self.family is not None:
             state["family_params"] = {k: v.clone() for k, v in self.family_params.items()}
         else:
@@ -313,6 +325,15 @@ class Server:
                 "the checkpoint is of a run without differential privacy: its rounds were "
                 "released without noise, so no epsilon holds for a continuation; start afresh"
             )
+        if self.dp is not None and "dp_accounting" in state:
+            z, accountant = state["dp_accounting"]
+            if (z, accountant) != (float(self.dp.noise_multiplier), self.dp.accountant):
+                raise ValueError(
+                    f"the checkpoint's rounds ran with noise multiplier {z:g} ({accountant} "
+                    f"accountant); this run's DPConfig has {self.dp.noise_multiplier:g} "
+                    f"({self.dp.accountant}): epsilon would be misreported. Resume with the "
+                    "same DPConfig, or start a new run"
+                )
         params = self.family_params if self.family is not None else self.global_guide.state_dict()
         key = "family_params" if self.family is not None else "global_guide"
         want = {k: tuple(v.shape) for k, v in params.items()}

@@ -149,7 +149,7 @@ def test_noise_scale_end_to_end_in_the_normal_server_update():
         normal_normal.load_data(num_clients=6),
         local_steps=2,
         seed=0,
-        dp=DPConfig(clip=clip, noise_multiplier=z),
+        dp=DPConfig(clip=clip, noise_multiplier=z, reproducible_noise=True),  # fixed seed
     )
     fit.run(1, progress=False)
     server, family = fit.server, fit.family
@@ -292,7 +292,8 @@ def test_niw_full_update_stays_positive_definite_under_heavy_noise(monkeypatch):
     # z * clip = 20 dwarfs the summaries (norms of a few units), so raw noisy sums are
     # often infeasible; the test requires that this happened.
     fit = FederatedSVI(model, data, server=fam, local_steps=2, seed=0,
-                       dp=DPConfig(clip=5.0, noise_multiplier=4.0))  # fmt: skip
+                       dp=DPConfig(clip=5.0, noise_multiplier=4.0,
+                                   reproducible_noise=True))  # fmt: skip
     for _ in range(6):
         fit.step()
         v0 = fit.server.family_params["V0"]
@@ -328,7 +329,7 @@ def test_dp_must_be_a_config_and_checkpoints_keep_the_account(tmp_path):
     data = normal_normal.load_data(num_clients=3)
     with pytest.raises(TypeError, match="dp must be a hbfl_pyro.dp.DPConfig"):
         FederatedSVI(normal_normal.model, data, dp={"clip": 1.0})
-    dp = DPConfig(clip=5.0, noise_multiplier=1.0)
+    dp = DPConfig(clip=5.0, noise_multiplier=1.0, reproducible_noise=True)  # to compare runs
     fit = FederatedSVI(normal_normal.model, data, local_steps=1, dp=dp)
     fit.run(2, progress=False)
     fit.checkpoint(tmp_path / "dp.pt")
@@ -343,3 +344,40 @@ def test_dp_must_be_a_config_and_checkpoints_keep_the_account(tmp_path):
     plain.checkpoint(tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="without differential privacy"):
         FederatedSVI(normal_normal.model, data, local_steps=1, dp=dp).resume(tmp_path / "plain.pt")
+
+    with pytest.raises(ValueError, match="ran with noise multiplier 1 .*Resume with the same"):
+        other = DPConfig(clip=5.0, noise_multiplier=2.0)
+        FederatedSVI(normal_normal.model, data, local_steps=1, dp=other).resume(tmp_path / "dp.pt")
+
+
+def test_noise_is_fresh_unless_asked_to_be_reproducible():
+    """By default the noise comes from OS entropy: two runs with the same seed get different
+    noise (whoever knows the seed cannot regenerate it); reproducible_noise=True repeats."""
+    data = normal_normal.load_data(num_clients=3)
+
+    def loc(dp):
+        fit = FederatedSVI(normal_normal.model, data, local_steps=1, seed=0, dp=dp)
+        fit.run(1, progress=False)
+        return fit.server.family_params["loc"]
+
+    fresh = DPConfig(clip=5.0, noise_multiplier=1.0)
+    assert not torch.equal(loc(fresh), loc(fresh))
+    fixed = DPConfig(clip=5.0, noise_multiplier=1.0, reproducible_noise=True)
+    assert torch.equal(loc(fixed), loc(fixed))
+
+
+def test_a_reply_with_a_wrong_public_count_is_left_out():
+    """Under DP the public 'count' must be 1: a reply claiming more is left out with a
+    ClientFailureWarning naming the client (it never enters the stale pool)."""
+    from hbfl_pyro import ClientFailureWarning
+
+    def tamper(direction, client, message):
+        if direction == "up" and client == "client01":
+            message["stats"]["count"] = message["stats"]["count"] * 2
+
+    data = normal_normal.load_data(num_clients=3)
+    dp = DPConfig(clip=5.0, noise_multiplier=1.0)
+    fit = FederatedSVI(normal_normal.model, data, local_steps=1, dp=dp, on_message=tamper)
+    with pytest.warns(ClientFailureWarning, match="client01.*public 'count' is not 1"):
+        fit.run(1, progress=False)
+    assert "client01" not in fit.server.stale and len(fit.server.stale) == 2
