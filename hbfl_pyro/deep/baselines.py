@@ -129,6 +129,8 @@ class FedProx(FederatedTrainer):
         **kwargs,
     ):
         super().__init__(net, clients, **kwargs)
+        if weighting not in ("size", "equal"):
+            raise ValueError(f"weighting must be 'size' or 'equal', got {weighting!r}")
         self.mu, self.weighting = float(mu), weighting
         self.weights = self.init.clone()
 

@@ -2,9 +2,12 @@
 global model, of personalised models and of held-out ("new") clients.
 
 - **global**: the global weights (FedHB: ``m0``, method.md §7) on the balanced global test;
-- **personalised**: every training client fine-tunes from the global weights on its own
-  train split, with its method's penalty (FedHB: the learned prox under the final
-  ``q(phi)``), and is scored on its own test split; scores pool all clients' test images;
+- **personalised**: every training client fine-tunes on its own train split from where the
+  method's ``finetune`` starts it (the global weights; FedHB ``start="own"``: its own
+  ``m_i``; the mixture: its best centre), with the method's own personal objective (FedHB:
+  the learned prox under the final ``q(phi)``; Ditto: its lambda prox; Per-FedAvg: plain
+  SGD at its step alpha; pFedBayes: its ELBO), and is scored on its own test split; scores
+  pool all clients' test images;
 - **new clients**: the same for clients never seen in training;
 - NLL is the mean negative log-likelihood; ECE uses 15 equal-width confidence bins.
 """

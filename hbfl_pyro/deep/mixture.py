@@ -377,10 +377,10 @@ class FedHBMixture(FederatedTrainer):
         return self.alpha / self.alpha.sum()
 
     def global_weights(self) -> torch.Tensor:
-        """The centre of the component with the largest ``E_q[pi_k]`` (a single network,
-        for code that needs one; the mixture's own global prediction is
-        :meth:`predict_proba`)."""
-        return self.params[int(self.mixing_weights().argmax())]["m0"]
+        """The centre of the component that holds the most clients (largest ``alpha_k``,
+        also under ``mixing="uniform"``, whose ``E[pi]`` is flat): a single network, for
+        code that needs one; the mixture's own global prediction is :meth:`predict_proba`."""
+        return self.params[int(self.alpha.argmax())]["m0"]
 
     def prox_weights(self) -> List[float]:
         """Each component's prox weight, mean over coordinates (summed-NLL scale)."""
