@@ -312,13 +312,16 @@ class PerFedAvg(FederatedTrainer):
         x, y = _pad_stack([d[0] for d in data]), _pad_stack([d[1] for d in data])
         num_steps = max(len(g) for g in groups)
         width = max(len(b) for g in groups for s in g for b in s)
-        index = torch.zeros((num_steps, k, count, width), dtype=torch.long, device=device)
-        mask = torch.zeros((num_steps, k, count, width), dtype=dtype, device=device)
+        # Built on the host and moved once (as in local.train_vmap): one small copy per
+        # (step, batch, client) would dominate a GPU round.
+        index = torch.zeros((num_steps, k, count, width), dtype=torch.long)
+        mask = torch.zeros((num_steps, k, count, width), dtype=dtype)
         for c, steps in enumerate(groups):
             for s, batches in enumerate(steps):
                 for j, b in enumerate(batches):
                     index[s, j, c, : len(b)] = b
                     mask[s, j, c, : len(b)] = 1.0
+        index, mask = index.to(device), mask.to(device)
         active = mask[:, 0].amax(-1) > 0
         batched = vmap(step)
         theta = starts.detach().clone()
