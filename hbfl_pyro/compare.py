@@ -553,6 +553,12 @@ def _predictive(model, batch, sites, num_samples, seed, chunk=500, **kwargs):
 
 
 # ---------------------------------------------------------------------------- entry point
+def _per_sd(value: float, sd: float) -> float:
+    """``value / sd``; NaN where the reference does not vary (e.g. the fixed diagonal of a
+    Cholesky factor of a correlation matrix), which the statistics then leave out."""
+    return value / sd if sd > 0 else float("nan")
+
+
 def compare_pooled(
     fit,
     *,
@@ -746,12 +752,13 @@ def compare_pooled(
             mean_ref, sd_ref = moments[ref_name].get(key, (nan, nan))
             for m in methods:
                 if m != ref_name:
-                    row[f"{m}_z"] = (row[f"{m}_mean"] - mean_ref) / sd_ref
-                    row[f"{m}_sd_ratio"] = row[f"{m}_sd"] / sd_ref
+                    row[f"{m}_z"] = _per_sd(row[f"{m}_mean"] - mean_ref, sd_ref)
+                    row[f"{m}_sd_ratio"] = _per_sd(row[f"{m}_sd"], sd_ref)
         if POOLED_SVI in methods:
             sd = row[f"{POOLED_SVI}_sd"]
-            row["fed_vs_pooled_z"] = (row[f"{FEDERATED}_mean"] - row[f"{POOLED_SVI}_mean"]) / sd
-            row["fed_vs_pooled_sd_ratio"] = row[f"{FEDERATED}_sd"] / sd
+            diff = row[f"{FEDERATED}_mean"] - row[f"{POOLED_SVI}_mean"]
+            row["fed_vs_pooled_z"] = _per_sd(diff, sd)
+            row["fed_vs_pooled_sd_ratio"] = _per_sd(row[f"{FEDERATED}_sd"], sd)
         rows.append(row)
     return Comparison(
         rows=rows,

@@ -176,3 +176,18 @@ def test_cli_compare_pooled_writes_its_files(tmp_path, capsys):
     assert header[:5] == ["site", "client", "index", "federated_mean", "federated_sd"]
     assert "nuts_z" not in header and "federated_z" in header  # NUTS is the reference
     assert "fed − pooled" in capsys.readouterr().out
+
+
+def test_a_constant_reference_element_gets_no_z():
+    """An element the reference holds fixed (sd 0, e.g. the unit diagonal of an LKJ
+    Cholesky factor) gets z = NaN and sd ratio NaN, left out of the statistics, instead of
+    a division by zero."""
+    fit = FederatedSVI(normal_normal.model, normal_normal.load_data(num_clients=3), seed=0)
+    fit.run(2, progress=False)
+    reference = {"mu": {"mean": 0.0, "sd": 0.0}, "theta": {"mean": [0.0] * 3, "sd": [1.0] * 3}}
+    c = compare_pooled(fit, svi=False, nuts=False, reference=reference, num_samples=200)
+    mu = next(r for r in c.rows if r["site"] == "mu")
+    assert math.isnan(mu["federated_z"]) and math.isnan(mu["federated_sd_ratio"])
+    stats = c.stats()
+    assert "federated global" not in stats  # no finite z among the global rows
+    assert stats["federated local"]["n"] == 3
