@@ -69,8 +69,10 @@ the decoded *sum* of element ``j`` (bound ``b_j``) from the true sum by less tha
 ``n Q < M`` (and ``Q < 2^31``, the int32 of the rounding): ``Q = min(2^31 - 1, (M - 1) //
 n)`` (:func:`quantization_range`). With Flower's default ``M = 2^32`` and 10 clients,
 ``Q = 429,496,729`` and the sum's error is below ``4.7e-8 b``. For the Normal–Normal
-family ``loc = (mu0/s0^2 + S/tau^2) / (1/s0^2 + N/tau^2)``, so the error of ``loc`` is at
-most ``|dS| / N`` and that of ``scale`` is zero.
+family ``loc = (mu0/s0^2 + S/tau^2) / (1/s0^2 + N/tau^2)``, with ``S`` the sum scaled to
+the ``N`` clients (``N/n`` times the secure sum of the round's ``n`` clients), so the error
+of ``loc`` is at most ``|dS| / N`` in the scaled sum, i.e. ``|dS_secure| / n``, and that of
+``scale`` is zero.
 """
 
 from __future__ import annotations
