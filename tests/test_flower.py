@@ -67,7 +67,8 @@ def in_process(spec, options, rounds, names=None, fail=None):
     data = mf.load_data()
     if names is not None:
         data = {n: data[n] for n in names}
-    fit = FederatedSVI(mf.model, data, **{**mf.options, **options})
+    # Decays the file states over the run are spread over the rounds run, as Flower does.
+    fit = FederatedSVI(mf.model, data, **{**mf.options_for(rounds), **options})
     if fail is not None:
         for name, client in fit.clients.items():
             client.update = _failing(client.update, name, fail)
