@@ -16,7 +16,8 @@ Two tasks, both using the learned global factor ``q(phi)`` as the population's k
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Mapping, Optional
+from functools import partial
+from typing import Any, Dict, Mapping, Optional
 
 import pyro
 import torch
@@ -29,7 +30,7 @@ from .elbo import with_particles
 from .guides import private_params
 from .seeding import derive_seed, seeded
 from .structure import ModelStructure
-from .summary import _pad_batch
+from .summary import _pad_batch, deterministic_samples
 
 
 def _new_client_data(fit, data: Mapping) -> Dict[str, torch.Tensor]:
@@ -141,31 +142,49 @@ class Personalised:
     :ivar client: the client (its ``local_guide`` is ``q(theta_new)``).
     :ivar structure: the model's site roles.
     :ivar elbo: the client's ELBO term after fitting (a Monte Carlo estimate).
+    :ivar fit: the federation whose ``q(phi)`` the draws are paired with.
     """
 
     name: str
     client: Client
     structure: ModelStructure
     elbo: float
+    fit: Any = None
 
     def sample(self, num_samples: int = 1000, seed: int = 0) -> Dict[str, torch.Tensor]:
-        """Draws of ``q(theta_new)``: ``{site: (num_samples, *shape)}`` (clients axis removed).
+        """Joint draws of ``q(phi) q(theta_new)``, reported for the new client: its local
+        sites and the model's deterministic sites computed from them (e.g. ``theta = mu +
+        tau * theta_trans`` of a non-centred model): ``{site: (num_samples, *shape)}``
+        (clients axis removed). A structured ``q(theta_new | phi)`` draws conditionally on
+        the paired ``phi``.
 
         Example::
 
             >>> personal.sample(500)["theta"].shape  # doctest: +SKIP
             torch.Size([500])
         """
-        from .svi import _draw
+        from .svi import _draw, _particle_shaped
 
+        guide = self.client.local_guide
         with seeded(seed):
-            return _draw(
-                self.client.local_guide,
-                self.client._batch,
-                self.structure,
-                num_samples,
-                self.structure.plate,
+            global_draws = self.fit.global_samples(num_samples)
+            if getattr(guide, "needs_globals", False):
+                values = {
+                    n: _particle_shaped(v, n, self.structure) for n, v in global_draws.items()
+                }
+                guide = partial(guide, globals=values)
+            draws = _draw(
+                guide, self.client._batch, self.structure, num_samples, self.structure.plate
             )
+        if self.structure.deterministic_sites:
+            local = {site: v.unsqueeze(1) for site, v in draws.items()}
+            found = deterministic_samples(
+                self.fit.model, {self.name: self.client._batch}, global_draws, local, self.structure
+            )
+            for site, per_client in found.items():
+                if self.name in per_client:  # sites inside the clients plate only
+                    draws[site] = per_client[self.name]
+        return draws
 
 
 def personalise(
@@ -263,7 +282,7 @@ def personalise(
     client.update(message)
     with seeded(derive_seed(seed, "personalise-elbo", name)):
         elbo = client.elbo(message, num_particles=256)
-    return Personalised(name, client, fit.structure, elbo)
+    return Personalised(name, client, fit.structure, elbo, fit)
 
 
 __all__ = ["Personalised", "new_client_predictive", "personalise"]

@@ -201,7 +201,8 @@ for label, m, t in (("non-centred", mu_draws, tau_draws), ("centred", mu_c, tau_
 # If the new school has an estimate of its own (say `y` = 20 ± 10), `personalise` fits its
 # `q(theta_new)` exactly as a federated client would in a round, with `q(mu, tau)` as the
 # prior, and sends nothing back: the federation is unchanged. Its factor is over the local
-# site `theta_trans`; the effect `theta` follows from the model's own formula.
+# site `theta_trans`; `sample` pairs it with draws of `q(mu, tau)` and also returns the
+# model's deterministic effect `theta = mu + tau * theta_trans`.
 
 # %%
 new = new_client_predictive(
@@ -215,10 +216,7 @@ NEW_Y, NEW_SIGMA = 20.0, 10.0
 mine = personalise(
     fit, {"y": torch.tensor(NEW_Y), "sigma": torch.tensor(NEW_SIGMA)}, steps=500, lr=0.05
 )
-# The personalised factor is over the local site theta_trans; the school's effect
-# theta = mu + tau * theta_trans pairs it with draws of q(mu, tau) (mean-field: independent).
-theta_trans_mine = mine.sample(NUM_DRAWS, seed=2)["theta_trans"]
-theta_mine = mu_draws + tau_draws * theta_trans_mine
+theta_mine = mine.sample(NUM_DRAWS, seed=2)["theta"]  # joint draws of q(mu, tau) q(theta_new)
 print(
     f"personalised (y = {NEW_Y:g} ± {NEW_SIGMA:g}): theta = {theta_mine.mean():.2f} "
     f"± {theta_mine.std():.2f}  (shrunk from {NEW_Y:g} towards mu ≈ {mu_draws.mean():.1f})"

@@ -11,6 +11,7 @@ import torch
 from hbfl_pyro import FederatedSVI
 from hbfl_pyro.guides import local_moments
 from hbfl_pyro.predict import new_client_predictive, personalise
+from hbfl_pyro.seeding import seeded
 
 # A new client's data, far from the population mean (float64: built at import, before
 # conftest.py sets the default dtype).
@@ -97,6 +98,12 @@ def test_gradient_mode_eight_schools_new_school():
     assert _state_bytes(fit) == before
     assert math.isfinite(personal.elbo)
     assert personal.sample(10)["theta_trans"].shape == (10,)
+    # The deterministic theta = mu + tau * theta_trans comes with the local draws, computed
+    # from the same joint draw of q(phi) q(theta_new): recomputed here by hand.
+    joint = personal.sample(200, seed=1)
+    with seeded(1):
+        phi = fit.global_samples(200)
+    assert torch.allclose(joint["theta"], phi["mu"] + phi["tau"] * joint["theta_trans"])
     # Same seed, same result; the guide starts from the autoguide's own initialisation.
     again = personalise(fit, new_school, steps=50, lr=0.05, seed=0, name="I")
     assert torch.equal(
