@@ -295,6 +295,18 @@ class FederatedTrainer:
             self.step()
         return self.history
 
+    def finetune_plan(
+        self, data: Sequence[ClientLike], epochs: int, tag: str, **spec_changes
+    ) -> Tuple[LocalSpec, List[Tuple[torch.Tensor, torch.Tensor]], List]:
+        """What every method's :meth:`finetune` shares: the local spec run for ``epochs``
+        epochs (with ``spec_changes``, e.g. another ``lr``), ``data`` on the network's
+        device, and each client's minibatches, seeded by ``(seed, tag, client)`` so that
+        every method fine-tunes on the same batches."""
+        spec = LocalSpec(**{**self.local.__dict__, "epochs": epochs, **spec_changes})
+        data = self.prepare(data)
+        sizes = [len(y) for _, y in data]
+        return spec, data, schedules_for(sizes, spec, self.seed, tag, range(len(data)))
+
     def finetune(
         self,
         data: Sequence[ClientLike],
@@ -310,10 +322,7 @@ class FederatedTrainer:
             ``None`` for new clients.
         :returns: the personalised vectors ``(C, d)``.
         """
-        spec = LocalSpec(**{**self.local.__dict__, "epochs": epochs})
-        data = self.prepare(data)
-        sizes = [len(y) for _, y in data]
-        schedules = schedules_for(sizes, spec, self.seed, tag, range(len(data)))
+        spec, data, schedules = self.finetune_plan(data, epochs, tag)
         starts = self.global_weights() if clients is None else self.starts(list(clients))
         return self.train(starts, data, schedules, self.penalty(), spec)
 

@@ -550,10 +550,7 @@ class FedHBMixture(FederatedTrainer):
 
         :returns: the personalised vectors ``(C, d)``.
         """
-        spec = LocalSpec(**{**self.local.__dict__, "epochs": epochs})
-        data = self.prepare(data)
-        sizes = [len(y) for _, y in data]
-        schedules = schedules_for(sizes, spec, self.seed, tag, range(len(data)))
+        spec, data, schedules = self.finetune_plan(data, epochs, tag)
         thetas = self.train(self.client_starts(data), data, schedules, self.penalty(), spec)
         self.finetune_resp = self.responsibilities(thetas)
         return thetas

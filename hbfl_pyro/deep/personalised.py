@@ -164,10 +164,7 @@ class Ditto(FederatedTrainer):
     ) -> torch.Tensor:
         """Personalise by Ditto's personal objective: start at ``w``, train ``epochs``
         epochs with ``lambda/2 ||v - w||^2`` (the shared protocol, see the module doc)."""
-        spec = LocalSpec(**{**self.local.__dict__, "epochs": epochs})
-        data = self.prepare(data)
-        sizes = [len(y) for _, y in data]
-        schedules = schedules_for(sizes, spec, self.seed, tag, range(len(data)))
+        spec, data, schedules = self.finetune_plan(data, epochs, tag)
         starts = self.weights if clients is None else self.starts(list(clients))
         return self.train(starts, data, schedules, self.personal_penalty(), spec)
 
@@ -343,10 +340,7 @@ class PerFedAvg(FederatedTrainer):
         clients: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         """Personalise: plain SGD at ``alpha`` from the global model (see the class doc)."""
-        spec = LocalSpec(**{**self.local.__dict__, "epochs": epochs, "lr": self.alpha})
-        data = self.prepare(data)
-        sizes = [len(y) for _, y in data]
-        schedules = schedules_for(sizes, spec, self.seed, tag, range(len(data)))
+        spec, data, schedules = self.finetune_plan(data, epochs, tag, lr=self.alpha)
         if self.adapt_steps is not None:
             schedules = [s[: self.adapt_steps] for s in schedules]
         starts = self.weights if clients is None else self.starts(list(clients))
@@ -619,10 +613,7 @@ class PFedBayes(FederatedTrainer):
     ) -> torch.Tensor:
         """Personalise: each client starts ``q_i = z`` and takes the personal steps for
         ``epochs`` epochs with ``z`` as the fixed prior (see the module doc)."""
-        spec = LocalSpec(**{**self.local.__dict__, "epochs": epochs})
-        data = self.prepare(data)
-        sizes = [len(y) for _, y in data]
-        schedules = schedules_for(sizes, spec, self.seed, tag, range(len(data)))
+        spec, data, schedules = self.finetune_plan(data, epochs, tag)
         starts = self.weights if clients is None else self.starts(list(clients))
         starts = starts.expand(len(data), -1) if starts.dim() == 1 else starts
         out = [
