@@ -519,12 +519,21 @@ def run_server(grid, config: Mapping) -> Dict:
             record["failed"],
         )
     result = _result(spec, fit, names, nodes, strategy, setup)
-    if spec.config["collect-local"]:
+    return finish_run(grid, spec, fit, nodes, result)
+
+
+def finish_run(grid, spec: AppSpec, fit, nodes: Dict[str, int], result: Dict) -> Dict:
+    """The end of a server run (plain or SecAgg+): collect the clients' local states when
+    the run config asks (``collect-local``), summarise ``q(phi)``, write ``out-dir``."""
+    config = spec.config
+    if flag(config["collect-local"]):
+        timeout, poll = float(config["round-timeout"]), float(config["poll-interval"])
         answers, errors = _query(grid, list(nodes.values()), "report", timeout, poll)
         for why in errors.values():
             logger.warning("hbfl: a client did not report its local state: %s", why)
         result["clients"] = {a["name"]: a["state"] for a in answers.values()}
     result["global"] = _global_summary(fit)
+    out = str(config["out-dir"])
     if out:
         write_result(result, out)
     return result

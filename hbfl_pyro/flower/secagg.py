@@ -573,15 +573,13 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
     from flwr.server.workflow import SecAggPlusWorkflow
 
     from .apps import (
-        _global_summary,
-        _query,
         _result,
         _write_history,
         build_server,
         discover_clients,
+        finish_run,
         load_spec,
         logger,
-        write_result,
     )
 
     spec = load_spec(config)
@@ -711,15 +709,7 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
         "elbo_bound": elbo_bound,
         "clients_per_round": per_round,
     }
-    if flag(cfg["collect-local"]):
-        answers, errs = _query(grid, list(nodes.values()), "report", timeout, poll)
-        for why in errs.values():
-            logger.warning("hbfl: a client did not report its local state: %s", why)
-        result["clients"] = {a["name"]: a["state"] for a in answers.values()}
-    result["global"] = _global_summary(fit)
-    if out:
-        write_result(result, out)
-    return result
+    return finish_run(grid, spec, fit, nodes, result)
 
 
 __all__ = [
