@@ -8,11 +8,14 @@ min/max sd ratio over the global and over the local parameters against the refer
 Normal–Normal, else a NUTS run), federated vs pooled-VI max ``|z|`` (in pooled sd), wall
 times (federated, pooled SVI, NUTS) and the ELBOs.
 
-Guides: ``mean-field`` (AutoNormal x AutoNormal), ``structured`` (AutoNormal x
-StructuredLocalNormal), ``full-rank`` (AutoMultivariateNormal x AutoNormal), ``low-rank``
+Guides: the named families of :func:`hbfl_pyro.guides.guide_family`: ``mean-field``
+(AutoNormal x AutoNormal), ``structured`` (AutoNormal x StructuredLocalNormal),
+``full-rank`` (AutoMultivariateNormal x AutoNormal), ``low-rank``
 (AutoLowRankMultivariateNormal x AutoNormal), ``full+struct`` (AutoMultivariateNormal x
-StructuredLocalNormal). Targets (issue 4): every mean within 0.25 sd of the reference and
-sd ratios in [0.8, 1.2] with the best guide; federated vs pooled VI within 0.05 sd.
+StructuredLocalNormal); each fitted with its model file's settings for that family
+(``guide_options``, else ``fit_options``). Targets (issue 4): every mean within 0.25 sd
+of the reference and sd ratios in [0.8, 1.2] with the best guide; federated vs pooled VI
+within 0.05 sd.
 
 Usage::
 
@@ -42,27 +45,16 @@ import radon  # noqa: E402
 import seeds  # noqa: E402
 import sleepstudy  # noqa: E402
 import surgical  # noqa: E402
-from pyro.infer.autoguide import (  # noqa: E402
-    AutoLowRankMultivariateNormal,
-    AutoMultivariateNormal,
-    AutoNormal,
-)
 
-from hbfl_pyro import FederatedSVI, StructuredLocalNormal  # noqa: E402
+from hbfl_pyro import FederatedSVI  # noqa: E402
 from hbfl_pyro.compare import compare_pooled  # noqa: E402
-from hbfl_pyro.modelfile import fit_settings  # noqa: E402
+from hbfl_pyro.guides import GUIDE_FAMILIES  # noqa: E402
+from hbfl_pyro.modelfile import fit_settings, load_model_file  # noqa: E402
 
-GUIDES = {
-    "mean-field": (AutoNormal, AutoNormal),
-    "structured": (AutoNormal, StructuredLocalNormal),
-    "full-rank": (AutoMultivariateNormal, AutoNormal),
-    "low-rank": (AutoLowRankMultivariateNormal, AutoNormal),
-    "full+struct": (AutoMultivariateNormal, StructuredLocalNormal),
-}
+GUIDES = list(GUIDE_FAMILIES)
 
-# Gradient-mode settings for Normal–Normal's non-mean-field guides (those of eight schools);
-# its mean-field fit uses the closed-form server with tests/test_closed_form.py's settings.
-_GRADIENT = dict(eight_schools.fit_options)
+# Normal–Normal's mean-field fit uses the closed-form server with the settings of
+# tests/test_closed_form.py; its other guide families, its file's guide_options.
 _CLOSED = {
     "rounds": 12,
     "local_steps": 100,
@@ -101,13 +93,11 @@ QUICK = ["eight_schools noncentered"]
 
 
 def _fit(module, attribute, guide_name, seed):
-    global_guide, local_guide = GUIDES[guide_name]
-    if module is normal_normal:
-        options, rounds = fit_settings(_CLOSED if guide_name == "mean-field" else _GRADIENT)
-    else:
-        options, rounds = fit_settings(module.fit_options)
-    if guide_name != "mean-field":
-        options.update(global_guide=global_guide, local_guide=local_guide, server="gradient")
+    if module is normal_normal and guide_name == "mean-field":
+        options, rounds = fit_settings(_CLOSED)
+    else:  # the model file's settings for this guide family (its guide_options)
+        spec = load_model_file(f"{module.__file__}:{attribute}", guide=guide_name)
+        options, rounds = spec.options, spec.rounds
     fit = FederatedSVI(getattr(module, attribute), module.load_data(), seed=seed, **options)
     fit.run(rounds, progress=False)
     return fit
@@ -127,7 +117,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="eight schools only, all guides")
     parser.add_argument("--models", nargs="*", choices=list(MODELS), help="default: all")
-    parser.add_argument("--guides", nargs="*", choices=list(GUIDES), default=list(GUIDES))
+    parser.add_argument("--guides", nargs="*", choices=GUIDES, default=GUIDES)
     parser.add_argument("--pooled-steps", type=int, default=3000)
     parser.add_argument("--nuts-warmup", type=int, default=500)
     parser.add_argument("--nuts-samples", type=int, default=1000)
@@ -197,8 +187,8 @@ def main(argv=None):
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=1))
     print(
-        f"\nfederated: each model file's fit_options (seed {args.seed}); pooled SVI: "
-        f"{args.pooled_steps} steps, 16 particles, lr 0.05 decayed 100-fold; NUTS (no "
+        f"\nfederated: each model file's settings for the guide family (seed {args.seed}); "
+        f"pooled SVI: {args.pooled_steps} steps, 16 particles, lr 0.05 decayed 100-fold; NUTS (no "
         f"external reference): {args.nuts_warmup} warm-up + {args.nuts_samples} draws, one "
         f"chain; {args.draws} draws per VI method. Wall times on this machine "
         f"(torch {torch.__version__}, 1 thread). {time.strftime('%Y-%m-%d %H:%M')}"

@@ -100,6 +100,7 @@ def _svi_defaults() -> Dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     """The ``hbfl`` argument parser (one sub-command, ``fit``)."""
     from . import __version__
+    from .guides import GUIDE_FAMILIES
 
     d = _svi_defaults()
 
@@ -167,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="G",
         help="per-round multiplicative decay of the server step size, gradient mode only "
         f"(default: {d['lr_decay']:g})",
+    )
+    fit.add_argument(
+        "--guide",
+        choices=tuple(GUIDE_FAMILIES),
+        help="variational family: mean-field (AutoNormal for q(phi) and each q_i), "
+        "structured (q_i(theta_i | phi), StructuredLocalNormal), full-rank / low-rank "
+        "(correlated q(phi)) or full+struct; all but mean-field use the gradient server. "
+        "The model file's guide_options[FAMILY] override its fit_options (default: the "
+        "file's own guides)",
     )
     fit.add_argument(
         "--server",
@@ -379,7 +389,7 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
     pyro.set_rng_seed(args.seed)
     user_errors = (ModelFileError, DataValidationError, ModelStructureError, GuideError)
     try:
-        spec = load_model_file(args.model_file)
+        spec = load_model_file(args.model_file, guide=args.guide)
         data = spec.load_data()
         if not isinstance(data, (Mapping, list, tuple)):
             raise ModelFileError(
@@ -418,6 +428,7 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
         ("model file", spec.label),
         ("clients", str(len(fit.data))),
         ("sites", _sites_line(fit.structure)),
+        ("guide", args.guide or "the model file's"),
         ("server", mode),
         ("rounds", str(rounds)),
         ("seed", str(args.seed)),
@@ -437,7 +448,9 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
             raise UsageError(str(exc)) from exc
         from .flower.simulation import fit_in_simulation
 
-        run_config = {"secagg": True} if args.secagg else None
+        run_config = {"secagg": True} if args.secagg else {}
+        if args.guide is not None:
+            run_config["guide"] = args.guide
         try:
             rescaled = {k: file_options[k] for k in spec.decay_over_run}
             fit_in_simulation(

@@ -39,14 +39,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import MCMC, NUTS, Predictive, Trace_ELBO
+from pyro.infer import MCMC, NUTS, Predictive
 from pyro.infer.autoguide import AutoGuide, AutoNormal
-from pyro.optim.clipped_adam import ClippedAdam as TorchClippedAdam
 from pyro.poutine.util import site_is_subsample
-from tqdm.auto import tqdm
 
 from .guides import build_global_guide, build_local_guide, private_params
-from .pooled import pooled_elbo
+from .pooled import pooled_elbo, svi_steps
 from .seeding import derive_seed, seeded
 from .summary import _drop_broadcast_dims, _index, deterministic_samples
 
@@ -508,30 +506,6 @@ def pooled_guide(fit, global_guide=None, local_guide=None) -> JointGuide:
         return JointGuide(g, q)
 
 
-def _fit_svi(model, guide, batch, steps, lr, lr_decay, num_particles, seed, progress):
-    """Pooled SVI: ``Trace_ELBO`` and ClippedAdam as :func:`~hbfl_pyro.pooled.fit_pooled_svi`.
-
-    The optimiser steps the guide modules' own parameters (module-local, as everywhere in
-    this library): Pyro's ``SVI`` collects parameters from the param store's view, which
-    misses plain ``nn.Parameter`` attributes such as ``AutoMultivariateNormal.loc``.
-    """
-    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
-    losses = []
-    with private_params(), seeded(seed):
-        params = [p for m in (guide.global_guide, guide.local_guide) for p in m.parameters()]
-        optim = TorchClippedAdam(params, lr=lr, lrd=lr_decay ** (1.0 / max(steps, 1)))
-        bar = tqdm(range(steps), disable=not progress, desc="pooled SVI", unit="step")
-        for step in bar:
-            optim.zero_grad()
-            loss = elbo.differentiable_loss(model, guide, batch)
-            loss.backward()
-            optim.step()
-            losses.append(loss.item())
-            if step % 50 == 0:
-                bar.set_postfix(elbo=f"{-losses[-1]:.3f}")
-    return losses
-
-
 def _predictive(model, batch, sites, num_samples, seed, chunk=500, **kwargs):
     """Predictive draws of ``sites``, ``chunk`` draws at a time: Predictive also draws the
     observed sites, ``(draws, *data shape)``, which would not fit in memory all at once."""
@@ -665,16 +639,17 @@ def compare_pooled(
     if svi_settings is not None:
         guide = pooled_guide(fit, global_guide, local_guide)
         start = time.perf_counter()
-        _fit_svi(
+        svi_steps(
             model,
             guide,
+            [p for m in (guide.global_guide, guide.local_guide) for p in m.parameters()],
             batch,
-            svi_settings["steps"],
-            svi_settings["lr"],
-            svi_settings["lr_decay"],
-            svi_settings["num_particles"],
-            derive_seed(seed, "pooled svi"),
-            progress,
+            steps=svi_settings["steps"],
+            lr=svi_settings["lr"],
+            lr_decay=svi_settings["lr_decay"],
+            num_particles=svi_settings["num_particles"],
+            seed=derive_seed(seed, "pooled svi"),
+            progress=progress,
         )
         timings[POOLED_SVI] = time.perf_counter() - start
         samples = _predictive(

@@ -22,12 +22,55 @@ from typing import Callable, Dict, Tuple
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoGuide,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 from pyro.nn import PyroModule
 from pyro.poutine.util import site_is_subsample
 
 from .data import num_clients
 from .structure import ModelStructure
+from .structured import StructuredLocalNormal
+
+#: Named guide families: ``name -> (global guide, local guide)``. Every family but
+#: ``"mean-field"`` needs the gradient server (no closed-form family matches them).
+GUIDE_FAMILIES = {
+    "mean-field": (AutoNormal, AutoNormal),
+    "structured": (AutoNormal, StructuredLocalNormal),
+    "full-rank": (AutoMultivariateNormal, AutoNormal),
+    "low-rank": (AutoLowRankMultivariateNormal, AutoNormal),
+    "full+struct": (AutoMultivariateNormal, StructuredLocalNormal),
+}
+
+
+def guide_family(name: str) -> Dict[str, object]:
+    """The :class:`~hbfl_pyro.FederatedSVI` keywords of a named guide family.
+
+    ``"mean-field"`` is ``AutoNormal`` for ``q(phi)`` and for each ``q_i(theta_i)`` (with
+    whichever server the caller chooses); ``"structured"`` swaps the local factor for
+    :class:`~hbfl_pyro.StructuredLocalNormal`, ``q_i(theta_i | phi)``; ``"full-rank"`` and
+    ``"low-rank"`` correlate the globals (``AutoMultivariateNormal``,
+    ``AutoLowRankMultivariateNormal``); ``"full+struct"`` does both. Those four set
+    ``server="gradient"``.
+
+    Example::
+
+        >>> sorted(guide_family("structured"))
+        ['global_guide', 'local_guide', 'server']
+    """
+    if name not in GUIDE_FAMILIES:
+        raise GuideError(
+            f"unknown guide family {name!r}; choose one of {', '.join(GUIDE_FAMILIES)}"
+        )
+    global_guide, local_guide = GUIDE_FAMILIES[name]
+    options: Dict[str, object] = {"global_guide": global_guide, "local_guide": local_guide}
+    if name != "mean-field":
+        options["server"] = "gradient"
+    return options
 
 
 @contextmanager
@@ -100,9 +143,7 @@ def _own_copy(guide, role: str) -> PyroModule:
     """A private deep copy of a user's guide module, usable with module-local parameters.
 
     The copy keeps the user's object untouched (training never changes it, so a second
-    run with the same arguments starts from the same state). A ``PyroModule`` built
-    outside ``module_local_params=True`` lacks the private parameter state Pyro needs in
-    that mode; it is added here.
+    run with the same arguments starts from the same state).
     """
     if not isinstance(guide, PyroModule):
         raise GuideError(
@@ -110,7 +151,15 @@ def _own_copy(guide, role: str) -> PyroModule:
             f"pyro.nn.PyroModule taking the model's arguments, got {type(guide).__name__} "
             f"{guide!r}; wrap a guide function in a PyroModule"
         )
-    guide = copy.deepcopy(guide)
+    return with_private_state(copy.deepcopy(guide))
+
+
+def with_private_state(guide: PyroModule) -> PyroModule:
+    """``guide`` itself, made usable with module-local parameters (:func:`private_params`).
+
+    A ``PyroModule`` built outside ``module_local_params=True`` lacks the private parameter
+    state Pyro needs in that mode; it is added here (to every submodule).
+    """
     for module in guide.modules():
         context = getattr(module, "_pyro_context", None)
         if context is not None and not hasattr(context, "param_state"):

@@ -14,6 +14,11 @@ The protocol (what ``hbfl fit`` reads):
   ``lr_decay`` / ``local_lr_decay`` it may state ``lr_decay_over_run`` /
   ``local_lr_decay_over_run``: the factor by which the step size falls over the whole run,
   spread over however many rounds are run (``hbfl fit --rounds`` keeps the schedule's shape).
+* ``guide_options`` -- optional: ``{family: dict}``, settings for a named guide family
+  (:data:`~hbfl_pyro.guides.GUIDE_FAMILIES`: ``"structured"``, ``"full-rank"``, ...) that
+  override entries of ``fit_options`` when that family is chosen (``hbfl fit --guide
+  structured``; ``load_model_file(..., guide="structured")``). Richer guides usually need
+  more rounds or smaller server steps than the mean-field settings.
 
 The file is imported by path (it need not be on ``sys.path`` nor be part of a package);
 its own directory is on ``sys.path`` only while it is imported, so it can import helper
@@ -57,6 +62,7 @@ class ModelFile:
     :ivar rounds: ``fit_options["rounds"]`` if given, else ``None``.
     :ivar decay_over_run: ``{"lr_decay": total, ...}`` for the decays stated over the whole
         run; :attr:`options` holds them as per-round factors for :attr:`rounds` rounds.
+    :ivar guide: the guide family chosen when loading, if any.
     """
 
     path: Path
@@ -67,6 +73,7 @@ class ModelFile:
     options: Dict[str, Any] = field(default_factory=dict)
     rounds: Optional[int] = None
     decay_over_run: Dict[str, float] = field(default_factory=dict)
+    guide: Optional[str] = None
 
     def options_for(self, rounds: int) -> Dict[str, Any]:
         """:attr:`options` with the decays stated over the run spread over ``rounds``.
@@ -186,6 +193,55 @@ def fit_settings(
     return options, rounds
 
 
+def _checked_fit_options(path: Path, raw, what: str, fallback_rounds: Optional[int] = None):
+    """``(options, rounds, over_run)`` from a file's ``fit_options``-like dict, checked;
+    decays over the run may rely on ``fallback_rounds`` when the dict gives no rounds."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ModelFileError(
+            f"{path}: {what} must be a dict of FederatedSVI keywords (and 'rounds'), "
+            f"got {type(raw).__name__}"
+        )
+    fit_options = dict(raw or {})
+    rounds = fit_options.pop("rounds", None)
+    try:
+        over_run = _decays_over_run(fit_options, rounds if rounds is not None else fallback_rounds)
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: {what}: {exc}") from exc
+    allowed = _svi_keywords()
+    unknown = sorted(set(fit_options) - set(allowed))
+    if unknown:
+        raise ModelFileError(
+            f"{path}: unknown {what} {unknown}; allowed: 'rounds', "
+            + ", ".join(repr(k) for k in allowed)
+        )
+    if rounds is not None and (
+        isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0
+    ):
+        raise ModelFileError(f"{path}: {what}['rounds'] must be an integer >= 0")
+    return fit_options, rounds, over_run
+
+
+def _family_options(path: Path, guide: str) -> Dict[str, Any]:
+    """The :class:`~hbfl_pyro.FederatedSVI` keywords of the guide family named ``guide``."""
+    from .guides import GuideError, guide_family
+
+    try:
+        return guide_family(guide)
+    except GuideError as exc:
+        raise ModelFileError(f"{path}: {exc}") from exc
+
+
+def _guide_options(path: Path, module: ModuleType) -> Mapping:
+    """The file's ``guide_options`` (``{}`` if it has none), checked to be a mapping."""
+    by_guide = getattr(module, "guide_options", None) or {}
+    if not isinstance(by_guide, Mapping):
+        raise ModelFileError(
+            f"{path}: guide_options must be a dict {{family: fit_options}}, "
+            f"got {type(by_guide).__name__}"
+        )
+    return by_guide
+
+
 def _svi_keywords() -> Tuple[str, ...]:
     from .svi import FederatedSVI
 
@@ -193,11 +249,16 @@ def _svi_keywords() -> Tuple[str, ...]:
     return tuple(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
-def load_model_file(spec: Union[str, os.PathLike], attribute: Optional[str] = None) -> ModelFile:
+def load_model_file(
+    spec: Union[str, os.PathLike], attribute: Optional[str] = None, guide: Optional[str] = None
+) -> ModelFile:
     """Import a model file and check it follows the protocol (module docstring).
 
     :param spec: the file's path, optionally with a ``:NAME`` suffix choosing the model.
     :param attribute: the model's name in the file; overrides a suffix of ``spec``.
+    :param guide: a guide family's name (:func:`~hbfl_pyro.guides.guide_family`): its
+        guides replace the file's, and the file's ``guide_options[guide]`` (if any) its
+        ``fit_options``.
     :returns: a :class:`ModelFile`.
     :raises ModelFileError: if the file is missing, or lacks the model or ``load_data``,
         or its optional attributes have the wrong type; the message says what to add.
@@ -208,6 +269,8 @@ def load_model_file(spec: Union[str, os.PathLike], attribute: Optional[str] = No
         >>> mf = load_model_file("models/eight_schools.py:centered")
         >>> mf.model.__name__, sorted(mf.load_data())[:2], mf.rounds
         ('centered', ['A', 'B'], 300)
+        >>> load_model_file("models/eight_schools.py", guide="structured").rounds
+        800
     """
     path, name = parse_model_spec(spec)
     name = attribute or name
@@ -251,31 +314,24 @@ def load_model_file(spec: Union[str, os.PathLike], attribute: Optional[str] = No
                 f'per_client = ("x",), got {per_client!r}'
             )
         options["per_client"] = tuple(per_client)
-    raw = getattr(module, "fit_options", None)
-    if raw is not None and not isinstance(raw, Mapping):
-        raise ModelFileError(
-            f"{path}: fit_options must be a dict of FederatedSVI keywords (and 'rounds'), "
-            f"got {type(raw).__name__}"
-        )
-    fit_options = dict(raw or {})
-    rounds = fit_options.pop("rounds", None)
-    try:
-        over_run = _decays_over_run(fit_options, rounds)
-    except ValueError as exc:
-        raise ModelFileError(f"{path}: {exc}") from exc
-    allowed = _svi_keywords()
-    unknown = sorted(set(fit_options) - set(allowed))
-    if unknown:
-        raise ModelFileError(
-            f"{path}: unknown fit_options {unknown}; allowed: 'rounds', "
-            + ", ".join(repr(k) for k in allowed)
-        )
+    fit_options, rounds, over_run = _checked_fit_options(
+        path, getattr(module, "fit_options", None), "fit_options"
+    )
     options.update(fit_options)
-    if rounds is not None and (
-        isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0
-    ):
-        raise ModelFileError(f"{path}: fit_options['rounds'] must be an integer >= 0")
-    spec = ModelFile(path, name, module, model, load_data, options, rounds, over_run)
+    if guide is not None:
+        options.update(_family_options(path, guide))
+        extra, extra_rounds, extra_over_run = _checked_fit_options(
+            path, _guide_options(path, module).get(guide), f"guide_options[{guide!r}]", rounds
+        )
+        # The family's settings replace the file's: a decay given per round there drops
+        # the file's decay over the run, and the other way round.
+        for target in set(extra) | set(extra_over_run):
+            over_run.pop(target, None)
+            options.pop(target, None)
+        options.update(extra)
+        over_run.update(extra_over_run)
+        rounds = extra_rounds if extra_rounds is not None else rounds
+    spec = ModelFile(path, name, module, model, load_data, options, rounds, over_run, guide)
     if over_run:
         spec.options = spec.options_for(rounds)
     return spec

@@ -1,20 +1,22 @@
 """The centralised reference: the same model and guide family fitted on pooled data.
 
 This is what federated results are compared with (tests, reports). It uses plain Pyro:
-``SVI`` with ``Trace_ELBO`` on the collated data of every client.
+``Trace_ELBO`` and ClippedAdam on the collated data of every client.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro import poutine
+from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
-from pyro.optim import ClippedAdam
+from pyro.optim.clipped_adam import ClippedAdam
+from tqdm.auto import tqdm
 
 from .data import FederatedData
-from .guides import build_local_guide, private_params
+from .guides import build_local_guide, private_params, with_private_state
 from .seeding import seeded
 
 
@@ -28,13 +30,16 @@ def fit_pooled_svi(
     lr_decay: float = 1.0,
     num_particles: int = 1,
     seed: int = 0,
+    progress: bool = False,
 ) -> Tuple[Callable, List[float]]:
-    """Fit ``model`` to the pooled data of all clients with plain Pyro SVI.
+    """Fit ``model`` to the pooled data of all clients with Pyro's ``Trace_ELBO``.
 
-    :param guide: a guide for the whole model; ``AutoNormal(model)`` by default (the
-        same mean-field family as the federated default).
+    :param guide: a guide module for the whole model (any Pyro autoguide, e.g.
+        ``AutoMultivariateNormal(model)``); ``AutoNormal(model)`` by default (the same
+        mean-field family as the federated default).
     :param lr_decay: total decay of the learning rate over ``steps`` (ClippedAdam's
         per-step ``lrd`` is ``lr_decay ** (1 / steps)``).
+    :param progress: a progress bar (stderr).
     :returns: the fitted guide and the loss history.
 
     Example::
@@ -42,15 +47,59 @@ def fit_pooled_svi(
         >>> # guide, losses = fit_pooled_svi(model, FederatedData(clients), steps=2000)
     """
     batch = data.collate()
-    optim = ClippedAdam({"lr": lr, "lrd": lr_decay ** (1.0 / steps)})
+    with private_params(), seeded(seed):
+        guide = AutoNormal(model) if guide is None else with_private_state(guide)
+        with poutine.block(), torch.no_grad():
+            guide(batch)  # an autoguide creates its parameters on its first call
+    losses = svi_steps(
+        model,
+        guide,
+        list(guide.parameters()),
+        batch,
+        steps=steps,
+        lr=lr,
+        lr_decay=lr_decay,
+        num_particles=num_particles,
+        seed=seed,
+        progress=progress,
+    )
+    return guide, losses
+
+
+def svi_steps(
+    model: Callable,
+    guide: Callable,
+    params: Sequence[torch.nn.Parameter],
+    batch: Dict[str, torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    lr_decay: float = 1.0,
+    num_particles: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+) -> List[float]:
+    """``steps`` steps of ``Trace_ELBO`` with ClippedAdam on the guide's own ``params``.
+
+    The parameters live in the guide modules (module-local, as everywhere in this
+    library) and are stepped directly: Pyro's ``SVI`` collects parameters through the
+    param store's view, which misses plain ``nn.Parameter`` attributes such as
+    ``AutoMultivariateNormal.loc``. ``lr_decay`` is the total decay over the run.
+    """
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
     losses = []
     with private_params(), seeded(seed):
-        guide = AutoNormal(model) if guide is None else guide
-        svi = SVI(model, guide, optim, elbo)
-        for _ in range(steps):
-            losses.append(svi.step(batch))
-    return guide, losses
+        optim = ClippedAdam(params, lr=lr, lrd=lr_decay ** (1.0 / max(steps, 1)))
+        bar = tqdm(range(steps), disable=not progress, desc="pooled SVI", unit="step")
+        for step in bar:
+            optim.zero_grad()
+            loss = elbo.differentiable_loss(model, guide, batch)
+            loss.backward()
+            optim.step()
+            losses.append(loss.item())
+            if step % 50 == 0:
+                bar.set_postfix(elbo=f"{-losses[-1]:.3f}")
+    return losses
 
 
 def pooled_elbo(
@@ -89,4 +138,4 @@ def joint_guide_of(fit) -> Callable:
     return joint
 
 
-__all__ = ["fit_pooled_svi", "joint_guide_of", "pooled_elbo"]
+__all__ = ["fit_pooled_svi", "joint_guide_of", "pooled_elbo", "svi_steps"]

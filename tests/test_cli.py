@@ -34,6 +34,7 @@ FLAGS = [
     "--local-lr",
     "--server-lr",
     "--lr-decay",
+    "--guide",
     "--server",
     "--num-particles",
     "--num-samples",
@@ -456,3 +457,47 @@ def test_decays_stated_over_the_run_follow_the_rounds_run(tmp_path):
     )
     with pytest.raises(ModelFileError, match="both 'lr_decay_over_run' and 'lr_decay'"):
         load_model_file(_write(tmp_path, "bad.py", bad))
+
+
+def test_guide_family_uses_the_files_guide_options(tmp_path, capsys):
+    """``--guide FAMILY`` / ``load_model_file(..., guide=)``: the family's guides, the
+    gradient server, and the file's ``guide_options[FAMILY]`` over its ``fit_options``
+    (a decay over the run there replaces a per-round one of ``fit_options``)."""
+    from pyro.infer.autoguide import AutoMultivariateNormal
+
+    from hbfl_pyro import StructuredLocalNormal
+
+    text = VECTOR_MODEL.replace(
+        '"rounds": 2, "local_steps": 1, "server": "gradient"}',
+        '"rounds": 2, "local_steps": 1, "lr_decay": 0.9}\n'
+        'guide_options = {"structured": {"rounds": 3, "lr_decay_over_run": 0.001},\n'
+        '                 "low-rank": {"lr_decay_over_run": 0.01}}',
+    )
+    path = _write(tmp_path, "families.py", text)
+    plain = load_model_file(path)
+    assert plain.rounds == 2 and "local_guide" not in plain.options
+    structured = load_model_file(path, guide="structured")
+    assert structured.guide == "structured" and structured.rounds == 3
+    assert structured.options["local_guide"] is StructuredLocalNormal
+    assert structured.options["server"] == "gradient"
+    assert structured.options["local_steps"] == 1  # kept from fit_options
+    assert structured.options["lr_decay"] == pytest.approx(0.1, rel=1e-12)  # 0.001 ** (1/3)
+    full_rank = load_model_file(path, guide="full-rank")  # no guide_options: fit_options
+    assert full_rank.rounds == 2 and full_rank.options["lr_decay"] == 0.9
+    assert full_rank.options["global_guide"] is AutoMultivariateNormal
+    with pytest.raises(ModelFileError, match="unknown guide family 'flow'"):
+        load_model_file(path, guide="flow")
+    low_rank = load_model_file(path, guide="low-rank")  # a decay over fit_options' 2 rounds
+    assert low_rank.rounds == 2 and low_rank.options["lr_decay"] == pytest.approx(0.1)
+    bad = text.replace('{"rounds": 3,', '{"round": 3,')
+    with pytest.raises(ModelFileError, match=r"unknown guide_options\['structured'\]"):
+        load_model_file(_write(tmp_path, "bad.py", bad), guide="structured")
+    # The command line runs the family's settings and says so.
+    out = tmp_path / "run"
+    argv = ["fit", str(path), "--guide", "structured", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "guide" in printed and "structured" in printed
+    report = (out / "report.md").read_text()
+    assert "| rounds | 3 |" in report
+    assert "StructuredLocalNormal" in report

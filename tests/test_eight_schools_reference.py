@@ -1,10 +1,17 @@
 """External reference: eight schools against posteriordb's NUTS draws.
 
 The reference (``../shared/data/reference_posteriors/eight_schools_posteriordb.json``)
-summarises 10,000 NUTS draws of the non-centred model. Mean-field VI is known to understate
-the spread of ``tau`` (and so of the ``theta``), so only the means of ``mu`` and ``theta``
-are asserted, within 0.3 reference sd (the issue's bound); every parameter's ``z`` and sd
-ratio is printed in the fidelity report, for both parametrisations.
+summarises 10,000 NUTS draws of the non-centred model. Each fit uses the model file's
+settings for its guide family (``fit_options``, and ``guide_options["structured"]``).
+
+Mean-field VI is known to understate the spread of ``tau`` (and so of the ``theta``), so
+for it only the means of ``mu`` and ``theta`` are asserted, within 0.3 reference sd. The
+structured factor ``q_i(theta_i | phi)`` (mean and log-scale linear in the globals) must
+meet the issue's targets on every parameter: mean within 0.25 reference sd, sd ratio in
+[0.8, 1.2]. Seeds 0, 1, 2 gave max ``|z|`` 0.17-0.20 and sd ratios 0.85-1.05 over mu, tau
+and the theta (``benchmarks/zoo_fidelity.py``; the Monte Carlo error of the draws is below
+0.01 sd), so the bounds hold with margin for optimisation noise of that size. Every
+parameter's ``z`` and sd ratio is printed in the fidelity report.
 """
 
 import json
@@ -13,7 +20,10 @@ import eight_schools
 import pytest
 import torch
 
-from hbfl_pyro import FederatedSVI, StructuredLocalNormal
+from hbfl_pyro import FederatedSVI
+from hbfl_pyro.modelfile import load_model_file
+
+MODEL_FILE = eight_schools.__file__
 
 NUM_DRAWS = 20000  # MC error of a posterior mean: sd / sqrt(20000) < 0.01 sd
 
@@ -21,28 +31,14 @@ NUM_DRAWS = 20000  # MC error of a posterior mean: sd / sqrt(20000) < 0.01 sd
 _FITS = {}
 
 
-def _fit(model, local_guide="auto"):
-    key = (model.__name__, str(local_guide))
-    if key in _FITS:
-        return _FITS[key]
-    rounds = 300
-    fit = FederatedSVI(
-        model,
-        eight_schools.load_data(),
-        local_guide=local_guide,
-        seed=0,
-        local_steps=2,
-        local_lr=0.1,
-        local_lr_decay=0.01 ** (1 / rounds),
-        num_particles=16,
-        grad_particles=16,
-        server_lr=0.2,
-        lr_decay=0.01 ** (1 / rounds),
-        server_particles=16,
-    )
-    fit.run(rounds, progress=False)
-    _FITS[key] = fit
-    return fit
+def _fit(variant, guide):
+    key = (variant, guide)
+    if key not in _FITS:
+        spec = load_model_file(f"{MODEL_FILE}:{variant}", guide=guide)
+        fit = FederatedSVI(spec.model, spec.load_data(), seed=0, **spec.options)
+        fit.run(spec.rounds, progress=False)
+        _FITS[key] = fit
+    return _FITS[key]
 
 
 def _draws(fit):
@@ -61,29 +57,30 @@ def _reference(shared_data):
     return json.loads(path.read_text())["reference_summary"]
 
 
-GUIDES = {"mean-field": "auto", "structured": StructuredLocalNormal}
-
-
 @pytest.mark.parametrize(
     "variant, guide",
     [("noncentered", "mean-field"), ("noncentered", "structured"), ("centered", "mean-field")],
 )
 def test_eight_schools_against_posteriordb(variant, guide, shared_data, report):
     summary = _reference(shared_data)
-    draws = _draws(_fit(getattr(eight_schools, variant), GUIDES[guide]))
-    variant = f"{variant} {guide}"
+    draws = _draws(_fit(variant, guide))
+    label = f"{variant} {guide}"
     rows = [("mu", draws["mu"]), ("tau", draws["tau"])]
     rows += [(f"theta[{j + 1}]", draws["theta"][:, j]) for j in range(8)]
-    z = {}
+    z, ratios = {}, {}
     for name, values in rows:
         mean_ref, sd_ref = summary[name]["mean"], summary[name]["sd"]
         z[name] = (values.mean().item() - mean_ref) / sd_ref
-        ratio = values.std().item() / sd_ref
+        ratio = ratios[name] = values.std().item() / sd_ref
         report(
-            f"eight schools {variant:22s} {name:9s} mean {values.mean().item():7.3f} "
+            f"eight schools {label:22s} {name:9s} mean {values.mean().item():7.3f} "
             f"(ref {mean_ref:7.3f})  z = {z[name]:+.3f}  sd ratio = {ratio:.3f}"
         )
-    if variant.startswith("noncentered"):
+    if guide == "structured":
+        for name in z:
+            assert abs(z[name]) <= 0.25, f"{name}: z = {z[name]:.3f}"
+            assert 0.8 <= ratios[name] <= 1.2, f"{name}: sd ratio = {ratios[name]:.3f}"
+    elif variant == "noncentered":
         for name in ["mu"] + [f"theta[{j + 1}]" for j in range(8)]:
             assert abs(z[name]) <= 0.3, f"{name}: z = {z[name]:.3f}"
 
@@ -92,8 +89,8 @@ def test_structured_local_guide_narrows_the_mean_field_gap(shared_data, report):
     """q_i(theta_i | phi) reaches a higher ELBO and a wider tau than mean-field q_i(theta_i)."""
     summary = _reference(shared_data)
     results = {}
-    for guide in GUIDES:
-        fit = _fit(eight_schools.noncentered, GUIDES[guide])
+    for guide in ("mean-field", "structured"):
+        fit = _fit("noncentered", guide)
         torch.manual_seed(1)
         elbo = fit.elbo(num_particles=20000)  # MC sd of this estimate: ~0.01 nats
         tau_ratio = _draws(fit)["tau"].std().item() / summary["tau"]["sd"]

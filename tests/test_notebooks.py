@@ -22,7 +22,7 @@ NOTEBOOKS = ROOT / "notebooks"
 FIGURES = {
     "quickstart": ("quickstart", ("forest.png", "new_school.png")),
     "radon_case_study": ("radon", ("globals.png", "shrinkage.png", "new_county.png")),
-    "custom_prior": ("custom_prior", ("prior_forest.png", "school_effects.png")),
+    "custom_prior": ("custom_prior", ("prior_forest.png", "school_effects.png", "horseshoe.png")),
     "diagnostics": ("diagnostics", ("elbo.png", "khat.png", "ppc.png", "bpv_sd.png")),
 }
 
@@ -109,6 +109,15 @@ def _check_custom_prior(n: dict) -> None:
         assert abs(n["elpd_loo"][model] - (-30.56)) < 2.0
     # The learned degrees of freedom of the Student-t local factor stay finite and moderate.
     assert all(2.0 < df < 50.0 for df in n["custom_guides"]["df"])
+    # Horseshoe: every school's E[theta] lies between the population mean and its own
+    # estimate (shrinkage; conditionally on the globals the posterior mean is a weighted
+    # average of the two), with 1.0 of slack for Monte Carlo and optimisation noise
+    # (the posterior sds are 4-6); the per-school scales are finite and positive.
+    hs = n["horseshoe"]
+    for y, theta in zip(n["y"], hs["theta_mean"]):
+        low, high = min(y, hs["mu"]), max(y, hs["mu"])
+        assert low - 1.0 <= theta <= high + 1.0, (y, theta, hs["mu"])
+    assert all(0.0 < lam < 100.0 for lam in hs["lambda_median"])
 
 
 def _check_diagnostics(n: dict) -> None:

@@ -11,6 +11,10 @@ Both apps read the same *run config* (Flower's ``context.run_config``, overridde
     (``{"seed": 1, "local_steps": 5}``); both sides must be given the same.
 ``rounds``
     federated rounds (-1: the file's ``fit_options["rounds"]``, else 100).
+``guide``
+    a guide family's name (``"structured"``, ``"full-rank"``, ...; see
+    :func:`~hbfl_pyro.guides.guide_family`) with the file's ``guide_options`` for it;
+    ``""`` keeps the file's own guides.
 ``secagg``
     route the clients' closed-form summaries through Flower's SecAgg+ protocol, so the
     server sees only their sum (:mod:`hbfl_pyro.flower.secagg`; keys ``secagg-*``).
@@ -60,6 +64,7 @@ RUN_CONFIG_DEFAULTS: Dict[str, Any] = {
     "model-file": "",
     "options": "{}",
     "rounds": -1,
+    "guide": "",
     # Nodes to wait for before the first round (0: every node connected once the
     # count has been stable for a second).
     "num-clients": 0,
@@ -108,7 +113,7 @@ def merged_config(context_config: Optional[Mapping], overrides: Optional[Mapping
     return config
 
 
-_MODEL_FILES: Dict[Tuple[str, float], Any] = {}
+_MODEL_FILES: Dict[Tuple[str, float, Optional[str]], Any] = {}
 
 
 def load_spec(config: Mapping) -> AppSpec:
@@ -124,9 +129,10 @@ def load_spec(config: Mapping) -> AppSpec:
             "path/model.py'\" to flwr run, or run_config={'model-file': ...}"
         )
     path = parse_model_spec(spec)[0]
-    key = (spec, path.stat().st_mtime if path.exists() else 0.0)
+    guide = str(config.get("guide", "")) or None
+    key = (spec, path.stat().st_mtime if path.exists() else 0.0, guide)
     if key not in _MODEL_FILES:
-        _MODEL_FILES[key] = load_model_file(spec)
+        _MODEL_FILES[key] = load_model_file(spec, guide=guide)
     mf = _MODEL_FILES[key]
     raw = config["options"]
     overrides = json.loads(raw) if isinstance(raw, str) else dict(raw)
