@@ -43,7 +43,7 @@ from pyro.infer import MCMC, NUTS, Predictive
 from pyro.infer.autoguide import AutoGuide, AutoNormal
 from pyro.poutine.util import site_is_subsample
 
-from .guides import build_global_guide, build_local_guide, private_params
+from .guides import build_global_guide, build_local_guide, is_autoguide_spec, private_params
 from .pooled import pooled_elbo, svi_steps
 from .seeding import derive_seed, seeded
 from .summary import _drop_broadcast_dims, _index, deterministic_samples
@@ -466,10 +466,13 @@ class JointGuide:
         return out
 
 
-def _fresh_spec(guide, role: str):
-    """The guide family of a fitted factor, to build an untrained copy of it."""
+def _fresh_spec(guide, role: str, given=None):
+    """The guide family of a fitted factor, to build an untrained copy of it: the class
+    (or partial) the fit was given, else the fitted module's class."""
     if guide is None:
         return AutoNormal
+    if is_autoguide_spec(given) or (isinstance(given, type) and hasattr(given, "for_client")):
+        return given
     # FederatedSVI builds autoguides from their class (default rank, init scale): so here.
     if isinstance(guide, AutoGuide) or hasattr(type(guide), "for_client"):
         return type(guide)
@@ -495,11 +498,12 @@ def pooled_guide(fit, global_guide=None, local_guide=None) -> JointGuide:
     """
     structure, batch = fit.structure, fit.data.collate()
     template = next(iter(fit.clients.values())).local_guide
+    specs = getattr(fit, "guide_specs", {})
     if global_guide is None:
         server_guide = fit.server.global_guide if fit.family is None else None
-        global_guide = _fresh_spec(server_guide, "global")
+        global_guide = _fresh_spec(server_guide, "global", specs.get("global"))
     if local_guide is None:
-        local_guide = _fresh_spec(template, "local")
+        local_guide = _fresh_spec(template, "local", specs.get("local"))
     with private_params(), seeded(derive_seed(fit.seed, "pooled guide")):
         g = build_global_guide(fit.model, structure, fit.data.placeholder(), global_guide)
         q = build_local_guide(fit.model, structure, batch, local_guide)

@@ -16,6 +16,7 @@ for the global factor) or their own ``PyroModule`` guides taking the model's arg
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import contextmanager
 from typing import Callable, Dict, Tuple
 
@@ -29,6 +30,7 @@ from pyro.infer.autoguide import (
     AutoMultivariateNormal,
     AutoNormal,
 )
+from pyro.infer.autoguide.initialization import init_to_feasible
 from pyro.nn import PyroModule
 from pyro.poutine.util import site_is_subsample
 
@@ -36,14 +38,20 @@ from .data import num_clients
 from .structure import ModelStructure
 from .structured import StructuredLocalNormal
 
+# Every family starts where AutoNormal starts (init_to_feasible): the correlated autoguides'
+# own default, init_to_median, estimates medians from prior draws, which overflow for
+# very vague priors (surgical's InverseGamma(0.001, 0.001)).
+_FULL_RANK = functools.partial(AutoMultivariateNormal, init_loc_fn=init_to_feasible)
+_LOW_RANK = functools.partial(AutoLowRankMultivariateNormal, init_loc_fn=init_to_feasible)
+
 #: Named guide families: ``name -> (global guide, local guide)``. Every family but
 #: ``"mean-field"`` needs the gradient server (no closed-form family matches them).
 GUIDE_FAMILIES = {
     "mean-field": (AutoNormal, AutoNormal),
     "structured": (AutoNormal, StructuredLocalNormal),
-    "full-rank": (AutoMultivariateNormal, AutoNormal),
-    "low-rank": (AutoLowRankMultivariateNormal, AutoNormal),
-    "full+struct": (AutoMultivariateNormal, StructuredLocalNormal),
+    "full-rank": (_FULL_RANK, AutoNormal),
+    "low-rank": (_LOW_RANK, AutoNormal),
+    "full+struct": (_FULL_RANK, StructuredLocalNormal),
 }
 
 
@@ -91,6 +99,14 @@ def _clients_plate(structure: ModelStructure):
     return create_plates
 
 
+def is_autoguide_spec(guide) -> bool:
+    """An autoguide class, or a ``functools.partial`` of one (an autoguide class with some
+    of its keywords fixed, e.g. ``partial(AutoMultivariateNormal, init_scale=0.01)``)."""
+    if isinstance(guide, functools.partial):
+        guide = guide.func
+    return isinstance(guide, type) and issubclass(guide, AutoGuide)
+
+
 def build_global_guide(model: Callable, structure: ModelStructure, placeholder, guide="auto"):
     """The server's ``q(phi)``: an autoguide class / ``"auto"`` or a user module.
 
@@ -101,7 +117,7 @@ def build_global_guide(model: Callable, structure: ModelStructure, placeholder, 
     blocked = poutine.block(model, expose=list(structure.global_sites))
     if isinstance(guide, str) and guide == "auto":
         guide = AutoNormal
-    if isinstance(guide, type) and issubclass(guide, AutoGuide):
+    if is_autoguide_spec(guide):
         with private_params():
             guide = guide(blocked)
     else:
@@ -124,7 +140,7 @@ def build_local_guide(
     blocked = poutine.block(model, expose=list(structure.local_sites))
     if isinstance(guide, str) and guide == "auto":
         guide = AutoNormal
-    if isinstance(guide, type) and issubclass(guide, AutoGuide):
+    if is_autoguide_spec(guide):
         with private_params():
             guide = guide(blocked, create_plates=_clients_plate(structure))
     elif isinstance(guide, type) and hasattr(guide, "for_client"):
@@ -147,7 +163,8 @@ def _own_copy(guide, role: str) -> PyroModule:
     """
     if not isinstance(guide, PyroModule):
         raise GuideError(
-            f"the {role} guide must be 'auto', an autoguide class (e.g. AutoNormal) or a "
+            f"the {role} guide must be 'auto', an autoguide class (e.g. AutoNormal, or a "
+            "functools.partial of one) or a "
             f"pyro.nn.PyroModule taking the model's arguments, got {type(guide).__name__} "
             f"{guide!r}; wrap a guide function in a PyroModule"
         )

@@ -175,6 +175,9 @@ class FederatedSVI:
             )
         self.data = data if isinstance(data, FederatedData) else FederatedData(data, per_client)
         self.seed = seed
+        #: The guides as given (``"auto"``, a class, a partial or a module): what
+        #: :func:`~hbfl_pyro.compare.compare_pooled` rebuilds its pooled guide from.
+        self.guide_specs = {"global": global_guide, "local": local_guide}
         # Guide initialisation may sample (e.g. init_to_median): seed it like everything else.
         with private_params(), seeded(derive_seed(seed, "init")):
             self.structure = discover_structure(model, self.data, plate)

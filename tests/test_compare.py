@@ -191,3 +191,27 @@ def test_a_constant_reference_element_gets_no_z():
     stats = c.stats()
     assert "federated global" not in stats  # no finite z among the global rows
     assert stats["federated local"]["n"] == 3
+
+
+def test_pooled_guide_rebuilds_the_family_as_given():
+    """A global guide given as a partial (an autoguide class with fixed keywords, as the
+    named families give AutoMultivariateNormal its init) is rebuilt with those keywords."""
+    import functools
+
+    from pyro.infer.autoguide import AutoMultivariateNormal
+
+    from hbfl_pyro.compare import pooled_guide
+
+    torch.set_default_dtype(torch.float64)
+    spec = functools.partial(AutoMultivariateNormal, init_scale=0.037)
+    fit = FederatedSVI(
+        normal_normal.model,
+        normal_normal.load_data(num_clients=3),
+        global_guide=spec,
+        server="gradient",
+        seed=0,
+    )
+    assert fit.server.global_guide._init_scale == 0.037
+    guide = pooled_guide(fit)
+    assert isinstance(guide.global_guide, AutoMultivariateNormal)
+    assert guide.global_guide._init_scale == 0.037
