@@ -47,7 +47,9 @@ _LOW_RANK = functools.partial(AutoLowRankMultivariateNormal, init_loc_fn=init_to
 #: Named guide families: ``name -> (global guide, local guide)``. Every family but
 #: ``"mean-field"`` needs the gradient server (no closed-form family matches them).
 GUIDE_FAMILIES = {
-    "mean-field": (AutoNormal, AutoNormal),
+    # "auto" is AutoNormal, and leaves the closed-form server available (a conjugate
+    # family owns q(phi) itself and takes no global guide).
+    "mean-field": ("auto", "auto"),
     "structured": (AutoNormal, StructuredLocalNormal),
     "full-rank": (_FULL_RANK, AutoNormal),
     "low-rank": (_LOW_RANK, AutoNormal),
@@ -58,12 +60,12 @@ GUIDE_FAMILIES = {
 def guide_family(name: str) -> Dict[str, object]:
     """The :class:`~hbfl_pyro.FederatedSVI` keywords of a named guide family.
 
-    ``"mean-field"`` is ``AutoNormal`` for ``q(phi)`` and for each ``q_i(theta_i)`` (with
-    whichever server the caller chooses); ``"structured"`` swaps the local factor for
-    :class:`~hbfl_pyro.StructuredLocalNormal`, ``q_i(theta_i | phi)``; ``"full-rank"`` and
-    ``"low-rank"`` correlate the globals (``AutoMultivariateNormal``,
-    ``AutoLowRankMultivariateNormal``); ``"full+struct"`` does both. Those four set
-    ``server="gradient"``.
+    ``"mean-field"`` is the library's default, ``AutoNormal`` for ``q(phi)`` and for each
+    ``q_i(theta_i)`` (``"auto"``: a conjugate model keeps its closed-form server);
+    ``"structured"`` swaps the local factor for :class:`~hbfl_pyro.StructuredLocalNormal`,
+    ``q_i(theta_i | phi)``; ``"full-rank"`` and ``"low-rank"`` correlate the globals
+    (``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``); ``"full+struct"`` does
+    both. Those four set ``server="gradient"``.
 
     Example::
 
