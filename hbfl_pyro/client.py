@@ -20,7 +20,7 @@ from pyro import poutine
 from .data import ClientData, collate
 from .elbo import client_terms
 from .families.base import ClosedFormFamily
-from .guides import GuideError, build_local_guide, local_moments, private_params
+from .guides import GuideError, build_local_guide, copy_module, local_moments, private_params
 from .seeding import seeded
 from .structure import ModelStructure
 
@@ -134,7 +134,7 @@ class Client:
         self._family = family
         self.config = config
         self.num_examples = int(self._batch["mask"].sum()) if "mask" in self._batch else 1
-        self.global_guide = copy.deepcopy(global_guide) if global_guide is not None else None
+        self.global_guide = copy_module(global_guide) if global_guide is not None else None
         self.local_guide = build_local_guide(
             model, structure, self._batch, local_guide, client=name
         )

@@ -170,7 +170,37 @@ def _own_copy(guide, role: str) -> PyroModule:
             f"pyro.nn.PyroModule taking the model's arguments, got {type(guide).__name__} "
             f"{guide!r}; wrap a guide function in a PyroModule"
         )
-    return with_private_state(copy.deepcopy(guide))
+    return with_private_state(copy_module(guide))
+
+
+def copy_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a guide module, without the intermediate tensors it caches.
+
+    Normalizing-flow transforms (``AffineAutoregressive``, ``Spline``, ...) keep tensors of
+    their last forward pass as attributes, which ``copy.deepcopy`` refuses (they are not
+    graph leaves); they are caches, recomputed on the next call, so the copy gets ``None``.
+    """
+    memo: Dict[int, None] = {}
+    seen = set()
+
+    def collect(value):
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            if value.grad_fn is not None:
+                memo[id(value)] = None
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                collect(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif hasattr(value, "__dict__") and not isinstance(value, type):
+            collect(vars(value))  # modules, transforms and their cached (x, y) pairs
+
+    collect(module)
+    return copy.deepcopy(module, memo)
 
 
 def with_private_state(guide: PyroModule) -> PyroModule:
