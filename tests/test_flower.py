@@ -119,6 +119,22 @@ def test_records_round_trip_exactly(flwr):
     assert got["x"].shape == () and got["x"].item() == 1.0 / 3.0
 
 
+def test_run_config_guide_chooses_the_family_and_its_settings(flwr):
+    """The run-config key ``guide`` (``flwr run --run-config "guide='structured'"``) loads
+    the model file with that family and the file's ``guide_options`` for it."""
+    from hbfl_pyro import StructuredLocalNormal
+    from hbfl_pyro.flower.apps import load_spec, merged_config
+
+    model_file = str(MODELS / "eight_schools.py")
+    plain = load_spec(merged_config({"model-file": model_file}, None))
+    assert plain.rounds == 300 and "local_guide" not in plain.options
+    spec = load_spec(merged_config({"model-file": model_file, "guide": "structured"}, None))
+    assert spec.rounds == 800  # eight_schools.guide_options["structured"]
+    assert spec.options["local_guide"] is StructuredLocalNormal
+    assert spec.options["server"] == "gradient"
+    assert spec.options["lr_decay"] ** 800 == pytest.approx(0.01)  # spread over 800 rounds
+
+
 def test_missing_flower_names_the_extra(monkeypatch, capsys):
     from hbfl_pyro.cli import main
     from hbfl_pyro.flower import INSTALL_HINT, require_flower
