@@ -269,8 +269,8 @@ def load_model_file(
         >>> mf = load_model_file("models/eight_schools.py:centered")
         >>> mf.model.__name__, sorted(mf.load_data())[:2], mf.rounds
         ('centered', ['A', 'B'], 300)
-        >>> load_model_file("models/eight_schools.py", guide="structured").rounds
-        800
+        >>> load_model_file("models/surgical.py", guide="structured").rounds
+        1500
     """
     path, name = parse_model_spec(spec)
     name = attribute or name

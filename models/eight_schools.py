@@ -61,12 +61,3 @@ fit_options = {
     "lr_decay_over_run": 0.01,
     "server_particles": 16,
 }
-
-#: Settings per guide family (``hbfl fit --guide FAMILY``), overriding ``fit_options``. The
-#: structured factor q_i(theta_i | phi) (mean and log-scale linear in the globals) has
-#: twice the parameters per client, and mu moves along a ridge with the theta_trans means:
-#: it needs about 800 rounds to settle (measured: tau's sd ratio 0.95, every |z| <= 0.1).
-guide_options = {
-    "structured": {"rounds": 800},
-    "full+struct": {"rounds": 800},
-}

@@ -120,4 +120,4 @@ _RICH = {
     "grad_particles": 32,
     "server_particles": 32,
 }
-guide_options = {"structured": _RICH, "full+struct": _RICH}
+guide_options = {"structured": _RICH}

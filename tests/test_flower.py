@@ -125,14 +125,14 @@ def test_run_config_guide_chooses_the_family_and_its_settings(flwr):
     from hbfl_pyro import StructuredLocalNormal
     from hbfl_pyro.flower.apps import load_spec, merged_config
 
-    model_file = str(MODELS / "eight_schools.py")
+    model_file = str(MODELS / "surgical.py")
     plain = load_spec(merged_config({"model-file": model_file}, None))
-    assert plain.rounds == 300 and "local_guide" not in plain.options
+    assert plain.rounds == 500 and "local_guide" not in plain.options
     spec = load_spec(merged_config({"model-file": model_file, "guide": "structured"}, None))
-    assert spec.rounds == 800  # eight_schools.guide_options["structured"]
+    assert spec.rounds == 1500  # surgical.guide_options["structured"]
     assert spec.options["local_guide"] is StructuredLocalNormal
     assert spec.options["server"] == "gradient"
-    assert spec.options["lr_decay"] ** 800 == pytest.approx(0.01)  # spread over 800 rounds
+    assert spec.options["lr_decay"] ** 1500 == pytest.approx(0.01)  # spread over the run
 
 
 def test_missing_flower_names_the_extra(monkeypatch, capsys):

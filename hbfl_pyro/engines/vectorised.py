@@ -34,7 +34,7 @@ import torch
 from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
 from torch.func import functional_call
 
-from ..client import Client, local_objective
+from ..client import Client, local_objective, recentre_local_guide
 from ..data import collate
 from ..guides import build_local_guide, local_moments, private_params
 from ..seeding import derive_seed, seeded
@@ -141,13 +141,19 @@ class VectorisedEngine(InProcessEngine):
         with private_params(), seeded(derive_seed(message["seed"], "vectorised")):
             params = dict(guide.named_parameters())
             stacked = [params[k] for k in self._names]
-            with torch.no_grad():
-                for j, param in enumerate(stacked):
-                    param.copy_(torch.cat([p[j] for p in own]))
-            adam = _RowAdam(clients, own, stacked)
             global_guide = first.global_guide
             if family is None:
                 global_guide.load_state_dict(message["global_params"])
+                for name, client in zip(names, clients):  # as Client.update does, first
+                    recentre_local_guide(
+                        client.local_guide, global_guide, structure, client._batch, messages[name]
+                    )
+            with torch.no_grad():
+                for j, param in enumerate(stacked):
+                    param.copy_(torch.cat([p[j] for p in own]))
+                for key, buffer in guide.named_buffers():  # e.g. a structured factor's centres
+                    buffer.copy_(torch.cat([c.local_guide.get_buffer(key) for c in clients]))
+            adam = _RowAdam(clients, own, stacked)
             for _ in range(config.steps):
                 terms = local_objective(
                     first._model,
