@@ -135,3 +135,30 @@ def test_structured_sleepstudy_fits_federated(sleepstudy_clients):
     elbos = [r["elbo"] for r in fit.history]
     assert all(math.isfinite(e) for e in elbos)
     assert sum(elbos[-10:]) / 10 > sum(elbos[:10]) / 10
+
+
+def test_recentring_changes_coordinates_not_the_distribution(sleepstudy_clients):
+    """``recentre`` moves the features' centre and shifts ``a``, ``s`` to compensate: the
+    density of every (z, phi) pair is unchanged (to rounding), the centre is where asked."""
+    guide, batch = _guide(sleepstudy.model, sleepstudy_clients)
+    _randomise(guide, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    globals_ = {
+        "beta": torch.randn(4, 1, 1, 2, generator=gen),
+        "tau": torch.rand(4, 1, 1, 2, generator=gen) + 0.1,
+        "L": dist.LKJCholesky(2, 2.0).sample((4,)).reshape(4, 1, 1, 2, 2),
+        "sigma": torch.rand(4, 1, 1, generator=gen) + 0.1,
+    }
+    before = _log_q(guide, batch, globals_)
+    z = before.nodes["b_unconstrained"]["value"]
+    elsewhere = {k: v * 1.5 + 0.3 for k, v in globals_.items() if k != "L"}
+    elsewhere["L"] = globals_["L"]
+    with private_params():
+        guide.recentre(elsewhere)
+        centre = guide._features(elsewhere).reshape(-1, 6).mean(0)
+        assert torch.allclose(guide.centres.b, centre.expand_as(guide.centres.b))
+        conditioned = poutine.condition(guide, data={"b_unconstrained": z})
+        after = poutine.trace(conditioned).get_trace(batch, globals=globals_)
+    after.compute_log_prob()
+    got = after.nodes["b_unconstrained"]["log_prob"]
+    assert torch.allclose(got, before.nodes["b_unconstrained"]["log_prob"], atol=1e-12)
