@@ -109,8 +109,8 @@ fit_options = {
 #: Settings per guide family (``hbfl fit --guide FAMILY``), overriding ``fit_options``:
 #: longer runs, a 100-fold decay of both step sizes, 32 particles. Measured against the
 #: long NUTS reference of ``benchmarks/radon_reference.py`` (non-centred model, 2 x 2,000
-#: draws, min ESS 888), seed 0: structured global max |z| 0.29 (sigma_a) with sd ratios
-#: 0.74-0.96, local max |z| 0.14 with sd ratios 0.93-1.09; mean-field (``fit_options``)
+#: draws, min ESS 888), seed 0: structured global max |z| 0.16 (sigma_a) with sd ratios
+#: 0.74-0.96, local max |z| 0.10 with sd ratios 0.92-1.07; mean-field (``fit_options``)
 #: 0.59 with 0.28-0.91 (sigma_a's sd ratio 0.28).
 _RICH = {
     "rounds": 800,

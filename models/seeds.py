@@ -108,8 +108,8 @@ fit_options = {
 #: richer families have more parameters per client and a flatter ELBO near the optimum, so
 #: they run longer, settle with a 100-fold decay of both step sizes and average over 32
 #: particles. Measured (``benchmarks/zoo_fidelity.py``, seed 0, centred model):
-#: full+struct ELBO -63.6 (structured -64.8), global max |z| 0.10 with sd ratios 0.69-0.95,
-#: local max |z| 0.11 with sd ratios 0.92-1.01.
+#: full+struct ELBO -63.6 (structured -64.8), global max |z| 0.10 with sd ratios 0.69-0.94,
+#: local max |z| 0.10 with sd ratios 0.92-1.01.
 _RICH = {
     "rounds": 1500,
     "lr_decay_over_run": 0.01,

@@ -97,7 +97,7 @@ fit_options = {
 #: Settings per guide family (``hbfl fit --guide FAMILY``), overriding ``fit_options``:
 #: longer runs, a 100-fold decay of both step sizes, 32 particles. Measured with
 #: ``compare_pooled`` against NUTS (300 + 500 draws), seed 0: structured global max |z|
-#: 0.26 with sd ratios 0.80-0.95 (mean-field: 0.47, 0.66-0.87), local max |z| 0.11 with sd
+#: 0.24 with sd ratios 0.80-0.95 (mean-field: 0.47, 0.66-0.87), local max |z| 0.11 with sd
 #: ratios 0.86-1.08; full-rank 0.19 / 0.75-0.99. "full+struct" diverged with these settings
 #: (ELBO -747 against -188), so no settings are given for it.
 _RICH = {

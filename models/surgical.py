@@ -99,8 +99,8 @@ fit_options = {
 #: richer families have more parameters per client and a flatter ELBO near the optimum, so
 #: they run longer, settle with a 100-fold decay of both step sizes and average over 32
 #: particles. Measured (``benchmarks/zoo_fidelity.py``, seed 0, centred model):
-#: global max |z| 0.04 (structured) and 0.01 (full+struct) with sd ratios 0.74-0.86,
-#: local max |z| 0.15 with sd ratios 0.90-1.06.
+#: global max |z| 0.07 (structured and full+struct) with sd ratios 0.70-0.86, local max
+#: |z| 0.06 with sd ratios 0.88-1.01.
 _RICH = {
     "rounds": 1500,
     "lr_decay_over_run": 0.01,
