@@ -43,6 +43,7 @@ from pyro.infer import MCMC, NUTS, Predictive
 from pyro.infer.autoguide import AutoGuide, AutoNormal
 from pyro.poutine.util import site_is_subsample
 
+from .client import recentre_local_guide
 from .guides import build_global_guide, build_local_guide, is_autoguide_spec, private_params
 from .pooled import pooled_elbo, svi_steps
 from .seeding import derive_seed, seeded
@@ -466,6 +467,25 @@ class JointGuide:
         return out
 
 
+#: Pooled SVI recentres a structured local factor every this many steps: about as often,
+#: per unit of optimisation, as a federated client does (once per round of a few steps).
+RECENTRE_EVERY = 10
+
+
+def _recentring(guide: JointGuide, structure, batch, seed: int):
+    """The pooled counterpart of the clients' per-round recentring of a structured factor
+    (``StructuredLocalNormal.recentre``), or ``None`` for a local guide without it."""
+    if not hasattr(guide.local_guide, "recentre"):
+        return None
+
+    def before_step(step: int) -> None:
+        if step % RECENTRE_EVERY == 0:
+            message = {"seed": derive_seed(seed, "pooled centre", step)}
+            recentre_local_guide(guide.local_guide, guide.global_guide, structure, batch, message)
+
+    return before_step
+
+
 def _fresh_spec(guide, role: str, given=None):
     """The guide family of a fitted factor, to build an untrained copy of it: the class
     (or partial) the fit was given, else the fitted module's class."""
@@ -654,6 +674,7 @@ def compare_pooled(
             num_particles=svi_settings["num_particles"],
             seed=derive_seed(seed, "pooled svi"),
             progress=progress,
+            before_step=_recentring(guide, structure, batch, seed),
         )
         timings[POOLED_SVI] = time.perf_counter() - start
         samples = _predictive(

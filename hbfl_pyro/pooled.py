@@ -6,7 +6,7 @@ This is what federated results are compared with (tests, reports). It uses plain
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from pyro import poutine
@@ -78,13 +78,16 @@ def svi_steps(
     num_particles: int = 1,
     seed: int = 0,
     progress: bool = False,
+    before_step: Optional[Callable[[int], None]] = None,
 ) -> List[float]:
     """``steps`` steps of ``Trace_ELBO`` with ClippedAdam on the guide's own ``params``.
 
     The parameters live in the guide modules (module-local, as everywhere in this
     library) and are stepped directly: Pyro's ``SVI`` collects parameters through the
     param store's view, which misses plain ``nn.Parameter`` attributes such as
-    ``AutoMultivariateNormal.loc``. ``lr_decay`` is the total decay over the run.
+    ``AutoMultivariateNormal.loc``. ``lr_decay`` is the total decay over the run;
+    ``before_step(step)``, if given, runs before each step (e.g. recentring a structured
+    factor, as federated clients do each round).
     """
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
     losses = []
@@ -92,6 +95,8 @@ def svi_steps(
         optim = ClippedAdam(params, lr=lr, lrd=lr_decay ** (1.0 / max(steps, 1)))
         bar = tqdm(range(steps), disable=not progress, desc="pooled SVI", unit="step")
         for step in bar:
+            if before_step is not None:
+                before_step(step)
             optim.zero_grad()
             loss = elbo.differentiable_loss(model, guide, batch)
             loss.backward()

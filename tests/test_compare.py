@@ -215,3 +215,30 @@ def test_pooled_guide_rebuilds_the_family_as_given():
     guide = pooled_guide(fit)
     assert isinstance(guide.global_guide, AutoMultivariateNormal)
     assert guide.global_guide._init_scale == 0.037
+
+
+def test_pooled_structured_factor_is_recentred_like_the_clients():
+    """Pooled SVI gives a structured factor the clients' optimisation aid: its features are
+    recentred at draws of q(phi) during the run (here: away from their initial zero)."""
+    from hbfl_pyro import StructuredLocalNormal
+    from hbfl_pyro.compare import RECENTRE_EVERY, _recentring, pooled_guide
+
+    torch.set_default_dtype(torch.float64)
+    fit = FederatedSVI(
+        normal_normal.model,
+        normal_normal.load_data(num_clients=3),
+        local_guide=StructuredLocalNormal,
+        server="gradient",
+        seed=0,
+    )
+    guide = pooled_guide(fit)
+    with torch.no_grad():  # move q(phi) so that its mean is far from zero
+        guide.global_guide.locs.mu.fill_(5.0)
+    hook = _recentring(guide, fit.structure, fit.data.collate(), seed=0)
+    hook(RECENTRE_EVERY + 1)  # not a recentring step
+    assert torch.all(guide.local_guide.centres.theta == 0)
+    hook(0)
+    assert torch.allclose(guide.local_guide.centres.theta, torch.tensor(5.0), atol=0.1)
+    # compare_pooled runs it (a short run, no NUTS).
+    c = compare_pooled(fit, svi={"steps": 20}, nuts=False, num_samples=200, progress=False)
+    assert math.isfinite(c.elbo["pooled_svi"])
