@@ -37,12 +37,17 @@ from pyro import poutine
 from hbfl_pyro import num_clients
 
 
-def model(data):
+def _globals():
     g0 = pyro.sample("g0", dist.Normal(0.0, 10.0))
     g1 = pyro.sample("g1", dist.Normal(0.0, 10.0))
     beta = pyro.sample("beta", dist.Normal(0.0, 10.0))
     sigma_a = pyro.sample("sigma_a", dist.HalfNormal(1.0))
     sigma_y = pyro.sample("sigma_y", dist.HalfNormal(1.0))
+    return g0, g1, beta, sigma_a, sigma_y
+
+
+def model(data):
+    g0, g1, beta, sigma_a, sigma_y = _globals()
     y, floor, mask = data["log_radon"], data["floor"], data["mask"]
     # Per-client values have shape (clients,); the clients plate is dim -2 here.
     u = data["log_uranium"].unsqueeze(-1)
@@ -56,11 +61,7 @@ def noncentered(data):
     """The same posterior with ``alpha = g0 + g1 u + sigma_a * alpha_raw``: no funnel
     between ``sigma_a`` and the county effects, so NUTS mixes far better on it (the
     reference sampler of ``benchmarks/radon_reference.py``)."""
-    g0 = pyro.sample("g0", dist.Normal(0.0, 10.0))
-    g1 = pyro.sample("g1", dist.Normal(0.0, 10.0))
-    beta = pyro.sample("beta", dist.Normal(0.0, 10.0))
-    sigma_a = pyro.sample("sigma_a", dist.HalfNormal(1.0))
-    sigma_y = pyro.sample("sigma_y", dist.HalfNormal(1.0))
+    g0, g1, beta, sigma_a, sigma_y = _globals()
     y, floor, mask = data["log_radon"], data["floor"], data["mask"]
     u = data["log_uranium"].unsqueeze(-1)
     with pyro.plate("clients", num_clients(data), dim=-2):
