@@ -12,6 +12,7 @@ from .dp import DPConfig
 from .export import compare_clients_loo, to_inference_data
 from .families import ClosedFormFamily, InverseWishart, NIWDiag, NIWFull, NIWIso, NormalNormal
 from .guides import GuideError
+from .laplace import LaplaceLocalNormal
 from .predict import new_client_predictive, personalise
 from .server import ClientFailureWarning, Server
 from .structure import ModelStructure, ModelStructureError, discover_structure
@@ -30,6 +31,7 @@ __all__ = [
     "FederatedSVI",
     "GuideError",
     "InverseWishart",
+    "LaplaceLocalNormal",
     "LocalConfig",
     "ModelStructure",
     "ModelStructureError",

@@ -35,6 +35,7 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import site_is_subsample
 
 from .data import num_clients
+from .laplace import LaplaceLocalNormal
 from .structure import ModelStructure
 from .structured import StructuredLocalNormal
 
@@ -54,6 +55,8 @@ GUIDE_FAMILIES = {
     "full-rank": (_FULL_RANK, AutoNormal),
     "low-rank": (_LOW_RANK, AutoNormal),
     "full+struct": (_FULL_RANK, StructuredLocalNormal),
+    "laplace": (AutoNormal, LaplaceLocalNormal),
+    "full+laplace": (_FULL_RANK, LaplaceLocalNormal),
 }
 
 
@@ -65,7 +68,10 @@ def guide_family(name: str) -> Dict[str, object]:
     ``"structured"`` swaps the local factor for :class:`~hbfl_pyro.StructuredLocalNormal`,
     ``q_i(theta_i | phi)``; ``"full-rank"`` and ``"low-rank"`` correlate the globals
     (``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``); ``"full+struct"`` does
-    both. Those four set ``server="gradient"``.
+    both. ``"laplace"`` and ``"full+laplace"`` take :class:`~hbfl_pyro.LaplaceLocalNormal`,
+    ``q_i(theta_i | phi)`` from Newton's method on the client's conditional (any non-linear
+    dependence on ``phi``, exact for Gaussian conditionals), with a mean-field or a
+    full-rank ``q(phi)``. All but ``"mean-field"`` set ``server="gradient"``.
 
     Example::
 

@@ -248,7 +248,11 @@ def personalise(
         )
     template = next(iter(fit.clients.values()))
     if local_guide is None:
-        if not isinstance(template.local_guide, AutoGuide):
+        # Autoguides and guide classes with a for_client constructor (the structured and
+        # Laplace factors) are rebuilt fresh for the new client from its own data.
+        if not isinstance(template.local_guide, AutoGuide) and not hasattr(
+            type(template.local_guide), "for_client"
+        ):
             raise ValueError(
                 "the federation's clients use a custom local guide module; pass a fresh one "
                 "as local_guide= (a copy of an existing client's would start from its "
