@@ -12,10 +12,11 @@ Guides: the named families of :func:`hbfl_pyro.guides.guide_family`: ``mean-fiel
 (AutoNormal x AutoNormal), ``structured`` (AutoNormal x StructuredLocalNormal),
 ``full-rank`` (AutoMultivariateNormal x AutoNormal), ``low-rank``
 (AutoLowRankMultivariateNormal x AutoNormal), ``full+struct`` (AutoMultivariateNormal x
-StructuredLocalNormal); each fitted with its model file's settings for that family
-(``guide_options``, else ``fit_options``). Targets (issue 4): every mean within 0.25 sd
-of the reference and sd ratios in [0.8, 1.2] with the best guide; federated vs pooled VI
-within 0.05 sd.
+StructuredLocalNormal), ``laplace`` (AutoNormal x LaplaceLocalNormal), ``full+laplace``
+(AutoMultivariateNormal x LaplaceLocalNormal); each fitted with its model file's settings
+for that family (``guide_options``, else ``fit_options``). Targets (issue 4): every mean
+within 0.25 sd of the reference and sd ratios in [0.8, 1.2] with the best guide; federated
+vs pooled VI within 0.05 sd.
 
 Usage::
 
@@ -184,8 +185,30 @@ def main(argv=None):
                 f"{c.elbo['federated']:.2f} | {c.elbo.get('pooled_svi', math.nan):.2f} |",
                 flush=True,
             )
+            # Per global parameter (the scales are where the families differ most).
+            per_global = {
+                f"{r['site']}{'' if r['index'] in ('', None) else r['index']}": (
+                    r.get("federated_z", math.nan),
+                    r.get("federated_sd_ratio", math.nan),
+                )
+                for r in c.rows
+                if not r["client"]
+            }
+            print(
+                "|   globals (z, sd ratio): "
+                + ", ".join(f"{k} {z:+.2f} {ratio:.2f}" for k, (z, ratio) in per_global.items())
+                + " |"
+                + " |" * 14
+            )
             results.append(
-                {"model": name, "guide": guide_name, "stats": stats, "timings": t, "elbo": c.elbo}
+                {
+                    "model": name,
+                    "guide": guide_name,
+                    "stats": stats,
+                    "globals": per_global,
+                    "timings": t,
+                    "elbo": c.elbo,
+                }
             )
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=1))

