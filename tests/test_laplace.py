@@ -20,8 +20,15 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoDelta
 from pyro.infer.autoguide.initialization import init_to_feasible
 
-from hbfl_pyro import FederatedData, FederatedSVI, LaplaceLocalNormal, discover_structure
-from hbfl_pyro.guides import private_params
+from hbfl_pyro import (
+    FederatedData,
+    FederatedSVI,
+    LaplaceLocalNormal,
+    discover_structure,
+    personalise,
+)
+from hbfl_pyro.guides import guide_family, private_params
+from hbfl_pyro.seeding import seeded
 
 torch.set_default_dtype(torch.float64)
 
@@ -173,3 +180,29 @@ def test_vectorised_engine_equals_loop():
             )
     for key, value in a["server"]["global_guide"].items():
         torch.testing.assert_close(b["server"]["global_guide"][key], value, rtol=1e-9, atol=1e-10)
+
+
+def test_new_client_draws_follow_its_exact_conditional():
+    """``personalise`` rebuilds the Laplace factor for a new client from its own data, and
+    ``Personalised.sample`` pairs each draw of ``q(phi)`` with a draw of
+    ``q(theta_new | phi)``; on a Gaussian conditional that is exact, so every draw
+    standardised by its own ``phi``'s closed-form conditional is a standard normal."""
+    clients = {f"c{i}": {"y": torch.tensor(2.0 * i - 3.0), "s": SIGMA_Y[i]} for i in range(4)}
+    fit = FederatedSVI(normal_normal, clients, seed=0, local_steps=2, **guide_family("laplace"))
+    fit.run(30, progress=False)
+    before = {k: v.clone() for k, v in fit.server.global_guide.state_dict().items()}
+    # One tiny step: the new client's own corrections stay at zero (to 1e-4), i.e. exact.
+    new = personalise(fit, {"y": torch.tensor(7.0), "s": torch.tensor(1.0)}, steps=1, lr=1e-4)
+    for key, value in fit.server.global_guide.state_dict().items():
+        assert torch.equal(value, before[key])  # the server's state is untouched
+    n = 4000
+    theta = new.sample(n, seed=3)["theta"]
+    with seeded(3):  # the same draws of q(phi) that sample() paired them with
+        phi = fit.global_samples(n)
+    precision = 1.0 + 1 / phi["tau"] ** 2
+    mean = (7.0 + phi["mu"] / phi["tau"] ** 2) / precision
+    standard = (theta - mean) * precision.sqrt()
+    # Monte Carlo tolerances: 4 standard errors of a mean (1/sqrt(n)) and of an sd
+    # (sqrt(1/(2n))) of n = 4,000 standard normals.
+    assert abs(float(standard.mean())) < 4 / n**0.5
+    assert abs(float(standard.std()) - 1) < 4 * (0.5 / n) ** 0.5
