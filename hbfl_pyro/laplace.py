@@ -21,9 +21,20 @@ Each client runs this on its own data; the server sees only gradients with respe
 ``q(phi)`` (the gradient server). Cost: ``newton_steps x (D + 1)`` passes of the model per
 local step, ``D`` the number of a client's local values (scalars to a few).
 
-Example::
+Example (a Binomial-logit hierarchy; ``guide_family("laplace")`` gives the same keywords)::
 
-    >>> # FederatedSVI(model, clients, local_guide=LaplaceLocalNormal, server="gradient")
+    >>> import torch, pyro, pyro.distributions as dist
+    >>> from hbfl_pyro import FederatedSVI, LaplaceLocalNormal, num_clients
+    >>> def model(data):
+    ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    ...     with pyro.plate("clients", num_clients(data)):
+    ...         theta = pyro.sample("theta", dist.Normal(mu, 2.0))
+    ...         pyro.sample("y", dist.Binomial(10, logits=theta), obs=data["y"])
+    >>> clients = {f"site{i}": {"y": torch.tensor(2.0 * i)} for i in range(4)}
+    >>> fit = FederatedSVI(model, clients, local_guide=LaplaceLocalNormal, server="gradient")
+    >>> _ = fit.run(3, progress=False)
+    >>> fit.local_samples(100)["theta"].shape
+    torch.Size([100, 4])
 """
 
 from __future__ import annotations
