@@ -121,4 +121,8 @@ _RICH = {
     "grad_particles": 32,
     "server_particles": 32,
 }
-guide_options = {"structured": _RICH}
+#: The Laplace families (``LaplaceLocalNormal``: each county's intercept from its exact
+#: Gaussian conditional) need no long run: 300 rounds. laplace (seed 0): global max |z|
+#: 0.08 with sd ratios 0.89-0.96, local max |z| 0.07 with sd ratios 0.95-1.06 (~7 minutes
+#: on one core: a few model passes per local step, and third derivatives).
+guide_options = {"structured": _RICH, "laplace": {**_RICH, "rounds": 300}}
