@@ -172,7 +172,10 @@ class Client:
                     "local guide, "
                     "or server='gradient'"
                 ) from exc
-        self.optim = torch.optim.Adam(self.local_guide.parameters(), lr=config.lr)
+        # A local guide without parameters (LaplaceLocalNormal: a deterministic map from phi
+        # and the data) has nothing to optimise: no optimiser, no local steps.
+        local = list(self.local_guide.parameters())
+        self.optim = torch.optim.Adam(local, lr=config.lr) if local else None
         self.updates = 0  # rounds this client has taken part in
 
     @property
@@ -227,9 +230,9 @@ class Client:
             )
             local = list(self.local_guide.parameters())
             lr = self.config.lr * self.config.lr_decay**self.updates
-            for group in self.optim.param_groups:
+            for group in self.optim.param_groups if self.optim is not None else ():
                 group["lr"] = lr
-            for _ in range(self.config.steps):
+            for _ in range(self.config.steps if self.optim is not None else 0):
                 loss = -self._terms(message, self.config.num_particles).sum()
                 self.optim.zero_grad()
                 loss.backward(inputs=local)
@@ -269,12 +272,13 @@ class Client:
         """The client's local variational parameters and optimiser state (kept locally)."""
         return {
             "guide": {k: v.detach().clone() for k, v in self.local_guide.state_dict().items()},
-            "optim": copy.deepcopy(self.optim.state_dict()),
+            "optim": copy.deepcopy(self.optim.state_dict()) if self.optim is not None else None,
             "updates": self.updates,
         }
 
     def load_state_dict(self, state: Dict) -> None:
         with private_params():
             self.local_guide.load_state_dict(state["guide"])
-        self.optim.load_state_dict(copy.deepcopy(state["optim"]))
+        if self.optim is not None:
+            self.optim.load_state_dict(copy.deepcopy(state["optim"]))
         self.updates = state["updates"]

@@ -95,7 +95,7 @@ class VectorisedEngine(InProcessEngine):
         for name, client in clients.items():
             # Rounds read a client's parameters from its optimiser's list (no module walk
             # per client); that list must be its guide's parameters, in the same order.
-            own = client.optim.param_groups[0]["params"]
+            own = _own_params(client)
             guide_params = [p for _, p in client.local_guide.named_parameters()]
             if len(own) != len(guide_params) or any(a is not b for a, b in zip(own, guide_params)):
                 raise NotImplementedError(
@@ -132,7 +132,7 @@ class VectorisedEngine(InProcessEngine):
         for name in names:
             self.deliver("down", name, messages[name])
         clients = [self.clients[n] for n in names]
-        own = [c.optim.param_groups[0]["params"] for c in clients]
+        own = [_own_params(c) for c in clients]
         first = clients[0]
         batch = self._collated(names, clients)
         guide = self._batched_guide(names, batch)
@@ -153,8 +153,9 @@ class VectorisedEngine(InProcessEngine):
                     param.copy_(torch.cat([p[j] for p in own]))
                 for key, buffer in guide.named_buffers():  # e.g. a structured factor's centres
                     buffer.copy_(torch.cat([c.local_guide.get_buffer(key) for c in clients]))
-            adam = _RowAdam(clients, own, stacked)
-            for _ in range(config.steps):
+            # A parameter-free local guide (LaplaceLocalNormal) takes no local steps.
+            adam = _RowAdam(clients, own, stacked) if stacked else None
+            for _ in range(config.steps if stacked else 0):
                 terms = local_objective(
                     first._model,
                     structure,
@@ -168,7 +169,8 @@ class VectorisedEngine(InProcessEngine):
                     config.moment_matched,
                 )
                 adam.step(torch.autograd.grad(-terms.sum(), stacked))
-            adam.write_back()
+            if adam is not None:
+                adam.write_back()
             with torch.no_grad():
                 for j, param in enumerate(stacked):
                     torch._foreach_copy_([p[j] for p in own], param.split(1))
@@ -278,6 +280,11 @@ class VectorisedEngine(InProcessEngine):
             replies[name]["grads"] = {k: r[i] for k, r in zip(keys, rows)}
             replies[name]["elbo"] = values[i] if math.isfinite(values[i]) else float("nan")
         return replies
+
+
+def _own_params(client: Client) -> List[torch.Tensor]:
+    """A client's local parameters, as its optimiser lists them (none without one)."""
+    return client.optim.param_groups[0]["params"] if client.optim is not None else []
 
 
 class _RowAdam:
