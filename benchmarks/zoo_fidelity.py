@@ -123,6 +123,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="*", choices=list(MODELS), help="default: all")
     parser.add_argument("--guides", nargs="*", choices=GUIDES, default=GUIDES)
     parser.add_argument("--pooled-steps", type=int, default=3000)
+    parser.add_argument("--pooled-particles", type=int, default=16)
     parser.add_argument("--nuts-warmup", type=int, default=500)
     parser.add_argument("--nuts-samples", type=int, default=1000)
     parser.add_argument("--draws", type=int, default=20000, help="VI draws per method")
@@ -159,7 +160,7 @@ def main(argv=None):
                 nuts = {"warmup": args.nuts_warmup, "samples": args.nuts_samples}
             c = compare_pooled(
                 fit,
-                svi={"steps": args.pooled_steps, "num_particles": 16},
+                svi={"steps": args.pooled_steps, "num_particles": args.pooled_particles},
                 nuts=nuts,
                 reference=reference,
                 num_samples=args.draws,
@@ -214,7 +215,8 @@ def main(argv=None):
                 Path(args.json).write_text(json.dumps(results, indent=1))
     print(
         f"\nfederated: each model file's settings for the guide family (seed {args.seed}); "
-        f"pooled SVI: {args.pooled_steps} steps, 16 particles, lr 0.05 decayed 100-fold; NUTS (no "
+        f"pooled SVI: {args.pooled_steps} steps, {args.pooled_particles} particles, lr 0.05 "
+        "decayed 100-fold; NUTS (no "
         f"external reference): {args.nuts_warmup} warm-up + {args.nuts_samples} draws, one "
         f"chain; {args.draws} draws per VI method. Wall times on this machine "
         f"(torch {torch.__version__}, 1 thread). {time.strftime('%Y-%m-%d %H:%M')}"
