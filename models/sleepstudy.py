@@ -108,4 +108,9 @@ _RICH = {
     "grad_particles": 32,
     "server_particles": 32,
 }
-guide_options = {family: _RICH for family in ("structured", "full-rank", "low-rank")}
+#: laplace (``LaplaceLocalNormal``: each subject's intercept and slope from their exact
+#: Gaussian conditional) needs 300 rounds of these settings.
+guide_options = {
+    **{family: _RICH for family in ("structured", "full-rank", "low-rank")},
+    "laplace": {**_RICH, "rounds": 300},
+}

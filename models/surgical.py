@@ -111,9 +111,10 @@ _RICH = {
 }
 #: The Laplace families (``LaplaceLocalNormal``: each hospital's conditional found by
 #: Newton's method, so q(b_i | phi) follows the shrinkage exactly) need no long run: 300
-#: rounds (about a minute). laplace (seed 0): ELBO -53.98, global max |z| 0.06 with sd
-#: ratios 0.87 (mu and sigmasq; sigmasq 0.73 with structured), local max |z| 0.07 with sd
-#: ratios 0.92-1.02; full+laplace 0.03 with 0.87-0.90.
+#: rounds (about a minute). laplace (seed 0, ``benchmarks/zoo_fidelity.py``): ELBO -53.99,
+#: global max |z| 0.06 with sd ratios 0.86-0.87 (sigmasq 0.87, 0.73 with structured), local
+#: max |z| 0.07 with sd ratios 0.93-1.01, federated vs pooled VI 0.025 pooled sd;
+#: full+laplace 0.04 with 0.87-0.88.
 _LAPLACE = {**_RICH, "rounds": 300}
 guide_options = {
     **{family: _RICH for family in ("structured", "full-rank", "low-rank", "full+struct")},

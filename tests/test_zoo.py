@@ -10,6 +10,7 @@
   with max and median ``|z|`` over the global and over the local parameters. The asserted
   bounds are what the mean-field family reaches here (measured against long pooled-SVI
   fits of the same family), plus room for the fits' Monte Carlo noise; see ``BOUNDS``.
+- Surgical with the ``laplace`` family: issue 4's targets on every parameter.
 - Radon (85 ragged clients, fixed effects in the likelihood): federated == pooled Pyro
   SVI with the same ``AutoNormal`` family, every mean within 0.1 pooled sd, every sd
   within 10%.
@@ -32,7 +33,7 @@ import torch
 
 from hbfl_pyro import FederatedData, FederatedSVI
 from hbfl_pyro.guides import private_params
-from hbfl_pyro.modelfile import fit_settings
+from hbfl_pyro.modelfile import fit_settings, load_model_file
 from hbfl_pyro.pooled import fit_pooled_svi, joint_guide_of
 
 NUM_DRAWS = 20000  # Monte Carlo error of a VI mean: sd_VI / sqrt(20000) < 0.01 sd_ref
@@ -185,6 +186,36 @@ def test_zoo_against_reference(name, variant, shared_data, report):
         for (site, index), (_, _, z, _) in table.items():
             if site in bounds:
                 assert abs(z) <= bounds[site], f"{_label(site, index)}: z = {z:+.3f}"
+
+
+def test_surgical_laplace_family_meets_the_fidelity_targets(shared_data, report):
+    """The best family offered for surgical, ``laplace`` (``LaplaceLocalNormal``: each
+    hospital's conditional by Newton's method), with the model file's settings for it
+    (``guide_options["laplace"]``): every mean within 0.25 reference sd and every sd ratio
+    in [0.8, 1.2] (issue 4's targets). Measured at seeds 0, 1, 2: max |z| 0.06-0.07, sd
+    ratios 0.86-1.02 (the scale ``sigmasq`` 0.86-0.87, against 0.73 with ``structured``),
+    so the bounds leave ~0.06 for the fit's and the draws' Monte Carlo noise (a VI sd from
+    20,000 draws: under 1% relative error)."""
+    summary = json.loads(
+        (shared_data / "reference_posteriors" / REFERENCE_FILES["surgical"]).read_text()
+    )["reference_summary"]
+    spec = load_model_file(f"{surgical.__file__}:centered", guide="laplace")
+    fit = FederatedSVI(surgical.centered, surgical.load_data(), seed=0, **spec.options)
+    start = time.perf_counter()
+    fit.run(spec.rounds, progress=False)
+    seconds = time.perf_counter() - start
+    torch.manual_seed(0)
+    glob, loc = _surgical_draws(fit)
+    rows = {**_z_table(glob, summary), **_z_table(loc, summary)}
+    for (site, index), (mean, mean_ref, z, ratio) in rows.items():
+        report(
+            f"surgical laplace {_label(site, index):11s} mean {mean:8.4f} (ref {mean_ref:8.4f})"
+            f"  z = {z:+.3f}  sd ratio = {ratio:.3f}"
+        )
+    report(f"surgical laplace fit: {fit.round} rounds, {seconds:.1f} s")
+    for (site, index), (_, _, z, ratio) in rows.items():
+        assert abs(z) <= 0.25, f"{_label(site, index)}: z = {z:+.3f}"
+        assert 0.8 <= ratio <= 1.2, f"{_label(site, index)}: sd ratio = {ratio:.3f}"
 
 
 # ---------------------------------------------------------------------------- radon
