@@ -192,10 +192,10 @@ def test_surgical_laplace_family_meets_the_fidelity_targets(shared_data, report)
     """The best family offered for surgical, ``laplace`` (``LaplaceLocalNormal``: each
     hospital's conditional by Newton's method), with the model file's settings for it
     (``guide_options["laplace"]``): every mean within 0.25 reference sd and every sd ratio
-    in [0.8, 1.2] (issue 4's targets). Measured at seeds 0, 1, 2: max |z| 0.06-0.07, sd
-    ratios 0.86-1.02 (the scale ``sigmasq`` 0.86-0.87, against 0.73 with ``structured``),
-    so the bounds leave ~0.06 for the fit's and the draws' Monte Carlo noise (a VI sd from
-    20,000 draws: under 1% relative error)."""
+    in [0.8, 1.2] (issue 4's targets). Measured at seeds 0, 1, 2: max |z| 0.06-0.08, sd
+    ratios 0.84-1.01 (the globals 0.84-0.87; ``sigmasq`` is 0.73 with ``structured``), so
+    the bounds leave >= 0.04 for the fit's and the draws' Monte Carlo noise (a VI sd from
+    20,000 draws: under 1% relative error). Seed 0 here."""
     summary = json.loads(
         (shared_data / "reference_posteriors" / REFERENCE_FILES["surgical"]).read_text()
     )["reference_summary"]
