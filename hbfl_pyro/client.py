@@ -112,7 +112,8 @@ def recentre_local_guide(
     with seeded(derive_seed(message["seed"], "centre")), torch.no_grad():
         guide = with_particles(global_guide, CENTRE_DRAWS, structure.max_plate_nesting)
         trace = poutine.trace(guide).get_trace(batch)
-        local_guide.recentre({n: trace.nodes[n]["value"] for n in structure.global_sites})
+        values = {n: trace.nodes[n]["value"] for n in structure.global_sites}
+        local_guide.recentre(values, data=batch)
 
 
 class Client:

@@ -218,13 +218,19 @@ class LaplaceLocalNormal(PyroModule):
         squared = move.pow(2).sum(-1, keepdim=True).clamp(min=self.max_move**2)
         return move * (self.max_move * squared.rsqrt())
 
+    #: Recentring the clients of a round together (one draw of ``q(phi)``, one batched
+    #: Newton solve) gives each client what recentring it alone gives: the start only seeds
+    #: the Newton iterations, which converge from either. The vectorised engine uses this.
+    batched_recentre = True
+
     @torch.no_grad()
-    def recentre(self, globals: Dict[str, torch.Tensor]) -> None:
+    def recentre(self, globals: Dict[str, torch.Tensor], data=None) -> None:
         """Re-find the mode at ``q(phi)``'s mean (the mean of the unconstrained draws
         ``globals``), where each evaluation's few Newton steps start. It changes no
         parameter: only where a deterministic map starts its iterations.
 
         :param globals: draws of the global sites, with any leading (particle) dims.
+        :param data: the clients' collated data (default: the data the guide was built on).
         """
         mean = {}
         for name, (support, shape, _) in self._globals.items():
@@ -232,7 +238,8 @@ class LaplaceLocalNormal(PyroModule):
             lead = tuple(range(unconstrained.dim() - len(shape)))
             mean[name] = biject_to(support)(unconstrained.mean(lead) if lead else unconstrained)
         with torch.enable_grad():
-            z = self._newton(self._data, mean, self.start.clone(), self.centre_steps, 1e-10)
+            data = self._data if data is None else data
+            z = self._newton(data, mean, self.start.clone(), self.centre_steps, 1e-10)
         self.start.copy_(z)
 
     def conditional(self, data, globals: Dict[str, torch.Tensor]):

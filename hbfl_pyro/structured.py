@@ -127,7 +127,7 @@ class StructuredLocalNormal(PyroModule):
         return torch.cat([p.expand(lead + p.shape[-1:]) for p in parts], -1)
 
     @torch.no_grad()
-    def recentre(self, globals: Dict[str, torch.Tensor]) -> None:
+    def recentre(self, globals: Dict[str, torch.Tensor], data=None) -> None:
         """Centre the features at the mean of ``u`` over draws of the globals, leaving the
         distribution unchanged.
 
@@ -140,6 +140,8 @@ class StructuredLocalNormal(PyroModule):
         client's rounds, with draws from that round's ``q(phi)``.
 
         :param globals: draws of the global sites, with any leading (particle) dims.
+        :param data: unused (the centre depends on ``phi`` only); the signature is shared
+            with :meth:`~hbfl_pyro.LaplaceLocalNormal.recentre`.
         """
         centre = self._features(globals).reshape(-1, self._size).mean(0)
         for name in self._locals:

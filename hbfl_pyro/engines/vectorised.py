@@ -142,7 +142,8 @@ class VectorisedEngine(InProcessEngine):
             params = dict(guide.named_parameters())
             stacked = [params[k] for k in self._names]
             global_guide = first.global_guide
-            if family is None:
+            together = getattr(guide, "batched_recentre", False)
+            if family is None and not together:
                 global_guide.load_state_dict(message["global_params"])
                 for name, client in zip(names, clients):  # as Client.update does, first
                     recentre_local_guide(
@@ -153,6 +154,15 @@ class VectorisedEngine(InProcessEngine):
                     param.copy_(torch.cat([p[j] for p in own]))
                 for key, buffer in guide.named_buffers():  # e.g. a structured factor's centres
                     buffer.copy_(torch.cat([c.local_guide.get_buffer(key) for c in clients]))
+            if family is None and together:
+                # One recentring for the round's clients (e.g. LaplaceLocalNormal's Newton
+                # start), written back to each client's own guide.
+                global_guide.load_state_dict(message["global_params"])
+                recentre_local_guide(guide, global_guide, structure, batch, message)
+                with torch.no_grad():
+                    for key, buffer in guide.named_buffers():
+                        for client, row in zip(clients, buffer.split(1)):
+                            client.local_guide.get_buffer(key).copy_(row)
             # A parameter-free local guide (LaplaceLocalNormal) takes no local steps.
             adam = _RowAdam(clients, own, stacked) if stacked else None
             for _ in range(config.steps if stacked else 0):
