@@ -121,8 +121,9 @@ _RICH = {
     "grad_particles": 32,
     "server_particles": 32,
 }
-#: The Laplace families (``LaplaceLocalNormal``: each county's intercept from its exact
-#: Gaussian conditional) need no long run: 300 rounds. laplace (seed 0): global max |z|
-#: 0.08 with sd ratios 0.89-0.96, local max |z| 0.07 with sd ratios 0.95-1.06 (~7 minutes
-#: on one core: a few model passes per local step, and third derivatives).
+#: laplace (``LaplaceLocalNormal``: each county's intercept from its exact Gaussian
+#: conditional) needs no long run: 300 rounds, ~40 s with the vectorised engine. Seed 0
+#: (``benchmarks/zoo_fidelity.py``): global max |z| 0.06 with sd ratios 0.88-0.96
+#: (sigma_a 0.88, 0.74 with structured), local max |z| 0.05 with sd ratios 0.94-1.05,
+#: federated vs pooled VI 0.033 pooled sd, ELBO -1082.89 (pooled -1082.90).
 guide_options = {"structured": _RICH, "laplace": {**_RICH, "rounds": 300}}

@@ -113,4 +113,5 @@ _RICH = {
 guide_options = {
     **{family: _RICH for family in ("structured", "full-rank", "low-rank")},
     "laplace": {**_RICH, "rounds": 300},
+    "full+laplace": {**_RICH, "rounds": 300},
 }
