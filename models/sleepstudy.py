@@ -109,7 +109,10 @@ _RICH = {
     "server_particles": 32,
 }
 #: laplace (``LaplaceLocalNormal``: each subject's intercept and slope from their exact
-#: Gaussian conditional) needs 300 rounds of these settings.
+#: Gaussian conditional) needs 300 rounds of these settings. Against NUTS (500 + 1,000
+#: draws), seed 0: full+laplace global max |z| 0.07 with sd ratios 0.88-0.98, local 0.07
+#: with 0.92-1.07, federated vs pooled VI 0.037 pooled sd, 18 s; laplace (mean-field
+#: q(phi)) 0.17 with 0.75-0.96 (the fixed effects beta narrow).
 guide_options = {
     **{family: _RICH for family in ("structured", "full-rank", "low-rank")},
     "laplace": {**_RICH, "rounds": 300},
