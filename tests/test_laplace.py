@@ -16,23 +16,17 @@ import pyro.distributions as dist
 import sleepstudy
 import surgical
 import torch
+from conditional_guides import factor_for, positive_local
 from pyro import poutine
 from pyro.infer.autoguide import AutoDelta
 from pyro.infer.autoguide.initialization import init_to_feasible
 
-from hbfl_pyro import (
-    FederatedData,
-    FederatedSVI,
-    LaplaceLocalNormal,
-    discover_structure,
-    personalise,
-)
+from hbfl_pyro import FederatedSVI, LaplaceLocalNormal, personalise
 from hbfl_pyro.guides import guide_family, private_params
 from hbfl_pyro.seeding import seeded
 
-torch.set_default_dtype(torch.float64)
-
-SIGMA_Y = torch.tensor([0.5, 1.0, 2.0, 4.0])
+# (float64 per test: tests/conftest.py)
+SIGMA_Y = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
 
 
 def normal_normal(data):
@@ -43,20 +37,8 @@ def normal_normal(data):
         pyro.sample("y", dist.Normal(theta, data["s"]), obs=data["y"])
 
 
-def positive_local(data):
-    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-    tau = pyro.sample("tau", dist.HalfNormal(1.0))
-    with pyro.plate("clients", data["y"].shape[0]):
-        scale = pyro.sample("scale", dist.LogNormal(mu, tau))
-        pyro.sample("y", dist.Normal(0.0, scale), obs=data["y"])
-
-
 def _guide(model, clients):
-    data = FederatedData(clients)
-    structure = discover_structure(model, data)
-    with private_params():
-        guide = LaplaceLocalNormal.for_client(model, structure, data.collate())
-    return guide, data.collate()
+    return factor_for(LaplaceLocalNormal, model, clients)
 
 
 def _trace(guide, batch, globals_):

@@ -11,31 +11,19 @@ as in the sleepstudy model.
 
 import math
 
-import pyro
 import pyro.distributions as dist
 import pytest
 import sleepstudy
 import torch
+from conditional_guides import factor_for, positive_local
 from pyro import poutine
 
-from hbfl_pyro import FederatedData, FederatedSVI, StructuredLocalNormal, discover_structure
+from hbfl_pyro import FederatedSVI, StructuredLocalNormal
 from hbfl_pyro.guides import private_params
 
 
-def positive_local(data):
-    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-    tau = pyro.sample("tau", dist.HalfNormal(1.0))
-    with pyro.plate("clients", data["y"].shape[0]):
-        scale = pyro.sample("scale", dist.LogNormal(mu, tau))
-        pyro.sample("y", dist.Normal(0.0, scale), obs=data["y"])
-
-
 def _guide(model, clients):
-    data = FederatedData(clients)
-    structure = discover_structure(model, data)
-    with private_params():
-        guide = StructuredLocalNormal.for_client(model, structure, data.collate())
-    return guide, data.collate()
+    return factor_for(StructuredLocalNormal, model, clients)
 
 
 def _randomise(guide, seed=0):
