@@ -143,8 +143,9 @@ class VectorisedEngine(InProcessEngine):
             stacked = [params[k] for k in self._names]
             global_guide = first.global_guide
             together = getattr(guide, "batched_recentre", False)
-            if family is None and not together:
+            if family is None:
                 global_guide.load_state_dict(message["global_params"])
+            if family is None and not together:
                 for name, client in zip(names, clients):  # as Client.update does, first
                     recentre_local_guide(
                         client.local_guide, global_guide, structure, client._batch, messages[name]
@@ -157,7 +158,6 @@ class VectorisedEngine(InProcessEngine):
             if family is None and together:
                 # One recentring for the round's clients (e.g. LaplaceLocalNormal's Newton
                 # start), written back to each client's own guide.
-                global_guide.load_state_dict(message["global_params"])
                 recentre_local_guide(guide, global_guide, structure, batch, message)
                 with torch.no_grad():
                     for key, buffer in guide.named_buffers():
