@@ -145,22 +145,24 @@ class LaplaceLocalNormal(PyroModule):
             shapes.append(batch[: max(len(batch) + self._plate_dim, 0)])
         return torch.broadcast_shapes(*shapes) if shapes else torch.Size()
 
-    def _split(self, z: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Local sites' constrained values from flat unconstrained ``z`` (lead + (C, D))."""
+    def _parts(self, z: torch.Tensor):
+        """Each local site's block of flat unconstrained ``z`` (lead + (C, D)), in the
+        site's shape, with its constrained value: ``{name: (part, value)}``."""
         lead = z.shape[:-2]
         pad = (1,) * (-self._plate_dim - 1)
-        values = {}
+        parts = {}
         for name, (support, inner, start, stop, _) in self._locals.items():
             part = z[..., start:stop].reshape(lead + (self._num_clients,) + inner)
             if not inner:
                 part = part.reshape(part.shape + pad)
-            values[name] = biject_to(support)(part)
-        return values
+            parts[name] = (part, biject_to(support)(part))
+        return parts
 
     def _log_joint(self, data, globals: Dict[str, torch.Tensor], z: torch.Tensor):
         """``sum log p(T(z), D | phi) + log|J|`` over every (draw, client): the
         conditionals are independent across them, so its gradient is per-client."""
-        values = self._split(z)
+        parts = self._parts(z)
+        values = {name: value for name, (_, value) in parts.items()}
         conditioned = poutine.condition(self._model[0], data={**globals, **values})
         # Blocked: this inner pass must not reach the handlers of the surrounding ELBO.
         with poutine.block(), pyro.validation_enabled(False):
@@ -168,9 +170,8 @@ class LaplaceLocalNormal(PyroModule):
         total = 0.0
         for name in self._structure.local_sites + self._structure.observed_sites:
             total = total + site_log_prob(trace.nodes[name]).sum()
-        for support, _, start, stop, _ in self._locals.values():
-            part = z[..., start:stop]
-            value = biject_to(support)(part)
+        for name, (part, value) in parts.items():
+            support = self._locals[name][0]
             total = total + biject_to(support).log_abs_det_jacobian(part, value).sum()
         return total
 
@@ -287,12 +288,9 @@ class LaplaceLocalNormal(PyroModule):
                 infer={"is_auxiliary": True},
             )
             out = {}
-            for name, (support, inner, start, stop, event_dim) in self._locals.items():
-                part = z[..., start:stop].reshape(z.shape[:-1] + inner)
-                if not inner:
-                    part = part.reshape(part.shape + pad)
+            for name, (part, value) in self._parts(z).items():
+                support, event_dim = self._locals[name][0], self._locals[name][4]
                 transform = biject_to(support)
-                value = transform(part)
                 # log q(theta) = log q(z) - log|d theta / d z|; the transform sums over
                 # its own event dims already: sum the rest of the site's.
                 log_det = -_sum_rightmost(
