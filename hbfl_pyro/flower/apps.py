@@ -31,7 +31,8 @@ the round with a :class:`~hbfl_pyro.ClientFailureWarning`; the server updates if
 Before the first round the server sends a ``query`` to every node: each answers with its
 client's name, its ``partition-id`` and its data *schema* (keys, dtypes and trailing
 shapes, as tensors of ones -- no values), from which the server builds its side exactly
-as :class:`~hbfl_pyro.FederatedSVI` does (the same seeds, the same client order).
+as :class:`~hbfl_pyro.FederatedSVI` does (the same seeds, the same client order). It
+waits ``wait-timeout`` for the nodes to connect and ``round-timeout`` for their answers.
 
 **Client data** come from the node: the model file's ``load_client(node_config)``
 returning ``(name, {key: array})`` if it defines one, else its ``load_data()`` indexed by
@@ -466,8 +467,11 @@ def _query(grid, node_ids: List[int], action: str, timeout: float, poll: float):
 def discover_clients(grid, config: Mapping) -> Tuple[List[str], Dict[str, int], Dict]:
     """Ask every node for its client: ``(names in partition order, {name: node}, schemas)``."""
     node_ids = _wait_for_nodes(grid, int(config["num-clients"]), float(config["wait-timeout"]))
+    # A connected node answers "hello" only once its ClientApp has imported torch, Pyro and
+    # the model file and loaded its partition: client set-up work, timed like a round
+    # (wait-timeout, for nodes to connect, ran out on a loaded 2-core machine).
     answers, errors = _query(
-        grid, node_ids, "hello", float(config["wait-timeout"]), float(config["poll-interval"])
+        grid, node_ids, "hello", float(config["round-timeout"]), float(config["poll-interval"])
     )
     if errors:
         detail = "; ".join(f"node {nid}: {why}" for nid, why in sorted(errors.items()))
