@@ -13,7 +13,8 @@ Guides: the named families of :func:`hbfl_pyro.guides.guide_family`: ``mean-fiel
 ``full-rank`` (AutoMultivariateNormal x AutoNormal), ``low-rank``
 (AutoLowRankMultivariateNormal x AutoNormal), ``full+struct`` (AutoMultivariateNormal x
 StructuredLocalNormal), ``laplace`` (AutoNormal x LaplaceLocalNormal), ``full+laplace``
-(AutoMultivariateNormal x LaplaceLocalNormal); each fitted with its model file's settings
+(AutoMultivariateNormal x LaplaceLocalNormal), ``spline+laplace``
+(AutoSplineMultivariateNormal x LaplaceLocalNormal); each fitted with its model file's settings
 for that family (``guide_options``, else ``fit_options``). Targets (issue 4): every mean
 within 0.25 sd of the reference and sd ratios in [0.8, 1.2] with the best guide; federated
 vs pooled VI within 0.05 sd.

@@ -15,6 +15,7 @@ from .guides import GuideError
 from .laplace import LaplaceLocalNormal
 from .predict import new_client_predictive, personalise
 from .server import ClientFailureWarning, Server
+from .spline_guide import AutoSplineMultivariateNormal
 from .structure import ModelStructure, ModelStructureError, discover_structure
 from .structured import StructuredLocalNormal
 from .svi import FederatedSVI
@@ -22,6 +23,7 @@ from .svi import FederatedSVI
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoSplineMultivariateNormal",
     "Client",
     "ClientFailureWarning",
     "ClosedFormFamily",

@@ -175,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="variational family: mean-field (AutoNormal for q(phi) and each q_i), "
         "structured (q_i(theta_i | phi), StructuredLocalNormal), full-rank / low-rank "
         "(correlated q(phi)), full+struct, laplace (q_i(theta_i | phi) from Newton's method "
-        "on the client's conditional, LaplaceLocalNormal) or full+laplace; all but "
+        "on the client's conditional, LaplaceLocalNormal), full+laplace or spline+laplace "
+        "(a full-rank q(phi) with learned non-Gaussian marginals, "
+        "AutoSplineMultivariateNormal); all but "
         "mean-field use the gradient server. "
         "The model file's guide_options[FAMILY] override its fit_options (default: the "
         "file's own guides)",

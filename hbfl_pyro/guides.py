@@ -36,6 +36,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .data import num_clients
 from .laplace import LaplaceLocalNormal
+from .spline_guide import AutoSplineMultivariateNormal
 from .structure import ModelStructure
 from .structured import StructuredLocalNormal
 
@@ -57,6 +58,7 @@ GUIDE_FAMILIES = {
     "full+struct": (_FULL_RANK, StructuredLocalNormal),
     "laplace": (AutoNormal, LaplaceLocalNormal),
     "full+laplace": (_FULL_RANK, LaplaceLocalNormal),
+    "spline+laplace": (AutoSplineMultivariateNormal, LaplaceLocalNormal),
 }
 
 
@@ -71,7 +73,9 @@ def guide_family(name: str) -> Dict[str, object]:
     both. ``"laplace"`` and ``"full+laplace"`` take :class:`~hbfl_pyro.LaplaceLocalNormal`,
     ``q_i(theta_i | phi)`` from Newton's method on the client's conditional (any non-linear
     dependence on ``phi``, exact for Gaussian conditionals), with a mean-field or a
-    full-rank ``q(phi)``. All but ``"mean-field"`` set ``server="gradient"``.
+    full-rank ``q(phi)``; ``"spline+laplace"`` gives the full-rank ``q(phi)`` learned
+    non-Gaussian marginals (:class:`~hbfl_pyro.AutoSplineMultivariateNormal`: a skewed
+    ``log tau``). All but ``"mean-field"`` set ``server="gradient"``.
 
     Example::
 
