@@ -297,6 +297,25 @@ def test_expected_log_prior_batches():
         torch.testing.assert_close(out[1, 0], family.expected_log_prior(theta[1, 0], params))
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_weighted_summary_sums_equal_the_sum_of_client_summaries(name):
+    """The fast per-family sums (iso: one norm per row; diag: one squared temporary) equal
+    the definition, sum_i w_i client_summary(m_i, V_i), for per-client and shared (scalar)
+    diagonal variances. Float64 round-off only (1e-12 relative)."""
+    family = make_family(name)
+    g = torch.Generator().manual_seed(3)
+    means = torch.randn(5, D, generator=g)
+    weights = torch.rand(5, generator=g) * 3
+    for var in (torch.rand(5, D, generator=g), torch.tensor(0.04)):
+        full = var.expand_as(means)
+        rows = [family.client_summary(m, v) for m, v in zip(means, full)]
+        expected = {k: sum(w * r[k] for w, r in zip(weights, rows)) for k in rows[0]}
+        got = family.weighted_summary_sums(weights, means, var)
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-12, atol=1e-12)
+
+
 def test_families_agree_at_d1():
     # For d = 1, IW(nu, psi) = InvGamma(nu / 2, psi / 2): all three families coincide.
     a0, b0, mu0, lambda0 = 2.5, 1.5, 0.3, 0.8

@@ -337,6 +337,22 @@ def _weights(
     return torch.full((len(pool),), num_clients / len(pool), dtype=like.dtype, device=like.device)
 
 
+#: Clients per block when summing summaries: with all of a round's clients at once, the
+#: ``(C, d)`` temporaries' memory traffic costs more on a CPU than the sums themselves.
+_BLOCK = 32
+
+
+def _spread(sums: Params, eps: float) -> float:
+    """The weighted mean per-coordinate variance of the summed ``m_i`` (a diagnostic),
+    from the sums alone: ``(sum_mm - d eps^2 sum_w) / (d sum_w) - ||mean||^2 / d``."""
+    total = sums["count"]
+    mean = sums["sum_m"] / total
+    d = mean.shape[-1]
+    sum_mm = sums["sum_mm"]
+    second = (sum_mm.diagonal() if sum_mm.dim() == 2 else sum_mm).sum() / total - d * eps**2
+    return float((second - mean.dot(mean)) / d)
+
+
 def _weighted_sum(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``sum_i w_i rows_i`` as one contraction (no ``(C, d)`` temporary)."""
     return torch.tensordot(w, rows, dims=1)
@@ -401,7 +417,7 @@ class FedHB(FederatedTrainer):
         self.eps = float(eps)
         self.participation, self.weighting, self.start = participation, weighting, start
         self.params = family.init_params()
-        self._stale: Dict[int, Params] = {}
+        self._stale: Dict[int, torch.Tensor] = {}
         self._own: Dict[int, torch.Tensor] = {}
 
     def penalty(self, params: Optional[Params] = None) -> Penalty:
@@ -412,8 +428,12 @@ class FedHB(FederatedTrainer):
             # A quadratic with precision a / b around m0: the engines add its gradient in
             # place. The constant makes the value -expected_log_prior exactly.
             center = params["m0"]
-            constant = -family.expected_log_prior(center, params)
-            return QuadraticPenalty(center, params["a"] / params["b"], constant=constant)
+            # (Computed only if the value is asked for: the engines need the gradient.)
+            return QuadraticPenalty(
+                center,
+                params["a"] / params["b"],
+                constant=lambda: -family.expected_log_prior(center, params),
+            )
 
         def penalty(theta, n):
             return -family.expected_log_prior(theta, params)
@@ -440,52 +460,34 @@ class FedHB(FederatedTrainer):
     def aggregate(self, chosen: List[int], thetas: torch.Tensor) -> Dict:
         """Sum the weighted client summaries and set ``q(phi)`` to the server block's optimum.
 
-        Summaries are computed and summed in blocks of clients: with all of a round's
-        clients at once, each summary's temporaries are ``(C, d)`` arrays whose memory
-        traffic costs more on a CPU than the sums themselves.
+        The sums come from ``family.weighted_summary_sums`` over blocks of clients (the
+        iso / diag families compute them from ``m_i`` directly, without per-client
+        summary temporaries); ``"stale"`` keeps every client's latest ``m_i``, from which
+        its summary is recomputed (it depends on ``m_i`` and ``eps`` only).
         """
-        block = 32
         if self.participation == "stale":
-            for start in range(0, len(chosen), block):
-                rows = self._summaries(thetas[start : start + block])
-                for j, i in enumerate(chosen[start : start + block]):
-                    self._stale[i] = {k: v[j] for k, v in rows.items()}
+            self._stale.update((i, theta.clone()) for i, theta in zip(chosen, thetas))
             pool = sorted(self._stale)
-            w = _weights(pool, self.sizes, self.num_clients, self.weighting, thetas)
-            keys = self._stale[pool[0]].keys()
-            sums = {}
-            for k in keys:
-                sums[k] = sum(
-                    _weighted_sum(
-                        w[s : s + block],
-                        torch.stack([self._stale[i][k] for i in pool[s : s + block]]),
-                    )
-                    for s in range(0, len(pool), block)
-                )
+
+            def rows(s):
+                return torch.stack([self._stale[i] for i in pool[s : s + _BLOCK]])
+
         else:
-            w = _weights(chosen, self.sizes, self.num_clients, self.weighting, thetas)
-            sums = {}
-            for start in range(0, len(chosen), block):
-                rows = self._summaries(thetas[start : start + block])
-                for k, v in rows.items():
-                    part = _weighted_sum(w[start : start + block], v)
-                    sums[k] = part if k not in sums else sums[k] + part
+            pool = chosen
+
+            def rows(s):
+                return thetas[s : s + _BLOCK]
+
+        w = _weights(pool, self.sizes, self.num_clients, self.weighting, thetas)
+        var = thetas.new_tensor(self.eps**2)
+        sums: Params = {}
+        for s in range(0, len(pool), _BLOCK):
+            part = self.family.weighted_summary_sums(w[s : s + _BLOCK], rows(s), var)
+            sums = {k: sums[k] + v for k, v in part.items()} if sums else part
         self.params = self.family.server_update(sums, self.num_clients)
         if self.start == "own":
             self._own.update(zip(chosen, thetas))
-        # Mean per-coordinate variance of the round's m_i, from two norms (a column-wise
-        # var over (C, d) is slow on CPU); a diagnostic only.
-        mean = thetas.mean(0)
-        spread = float(
-            (torch.linalg.vector_norm(thetas) ** 2 / len(chosen) - mean.dot(mean)) / thetas.shape[1]
-        )
-        return {"prox_weight": self.prox_weight(), "client_spread": spread}
-
-    def _summaries(self, thetas: torch.Tensor) -> Params:
-        """``family.client_summary(m_i, eps^2 1)`` for a block of clients (rows)."""
-        # eps^2 for every coordinate, as a broadcast view (no (C, d) allocation).
-        var = thetas.new_full((1, thetas.shape[-1]), self.eps**2).expand_as(thetas)
-        return self.family.client_summary(thetas, var)
+        return {"prox_weight": self.prox_weight(), "client_spread": _spread(sums, self.eps)}
 
     def state_dict(self) -> Dict:
         return {

@@ -147,15 +147,22 @@ class QuadraticPenalty:
     :param center: ``c``, shape ``(d,)``.
     :param precision: ``w``, a scalar or shape ``(d,)``.
     :param per_example: multiply by the client's ``n_i`` (a penalty stated per example).
-    :param constant: added to the value (no gradient).
+    :param constant: added to the value (no gradient); a callable is called the first
+        time the value is needed (the engines need only the gradient).
     """
 
     def __init__(self, center, precision, per_example: bool = False, constant=0.0):
         self.center = center
         self.precision = torch.as_tensor(precision, dtype=center.dtype, device=center.device)
         self.per_example = per_example
-        self.constant = constant
+        self._constant = constant
         self._buffer: Optional[torch.Tensor] = None
+
+    @property
+    def constant(self):
+        if callable(self._constant):
+            self._constant = self._constant()
+        return self._constant
 
     def __call__(self, theta: torch.Tensor, n) -> torch.Tensor:
         value = 0.5 * (self.precision * (theta - self.center).pow(2)).sum(-1)

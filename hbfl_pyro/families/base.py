@@ -48,6 +48,22 @@ class ClosedFormFamily:
         """
         raise NotImplementedError
 
+    def weighted_summary_sums(
+        self, weights: torch.Tensor, means: torch.Tensor, var: torch.Tensor
+    ) -> Params:
+        """``sum_i weights_i * client_summary(means_i, var_i)`` for many clients at once.
+
+        What a server computes from the replies of one round (or a simulation from its
+        stacked clients); families with cheap sums override it to skip the per-client
+        ``(C, d)`` temporaries.
+
+        :param weights: ``(C,)``, each client's multiplicity.
+        :param means: ``(C, d)``.
+        :param var: diagonal covariances, broadcastable to ``(C, d)`` (e.g. a scalar).
+        """
+        rows = self.client_summary(means, var.expand_as(means))
+        return {k: torch.tensordot(weights, v, dims=1) for k, v in rows.items()}
+
     def server_update(self, sums: Params, num_clients: float) -> Params:
         """The exact maximiser of the server block given the summed client summaries.
 

@@ -641,6 +641,20 @@ class NIWDiag(ClosedFormFamily):
             "count": mean.new_ones(mean.shape[:-1]),
         }
 
+    def weighted_summary_sums(
+        self, weights: torch.Tensor, means: torch.Tensor, var: torch.Tensor
+    ) -> Params:
+        """:meth:`client_summary` summed with ``weights`` over the rows of ``means``:
+        ``sum_m = w @ m``, ``sum_mm = w @ m^2 + w @ v`` (one squared temporary, no
+        per-client dicts)."""
+        var = var.expand(means.shape[-1]) if var.dim() < 2 else var
+        spread = torch.tensordot(weights, var, dims=1) if var.dim() == 2 else weights.sum() * var
+        return {
+            "sum_m": torch.tensordot(weights, means, dims=1),
+            "sum_mm": torch.tensordot(weights, means.pow(2), dims=1) + spread,
+            "count": weights.sum(),
+        }
+
     def server_update(self, sums: Params, num_clients: float) -> Params:
         """The exact maximiser of the server block (conjugate update per coordinate).
 
@@ -816,6 +830,20 @@ class NIWIso(ClosedFormFamily):
             "sum_m": mean,
             "sum_mm": (mean.pow(2) + var).sum(-1),
             "count": mean.new_ones(mean.shape[:-1]),
+        }
+
+    def weighted_summary_sums(
+        self, weights: torch.Tensor, means: torch.Tensor, var: torch.Tensor
+    ) -> Params:
+        """:meth:`client_summary` summed with ``weights`` over the rows of ``means``:
+        ``sum_m = w @ m``, ``sum_mm = w @ (||m_i||^2 + tr V_i)`` from one norm per row."""
+        d = means.shape[-1]
+        trace = var.sum(-1) if var.dim() == 2 else var.expand(d).sum()
+        sq = torch.linalg.vector_norm(means, dim=-1).pow(2)
+        return {
+            "sum_m": torch.tensordot(weights, means, dims=1),
+            "sum_mm": torch.tensordot(weights, sq + trace, dims=1),
+            "count": weights.sum(),
         }
 
     def server_update(self, sums: Params, num_clients: float) -> Params:
