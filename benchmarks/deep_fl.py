@@ -15,9 +15,12 @@ N = 10, 100, 1,000 clients.
 Methods (``--methods``) are names with optional ``key=value`` options after a colon:
 
 - ``local``: each client alone, from the initial weights, ``--local-only-epochs`` epochs;
-- ``mixture:K=..,warmup=..,prox=..,pseudo=..,mixing=uniform|learned`` (FedHB mixture with
-  a gate for global prediction; use with ``--rotations``; ``global_uniform_acc`` is the
-  uniform-ensemble fallback);
+- ``mixture:K=..,warmup=..|cluster=..,hold=..,prox=..,pseudo=..,mixing=uniform|learned`` (FedHB
+  mixture with a gate for global prediction; use with ``--rotations``; components start
+  from random networks with ``warmup`` rounds of dealt clients, or from ``cluster`` shared
+  rounds and a clustering of the clients' updates; ``global_uniform_acc`` is the
+  uniform-ensemble fallback, ``cluster_purity`` the share of clients whose component
+  holds a majority of their rotation group);
 - ``pooled``: one model on all clients' training data, same example budget (upper reference);
 - ``fedavg``; ``fedprox:mu=0.01`` (FedProx, per-example ``mu``);
 - ``ditto:lam=..`` (Ditto; ``native_personal_acc`` scores its persistent personal models);
@@ -203,7 +206,10 @@ def build(method: Dict, net, clients, args, seed):
             families,
             eps=float(method.get("eps", 0.1)),
             mixing=method.get("mixing", "uniform"),
-            warmup_rounds=int(method.get("warmup", 5)),
+            # cluster=R: R shared rounds, then components from clustered updates.
+            warmup_rounds=0 if "cluster" in method else int(method.get("warmup", 5)),
+            cluster_rounds=int(method.get("cluster", 0)),
+            hold_rounds=int(method.get("hold", 0)),
             participation=method.get("participation", "stale"),
             weighting=method.get("weighting", "size"),
             **common,
@@ -226,6 +232,20 @@ def build(method: Dict, net, clients, args, seed):
         start=method.get("start", "global"),
         **common,
     )
+
+
+def cluster_purity(fit: FedHBMixture, split) -> float:
+    """Share of training clients in their component's majority rotation group (each client
+    counted at the argmax of its latest responsibilities; 1 / K for a single component
+    when the K groups are equal in size)."""
+    heard = [i for i in range(fit.num_clients) if i in fit.client_resp]
+    comp = [int(fit.client_resp[i].argmax()) for i in heard]
+    group = [split.clients[i].group for i in heard]
+    majority = 0
+    for k in set(comp):
+        members = [g for c, g in zip(comp, group) if c == k]
+        majority += max(members.count(g) for g in set(members))
+    return majority / max(len(comp), 1)
 
 
 def run_one(method: Dict, split, args, seed) -> Dict:
@@ -269,6 +289,7 @@ def run_one(method: Dict, split, args, seed) -> Dict:
             out["prox_weight"] = fit.prox_weight()
         if isinstance(fit, FedHBMixture):
             out["prox_weight"] = float(np.mean(fit.prox_weights()))
+            out["cluster_purity"] = cluster_purity(fit, split)
     out["total_seconds"] = time.perf_counter() - start
     return out
 

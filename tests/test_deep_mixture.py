@@ -17,6 +17,7 @@ from hbfl_pyro.deep.local import batch_schedule, train_loop, train_vmap
 from hbfl_pyro.deep.mixture import (
     FedHBMixture,
     MixturePenalty,
+    cluster_directions,
     component_inits,
     mixture_priors,
 )
@@ -244,6 +245,83 @@ def test_components_specialise_on_rotated_clusters(small_mnist, report):
     assert torch.allclose(uniform, by_hand.mean(0), atol=1e-12)
     gated = fit.predict_proba(split.x_test)
     assert torch.allclose(gated, (gate.T[:, :, None] * by_hand).sum(0), atol=1e-12)
+
+
+def test_cluster_directions_groups_by_direction_not_size():
+    """Three hidden directions in 200 dimensions, 7 updates each, scaled by sizes from 0.1
+    to 10 and perturbed by noise of 0.2 per unit: k-means on the unit sphere must recover
+    the three groups exactly (a partition, labels up to permutation), and the same seed
+    must give the same labels. Euclidean k-means on the raw rows would group by size."""
+    gen = torch.Generator().manual_seed(0)
+    directions = torch.randn(3, 200, generator=gen, dtype=torch.float64)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    truth = torch.arange(21) % 3
+    sizes = torch.logspace(-1, 1, 21, dtype=torch.float64)
+    noise = 0.2 * torch.randn(21, 200, generator=gen, dtype=torch.float64) / 200**0.5
+    rows = sizes[:, None] * (directions[truth] + noise)
+    labels = cluster_directions(rows, 3, seed=4)
+    pairs = {(int(t), int(k)) for t, k in zip(truth, labels)}
+    assert len(pairs) == 3 and len({k for _, k in pairs}) == 3
+    assert torch.equal(labels, cluster_directions(rows, 3, seed=4))
+    with pytest.raises(ValueError, match="cannot make 4 clusters of 3"):
+        cluster_directions(rows[:3], 4)
+
+
+def test_cluster_rounds_start_the_components_from_the_clients_groups(small_mnist):
+    """Two rotation groups (0 and 90 degrees), 12 clients, K = 2, linear softmax model:
+    after ``cluster_rounds`` shared rounds the server's groups are the rotation groups
+    (every client heard from, both ways round), each component is the closed-form update
+    of its own group's latest replies (checked against component 0 refitted with the
+    group's one-hot responsibilities), and with ``hold_rounds`` both components keep
+    their groups. Before the clustering only component 0 is fitted."""
+    x, y = small_mnist
+    split = partition(
+        x, y, scheme="iid", num_clients=12, num_new_clients=0, rotations=2, global_test=100
+    )
+    net = tiny_net(sizes=(49, 10))
+    fams = mixture_priors(net, 2, seed=0, prox_weight=100.0, pseudo_clients=0.01)
+    fit = FedHBMixture(
+        net,
+        split.clients,
+        fams,
+        eps=0.1,
+        fraction=0.5,
+        local=LocalSpec(epochs=2, batch_size=16, lr=0.1),
+        cluster_rounds=3,
+        hold_rounds=4,
+        participation="stale",
+        mixing="uniform",
+        seed=0,
+    )
+    fit.run(2)
+    assert all(float(r["counts"][1]) == 0.0 for r in fit.history)
+    clusters = fit.step()["clusters"]
+    groups = {i: c.group for i, c in enumerate(split.clients)}
+    assert len(clusters) >= 10  # heard from after 3 rounds of 6 clients
+    by_group = {g: {k for i, k in clusters.items() if groups[i] == g} for g in (0, 1)}
+    assert all(len(v) == 1 for v in by_group.values()) and by_group[0] != by_group[1]
+    # Component k is the family's closed form of its group's stale replies alone.
+    for k in (0, 1):
+        members = sorted(i for i, c in clusters.items() if c == k)
+        # weighting="equal": every reply in the pool counts N / (pool size) clients.
+        w = torch.full((len(members),), fit.num_clients / len(clusters), dtype=torch.float64)
+        rows = [
+            fams[k].client_summary(fit._stale[i][0], torch.full((fit.net.d,), 0.1**2))
+            for i in members
+        ]
+        sums = {key: sum(wj * row[key] for wj, row in zip(w, rows)) for key in rows[0]}
+        expected = fams[k].server_update(sums, w.sum())
+        for key, value in expected.items():
+            assert torch.allclose(fit.params[k][key], value, rtol=1e-10, atol=1e-12), (k, key)
+    fit.run(4)  # held: every client reports its group's component
+    for i, r in fit.client_resp.items():
+        assert int(r.argmax()) == fit.labels[i]
+        if i in clusters:
+            assert fit.labels[i] == clusters[i]
+    with pytest.raises(ValueError, match="give one of them"):
+        FedHBMixture(net, split.clients, fams, warmup_rounds=2, cluster_rounds=2)
+    with pytest.raises(ValueError, match='participation="stale"'):
+        FedHBMixture(net, split.clients, fams, cluster_rounds=2, participation="scaled")
 
 
 def test_no_gate_falls_back_to_uniform_and_input_errors():

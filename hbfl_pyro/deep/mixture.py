@@ -80,7 +80,7 @@ from ..families.niw import NIWDiag, NIWIso
 from ..seeding import derive_seed, seeded
 from .baselines import FedProx
 from .data import FederatedSplit
-from .fedhb import ClientLike, FederatedTrainer, _weighted_sum, _weights, iso_prior, prox_weight
+from .fedhb import _BLOCK, ClientLike, FederatedTrainer, _weights, iso_prior, prox_weight
 from .local import LocalSpec, QuadraticPenalty, schedules_for, select_clients
 from .metrics import evaluate, scores
 from .nets import FlatNet
@@ -88,6 +88,7 @@ from .nets import FlatNet
 __all__ = [
     "FedHBMixture",
     "MixturePenalty",
+    "cluster_directions",
     "component_inits",
     "evaluate_mixture",
     "mixture_priors",
@@ -134,6 +135,64 @@ def component_inits(net: nn.Module, num_components: int, seed: int = 0) -> torch
                 m.reset_parameters()
         rows.append(FlatNet(fresh).vector())
     return torch.stack(rows)
+
+
+def cluster_directions(
+    updates: torch.Tensor, num_clusters: int, seed: int = 0, restarts: int = 10, iters: int = 100
+) -> torch.Tensor:
+    """Spherical k-means of client updates: which clients moved the shared model alike.
+
+    Rows are scaled to unit length (an update's size says how far a client went, its
+    direction what its data asked for) and grouped by k-means on the unit sphere (cosine
+    similarity; k-means++ starts drawn with a generator seeded by ``(seed, restart)``);
+    the restart with the largest total similarity to its centres wins. This is how the
+    mixture's components are initialised from data instead of from random networks
+    (:class:`FedHBMixture`'s ``cluster_rounds``), as k-means initialises EM for a
+    Gaussian mixture.
+
+    :param updates: ``(C, d)``, one update ``m_i - start_i`` per client.
+    :param num_clusters: ``K``, at most ``C``.
+    :returns: ``(C,)`` cluster labels in ``0..K-1``.
+
+    Example::
+
+        >>> import torch
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> a, b = torch.randn(2, 50, generator=gen)
+        >>> noise = lambda: 0.1 * torch.randn(4, 50, generator=gen)
+        >>> rows = torch.cat([3 * a + noise(), b + noise()])
+        >>> labels = cluster_directions(rows, 2)
+        >>> labels[:4].unique().numel(), labels[4:].unique().numel(), bool(labels[0] != labels[4])
+        (1, 1, True)
+    """
+    count = updates.shape[0]
+    if not 1 <= num_clusters <= count:
+        raise ValueError(f"cannot make {num_clusters} clusters of {count} client updates")
+    unit = updates / torch.linalg.vector_norm(updates, dim=-1, keepdim=True).clamp_min(1e-30)
+    best_labels, best_score = None, -float("inf")
+    for restart in range(restarts):
+        gen = torch.Generator().manual_seed(derive_seed(seed, "cluster", restart))
+        # k-means++: each next start is drawn with probability ~ its distance to the nearest.
+        picks = [int(torch.randint(count, (1,), generator=gen))]
+        for _ in range(1, num_clusters):
+            dist2 = (2 - 2 * unit @ unit[picks].T).clamp_min(0).min(-1).values
+            probs = dist2.double().cpu() if dist2.sum() > 0 else torch.ones(count).double()
+            picks.append(int(torch.multinomial(probs, 1, generator=gen)))
+        centres = unit[picks]
+        labels = None
+        for _ in range(iters):
+            new = (unit @ centres.T).argmax(-1)
+            if labels is not None and torch.equal(new, labels):
+                break
+            labels = new
+            for k in range(num_clusters):
+                members = unit[labels == k]
+                if len(members):  # an emptied cluster keeps its centre
+                    centres[k] = members.sum(0) / torch.linalg.vector_norm(members.sum(0))
+        score = float((unit * centres[labels]).sum())
+        if score > best_score:
+            best_labels, best_score = labels, score
+    return best_labels
 
 
 def mixture_priors(
@@ -283,6 +342,25 @@ class FedHBMixture(FederatedTrainer):
     :param weighting: ``"equal"`` or ``"size"`` (as in FedHB).
     :param warmup_rounds: rounds in which clients are dealt to components in a seeded
         order instead of choosing their best centre (see :meth:`client_starts`).
+    :param cluster_rounds: the other way to start (exclusive with ``warmup_rounds``; needs
+        ``participation="stale"``): for this many rounds every client starts at component
+        0's centre and only component 0 is fitted (FedHB, ``K = 1``); then the server
+        groups the clients it has heard from by the direction of their updates
+        ``m_i - m0`` (:func:`cluster_directions`), gives each its group as one-hot
+        responsibilities, and refits all ``K`` components from the pool. Clients whose
+        data differ alike (a rotation) pull the shared model the same way, so the
+        components start where those groups' models are, not at random networks (with
+        those, the first component to improve wins every client: the collapse seen on
+        rotated MNIST).
+    :param hold_rounds: after the clustering, for this many rounds each clustered client
+        keeps its group: it starts at its component's centre and reports the one-hot
+        ``q(z_i)`` of its group (a client first heard from then picks its best centre and
+        keeps it). Any ``q(z_i)`` gives a valid ELBO; holding it lets each component learn
+        its group's data before clients compare them. Right after the clustering the
+        centres differ by one round's updates, and 5 local epochs move a client further in
+        the direction every client shares than the components are apart, so the freshest
+        centre is nearest to all (measured: purity 1.0 at the clustering, one component
+        for all 40 clients 7 rounds later without holding).
     :param kwargs: ``fraction``, ``local``, ``engine``, ``chunk_size``, ``seed``.
 
     Example::
@@ -315,6 +393,8 @@ class FedHBMixture(FederatedTrainer):
         participation: str = "stale",
         weighting: str = "equal",
         warmup_rounds: int = 0,
+        cluster_rounds: int = 0,
+        hold_rounds: int = 0,
         **kwargs,
     ):
         super().__init__(net, clients, **kwargs)
@@ -344,7 +424,27 @@ class FedHBMixture(FederatedTrainer):
             raise ValueError(f"alpha0 must be > 0, got {alpha0}")
         if warmup_rounds < 0:
             raise ValueError(f"warmup_rounds must be >= 0, got {warmup_rounds}")
+        if cluster_rounds < 0:
+            raise ValueError(f"cluster_rounds must be >= 0, got {cluster_rounds}")
+        if cluster_rounds and warmup_rounds:
+            raise ValueError(
+                "warmup_rounds and cluster_rounds are two ways to start the components: "
+                "give one of them"
+            )
+        if cluster_rounds and participation != "stale":
+            raise ValueError(
+                'cluster_rounds needs participation="stale" (the components are refitted '
+                "from every client's latest reply)"
+            )
         self.warmup_rounds = int(warmup_rounds)
+        if hold_rounds < 0:
+            raise ValueError(f"hold_rounds must be >= 0, got {hold_rounds}")
+        self.cluster_rounds = int(cluster_rounds)
+        self.hold_rounds = int(hold_rounds)
+        #: each client's component while ``q(z_i)`` is held (see ``hold_rounds``).
+        self.labels: Dict[int, int] = {}
+        #: clients' updates ``m_i - start`` during the shared rounds (``cluster_rounds``).
+        self._updates: Dict[int, torch.Tensor] = {}
         self.families = families
         self.K = len(families)
         self.eps = float(eps)
@@ -430,18 +530,25 @@ class FedHBMixture(FederatedTrainer):
             which = torch.empty(len(data), dtype=torch.long)
             which[order] = torch.arange(len(data)) % self.K
             return centers[which.to(centers.device)]
-        log_w = self.log_weights()
+        return centers[self.best_components(data)]
+
+    @torch.no_grad()
+    def best_components(self, data) -> List[int]:
+        """Each client's centre with the lowest summed NLL on its training data minus
+        ``E[log pi_k]``."""
+        centers, log_w = self.centers(), self.log_weights()
         best = []
         for x, y in data:
             nll = torch.stack(
                 [F.cross_entropy(self.net(c, x), y, reduction="sum") for c in centers]
             )
             best.append(int((nll - log_w).argmin()))
-        return centers[best]
+        return best
 
     def step(self) -> Dict:
         """One round: selection, best-centre starts, local training with the soft-min prox,
-        responsibilities, per-component server update."""
+        responsibilities, per-component server update (in the shared rounds of
+        ``cluster_rounds``: component 0 alone, then the clustering)."""
         import time
 
         server_round = self.round + 1
@@ -449,20 +556,55 @@ class FedHBMixture(FederatedTrainer):
         chosen = select_clients(self.num_clients, self.fraction, self.seed, server_round)
         schedules = schedules_for(self.sizes, self.local, self.seed, server_round, chosen)
         data = [self.data[i] for i in chosen]
-        starts = self.client_starts(data, server_round)
-        thetas = self.train(starts, data, schedules, self.penalty())
         record = {"round": server_round, "clients": chosen}
-        record.update(self.aggregate(chosen, thetas))
+        if server_round <= self.cluster_rounds:
+            starts = self.centers()[0]
+            thetas = self.train(starts, data, schedules, self._shared_penalty())
+            self._updates.update(zip(chosen, thetas - starts))
+            resp = torch.zeros(len(chosen), self.K, dtype=thetas.dtype, device=thetas.device)
+            resp[:, 0] = 1.0
+            record.update(self.aggregate(chosen, thetas, resp))
+            if server_round == self.cluster_rounds:
+                record["clusters"] = self._cluster_components(thetas)
+        elif server_round <= self.cluster_rounds + self.hold_rounds:
+            new = [(i, x) for i, x in zip(chosen, data) if i not in self.labels]
+            # A client first heard from now keeps the centre it chooses.
+            self.labels.update(zip([i for i, _ in new], self.best_components([x for _, x in new])))
+            starts = self.centers()[[self.labels[i] for i in chosen]]
+            thetas = self.train(starts, data, schedules, self.penalty())
+            resp = F.one_hot(torch.tensor([self.labels[i] for i in chosen]), self.K)
+            record.update(self.aggregate(chosen, thetas, resp.to(thetas)))
+        else:
+            starts = self.client_starts(data, server_round)
+            thetas = self.train(starts, data, schedules, self.penalty())
+            record.update(self.aggregate(chosen, thetas))
         record["seconds"] = time.perf_counter() - start
         self.round = server_round
         self.history.append(record)
         return record
 
-    # ------------------------------------------------------------------ server side
-    def _summaries(self, k: int, thetas: torch.Tensor) -> Params:
-        var = thetas.new_full((1, thetas.shape[-1]), self.eps**2).expand_as(thetas)
-        return self.families[k].client_summary(thetas, var)
+    def _shared_penalty(self) -> MixturePenalty:
+        """Component 0's prox alone (FedHB's quadratic), for the shared rounds."""
+        p = self.params[0]
+        return MixturePenalty(p["m0"][None], (p["a"] / p["b"])[None], p["m0"].new_zeros(1))
 
+    def _cluster_components(self, like: torch.Tensor) -> Dict[int, int]:
+        """End of the shared rounds: cluster the clients heard from by their updates, make
+        each group a component (one-hot responsibilities in the pool) and refit all."""
+        pool = sorted(self._updates)
+        labels = cluster_directions(
+            torch.stack([self._updates[i] for i in pool]), self.K, derive_seed(self.seed, "k")
+        )
+        onehot = F.one_hot(labels, self.K).to(like.dtype)
+        for i, r, k in zip(pool, onehot, labels.tolist()):
+            self._stale[i] = (self._stale[i][0], r.to(like.device))
+            self.client_resp[i] = r
+            self.labels[i] = k
+        self._update_from_pool(like)
+        self._updates.clear()
+        return {i: int(k) for i, k in zip(pool, labels)}
+
+    # ------------------------------------------------------------------ server side
     def aggregate(
         self, chosen: List[int], thetas: torch.Tensor, resp: Optional[torch.Tensor] = None
     ) -> Dict:
@@ -475,43 +617,47 @@ class FedHBMixture(FederatedTrainer):
             resp = self.responsibilities(thetas)
         for j, i in enumerate(chosen):
             self.client_resp[i] = resp[j]
-        # A client's iso / diag summary depends on m_i and eps only, not on the component,
-        # so one set of rows serves every component (component 0's family computes them).
-        block = 32
         if self.participation == "stale":
-            for s in range(0, len(chosen), block):
-                rows = self._summaries(0, thetas[s : s + block])
-                for j, i in enumerate(chosen[s : s + block]):
-                    self._stale[i] = ({key: v[j] for key, v in rows.items()}, resp[s + j])
-            pool = sorted(self._stale)
-            w = _weights(pool, self.sizes, self.num_clients, self.weighting, thetas)
-            r_pool = torch.stack([self._stale[i][1] for i in pool])
-
-            def sums_for(wk):
-                out = {}
-                for key in self._stale[pool[0]][0]:
-                    out[key] = sum(
-                        _weighted_sum(
-                            wk[s : s + block],
-                            torch.stack([self._stale[i][0][key] for i in pool[s : s + block]]),
-                        )
-                        for s in range(0, len(pool), block)
-                    )
-                return out
-
-            weights = [w * r_pool[:, k] for k in range(self.K)]
-            all_sums = [sums_for(wk) for wk in weights]
+            # A client's summary depends on m_i and eps only: keep m_i and its r_i.
+            for j, i in enumerate(chosen):
+                self._stale[i] = (thetas[j].clone(), resp[j])
+            counts = self._update_from_pool(thetas)
         else:
-            w = _weights(chosen, self.sizes, self.num_clients, self.weighting, thetas)
-            weights = [w * resp[:, k] for k in range(self.K)]
-            all_sums = [{} for _ in range(self.K)]
-            for s in range(0, len(chosen), block):
-                rows = self._summaries(0, thetas[s : s + block])
-                for k in range(self.K):
-                    for key, v in rows.items():
-                        part = _weighted_sum(weights[k][s : s + block], v)
-                        sums = all_sums[k]
-                        sums[key] = part if key not in sums else sums[key] + part
+            counts = self._update_from(chosen, lambda s: thetas[s : s + _BLOCK], resp)
+        return {
+            "responsibilities": resp.detach().clone(),
+            "counts": counts,
+            "prox_weights": self.prox_weights(),
+        }
+
+    def _update_from_pool(self, like: torch.Tensor) -> torch.Tensor:
+        """Every component's closed-form update from the stale pool (each client's latest
+        ``m_i`` and responsibilities); returns the counts ``N_k``."""
+        pool = sorted(self._stale)
+
+        def rows(s):
+            return torch.stack([self._stale[i][0] for i in pool[s : s + _BLOCK]])
+
+        return self._update_from(pool, rows, torch.stack([self._stale[i][1] for i in pool]))
+
+    def _update_from(self, clients: List[int], rows, resp: torch.Tensor) -> torch.Tensor:
+        """Set every component from ``clients``' ``m_i`` (``rows(s)``: the block starting at
+        ``s``) weighted by ``w_i r_ik``; returns ``N_k``."""
+        like = resp
+        w = _weights(clients, self.sizes, self.num_clients, self.weighting, like)
+        weights = [w * resp[:, k] for k in range(self.K)]
+        var = like.new_tensor(self.eps**2)
+        all_sums: List[Params] = [{} for _ in range(self.K)]
+        for s in range(0, len(clients), _BLOCK):
+            block = rows(s)
+            for k, fam in enumerate(self.families):
+                part = fam.weighted_summary_sums(weights[k][s : s + _BLOCK], block, var)
+                sums = all_sums[k]
+                all_sums[k] = {key: sums[key] + v for key, v in part.items()} if sums else part
+        return self._set_components(w, weights, all_sums)
+
+    def _set_components(self, w, weights, all_sums) -> torch.Tensor:
+        """``q(mu_k, Sigma_k)`` from the weighted sums and ``q(pi)``; returns ``N_k``."""
         total = w.sum()
         # N_k = N * (share of the weighted responsibility): exactly N when K = 1 (x / x = 1).
         counts = torch.stack([self.num_clients * (wk.sum() / total) for wk in weights])
@@ -520,11 +666,7 @@ class FedHBMixture(FederatedTrainer):
             for k, (fam, sums) in enumerate(zip(self.families, all_sums))
         ]
         self.alpha = self.alpha0 + counts
-        return {
-            "responsibilities": resp.detach().clone(),
-            "counts": counts,
-            "prox_weights": self.prox_weights(),
-        }
+        return counts
 
     def state_dict(self) -> Dict:
         return {
