@@ -30,3 +30,23 @@ def test_deep_fl_benchmark_smoke(tmp_path):
     assert 0.0 <= runs["fedavg"][0]["global_acc"] <= 1.0
     assert data["cost"][0]["clients"] == 3
     assert data["settings"]["versions"]["torch"] == __import__("torch").__version__
+
+
+def test_deep_fl_benchmark_mixture_smoke(tmp_path):
+    """Rotated clusters with the cluster-started mixture: the run reports the rotation
+    purity of its components (a share of clients, so in [1/K, 1]) and the uniform fallback."""
+    out = tmp_path / "rotated"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "deep_fl.py"),
+        "--scheme", "iid", "--rotations", "2", "--clients", "8", "--new-clients", "2",
+        "--global-test", "100", "--rounds", "4", "--fraction", "0.5", "--hidden", "8",
+        "--seeds", "0", "--finetune-epochs", "1",
+        "--methods", "mixture:cluster=2,hold=2", "--cost-clients", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = json.loads((out / "results.json").read_text())["results"]["None"]
+    (result,) = run["mixture:cluster=2,hold=2"]
+    assert 0.5 <= result["cluster_purity"] <= 1.0
+    assert 0.0 <= result["global_uniform_acc"] <= 1.0
