@@ -595,9 +595,9 @@ class FedHBMixture(FederatedTrainer):
         labels = cluster_directions(
             torch.stack([self._updates[i] for i in pool]), self.K, derive_seed(self.seed, "k")
         )
-        onehot = F.one_hot(labels, self.K).to(like.dtype)
+        onehot = F.one_hot(labels, self.K).to(like)
         for i, r, k in zip(pool, onehot, labels.tolist()):
-            self._stale[i] = (self._stale[i][0], r.to(like.device))
+            self._stale[i] = (self._stale[i][0], r)
             self.client_resp[i] = r
             self.labels[i] = k
         self._update_from_pool(like)
