@@ -187,6 +187,31 @@ def test_server_update_is_the_per_component_closed_form(kind):
 # --------------------------------------------------------------------------------------
 
 
+def two_rotation_mixture(small_mnist, global_test=100, **start):
+    """12 clients in two rotation groups (0 and 90 degrees) of 7x7 MNIST and a K = 2
+    mixture of linear softmax models (one linear model cannot fit both rotations well),
+    its components started as ``start`` says (``warmup_rounds`` or ``cluster_rounds``)."""
+    x, y = small_mnist
+    split = partition(
+        x, y, scheme="iid", num_clients=12, num_new_clients=0, rotations=2, global_test=global_test
+    )
+    net = tiny_net(sizes=(49, 10))
+    fams = mixture_priors(net, 2, seed=0, prox_weight=100.0, pseudo_clients=0.01)
+    fit = FedHBMixture(
+        net,
+        split.clients,
+        fams,
+        eps=0.1,
+        fraction=0.5,
+        local=LocalSpec(epochs=2, batch_size=16, lr=0.1),
+        participation="stale",
+        mixing="uniform",
+        seed=0,
+        **start,
+    )
+    return split, fit
+
+
 def test_components_specialise_on_rotated_clusters(small_mnist, report):
     """Two rotation groups (0 and 90 degrees) of 7x7 MNIST, 12 clients, K = 2, a linear
     softmax model (one linear model cannot fit both rotations well, so the clusters matter).
@@ -201,24 +226,7 @@ def test_components_specialise_on_rotated_clusters(small_mnist, report):
     component, against 50% for a gate that has learnt nothing; ``gate=False`` must give
     the uniform ensemble.
     """
-    x, y = small_mnist
-    split = partition(
-        x, y, scheme="iid", num_clients=12, num_new_clients=0, rotations=2, global_test=400
-    )
-    net = tiny_net(sizes=(49, 10))
-    fams = mixture_priors(net, 2, seed=0, prox_weight=100.0, pseudo_clients=0.01)
-    fit = FedHBMixture(
-        net,
-        split.clients,
-        fams,
-        eps=0.1,
-        fraction=0.5,
-        local=LocalSpec(epochs=2, batch_size=16, lr=0.1),
-        warmup_rounds=2,
-        participation="stale",
-        mixing="uniform",
-        seed=0,
-    )
+    split, fit = two_rotation_mixture(small_mnist, global_test=400, warmup_rounds=2)
     fit.run(12)
     groups = torch.tensor([c.group for c in split.clients])
     resp = torch.stack([fit.client_resp[i] for i in range(len(split.clients))])
@@ -274,25 +282,8 @@ def test_cluster_rounds_start_the_components_from_the_clients_groups(small_mnist
     of its own group's latest replies (checked against component 0 refitted with the
     group's one-hot responsibilities), and with ``hold_rounds`` both components keep
     their groups. Before the clustering only component 0 is fitted."""
-    x, y = small_mnist
-    split = partition(
-        x, y, scheme="iid", num_clients=12, num_new_clients=0, rotations=2, global_test=100
-    )
-    net = tiny_net(sizes=(49, 10))
-    fams = mixture_priors(net, 2, seed=0, prox_weight=100.0, pseudo_clients=0.01)
-    fit = FedHBMixture(
-        net,
-        split.clients,
-        fams,
-        eps=0.1,
-        fraction=0.5,
-        local=LocalSpec(epochs=2, batch_size=16, lr=0.1),
-        cluster_rounds=3,
-        hold_rounds=4,
-        participation="stale",
-        mixing="uniform",
-        seed=0,
-    )
+    split, fit = two_rotation_mixture(small_mnist, cluster_rounds=3, hold_rounds=4)
+    net, fams = fit.net.net, fit.families
     fit.run(2)
     assert all(float(r["counts"][1]) == 0.0 for r in fit.history)
     clusters = fit.step()["clusters"]
