@@ -342,6 +342,20 @@ def _weights(
 _BLOCK = 32
 
 
+def _summed_summaries(
+    family: ClosedFormFamily, weights: torch.Tensor, rows, count: int, eps: float
+) -> Params:
+    """``family.weighted_summary_sums`` over ``count`` clients in blocks of ``_BLOCK``;
+    ``rows(s)`` gives the ``m_i`` of the block starting at client ``s``, ``eps^2`` is every
+    client's variance."""
+    var = weights.new_tensor(eps**2)
+    sums: Params = {}
+    for s in range(0, count, _BLOCK):
+        part = family.weighted_summary_sums(weights[s : s + _BLOCK], rows(s), var)
+        sums = {k: sums[k] + v for k, v in part.items()} if sums else part
+    return sums
+
+
 def _spread(sums: Params, eps: float) -> float:
     """The weighted mean per-coordinate variance of the summed ``m_i`` (a diagnostic),
     from the sums alone: ``(sum_mm - d eps^2 sum_w) / (d sum_w) - ||mean||^2 / d``."""
@@ -479,11 +493,7 @@ class FedHB(FederatedTrainer):
                 return thetas[s : s + _BLOCK]
 
         w = _weights(pool, self.sizes, self.num_clients, self.weighting, thetas)
-        var = thetas.new_tensor(self.eps**2)
-        sums: Params = {}
-        for s in range(0, len(pool), _BLOCK):
-            part = self.family.weighted_summary_sums(w[s : s + _BLOCK], rows(s), var)
-            sums = {k: sums[k] + v for k, v in part.items()} if sums else part
+        sums = _summed_summaries(self.family, w, rows, len(pool), self.eps)
         self.params = self.family.server_update(sums, self.num_clients)
         if self.start == "own":
             self._own.update(zip(chosen, thetas))

@@ -80,7 +80,15 @@ from ..families.niw import NIWDiag, NIWIso
 from ..seeding import derive_seed, seeded
 from .baselines import FedProx
 from .data import FederatedSplit
-from .fedhb import _BLOCK, ClientLike, FederatedTrainer, _weights, iso_prior, prox_weight
+from .fedhb import (
+    _BLOCK,
+    ClientLike,
+    FederatedTrainer,
+    _summed_summaries,
+    _weights,
+    iso_prior,
+    prox_weight,
+)
 from .local import LocalSpec, QuadraticPenalty, schedules_for, select_clients
 from .metrics import evaluate, scores
 from .nets import FlatNet
@@ -600,7 +608,7 @@ class FedHBMixture(FederatedTrainer):
             self._stale[i] = (self._stale[i][0], r)
             self.client_resp[i] = r
             self.labels[i] = k
-        self._update_from_pool(like)
+        self._update_from_pool()
         self._updates.clear()
         return {i: int(k) for i, k in zip(pool, labels)}
 
@@ -621,7 +629,7 @@ class FedHBMixture(FederatedTrainer):
             # A client's summary depends on m_i and eps only: keep m_i and its r_i.
             for j, i in enumerate(chosen):
                 self._stale[i] = (thetas[j].clone(), resp[j])
-            counts = self._update_from_pool(thetas)
+            counts = self._update_from_pool()
         else:
             counts = self._update_from(chosen, lambda s: thetas[s : s + _BLOCK], resp)
         return {
@@ -630,7 +638,7 @@ class FedHBMixture(FederatedTrainer):
             "prox_weights": self.prox_weights(),
         }
 
-    def _update_from_pool(self, like: torch.Tensor) -> torch.Tensor:
+    def _update_from_pool(self) -> torch.Tensor:
         """Every component's closed-form update from the stale pool (each client's latest
         ``m_i`` and responsibilities); returns the counts ``N_k``."""
         pool = sorted(self._stale)
@@ -643,17 +651,12 @@ class FedHBMixture(FederatedTrainer):
     def _update_from(self, clients: List[int], rows, resp: torch.Tensor) -> torch.Tensor:
         """Set every component from ``clients``' ``m_i`` (``rows(s)``: the block starting at
         ``s``) weighted by ``w_i r_ik``; returns ``N_k``."""
-        like = resp
-        w = _weights(clients, self.sizes, self.num_clients, self.weighting, like)
+        w = _weights(clients, self.sizes, self.num_clients, self.weighting, resp)
         weights = [w * resp[:, k] for k in range(self.K)]
-        var = like.new_tensor(self.eps**2)
-        all_sums: List[Params] = [{} for _ in range(self.K)]
-        for s in range(0, len(clients), _BLOCK):
-            block = rows(s)
-            for k, fam in enumerate(self.families):
-                part = fam.weighted_summary_sums(weights[k][s : s + _BLOCK], block, var)
-                sums = all_sums[k]
-                all_sums[k] = {key: sums[key] + v for key, v in part.items()} if sums else part
+        all_sums = [
+            _summed_summaries(fam, wk, rows, len(clients), self.eps)
+            for fam, wk in zip(self.families, weights)
+        ]
         return self._set_components(w, weights, all_sums)
 
     def _set_components(self, w, weights, all_sums) -> torch.Tensor:
