@@ -31,12 +31,12 @@ jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import Benchmark, load_benchmark, model_names  # noqa: E402
 from numpyro import handlers  # noqa: E402
 from numpyro.distributions.transforms import biject_to  # noqa: E402
 from numpyro.infer.util import log_density  # noqa: E402
 from numpyro_models import TWINS  # noqa: E402
 from pyro import poutine  # noqa: E402
+from tuning_free_common import Benchmark, load_benchmark, model_names  # noqa: E402
 
 RTOL = 1e-6
 
