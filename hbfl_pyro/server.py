@@ -20,7 +20,7 @@ import copy
 import logging
 import math
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import pyro
 import torch
@@ -30,6 +30,7 @@ from .elbo import server_term
 from .families.base import ClosedFormFamily
 from .guides import private_params
 from .seeding import derive_seed, seeded
+from .servers.base import ServerStrategy
 from .structure import ModelStructure
 
 logger = logging.getLogger("hbfl_pyro")
@@ -64,7 +65,7 @@ def _problem(reply, expected: Dict[str, torch.Size], key: str) -> Optional[str]:
     return None
 
 
-class Server:
+class Server(ServerStrategy):
     """The server side of federated SVI.
 
     :param client_names: names of all ``N`` clients.
@@ -135,21 +136,7 @@ class Server:
     def mode(self) -> str:
         return "closed_form" if self.family is not None else "gradient"
 
-    @property
-    def num_clients(self) -> int:
-        return len(self.client_names)
-
     # ------------------------------------------------------------------ configure
-    def select(self, server_round: int) -> List[str]:
-        """The clients sampled for a round (seeded by ``(seed, round)``)."""
-        n = self.num_clients
-        k = max(1, int(round(self.fraction * n)))
-        if k == n:
-            return list(self.client_names)
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "select"))
-        chosen = torch.randperm(n, generator=gen)[:k].sort().values
-        return [self.client_names[i] for i in chosen]
-
     def message(self, server_round: int, client: str) -> Dict:
         """What a client needs of ``q(phi)`` this round."""
         msg = {

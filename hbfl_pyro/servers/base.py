@@ -1,0 +1,78 @@
+"""The server strategy base: what every server does in a round, behind one interface.
+
+A strategy owns ``q(phi)``. Each round :class:`~hbfl_pyro.FederatedSVI` asks it which
+clients take part (:meth:`ServerStrategy.select`), what to send each
+(:meth:`ServerStrategy.message`), and hands it the replies
+(:meth:`ServerStrategy.aggregate`), which update ``q(phi)`` and return the round's record.
+Its state is a plain dict (:meth:`ServerStrategy.state_dict`), so it checkpoints and
+crosses a network boundary unchanged. This follows Flower's ``Strategy``
+(``configure_train`` / ``aggregate_train``) with Pyro's naming.
+
+Strategies: :class:`~hbfl_pyro.server.Server` (closed-form and gradient modes) and
+:class:`~hbfl_pyro.servers.second_order.SecondOrderServer` (trust-region Newton on the
+clients' summed Laplace marginals).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Dict, List, Sequence
+
+import torch
+
+from ..seeding import derive_seed
+
+
+class ServerStrategy(abc.ABC):
+    """One server strategy (see the module docstring).
+
+    :ivar client_names: every client's name, in the federation's order.
+    :ivar fraction: the fraction of clients sampled per round.
+    :ivar seed: the run's seed; a round's selection is seeded by ``(seed, round)``.
+    """
+
+    client_names: List[str]
+    fraction: float
+    seed: int
+
+    #: A short name recorded in the report and checkpoints ("closed_form", ...).
+    mode: str
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_names)
+
+    #: Whether the fit has nothing left to do (a strategy with a stopping rule sets it).
+    done: bool = False
+
+    def select(self, server_round: int) -> List[str]:
+        """The clients sampled for a round (seeded by ``(seed, round)``)."""
+        n = self.num_clients
+        k = max(1, int(round(self.fraction * n)))
+        if k == n:
+            return list(self.client_names)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "select"))
+        chosen = torch.randperm(n, generator=gen)[:k].sort().values
+        return [self.client_names[i] for i in chosen]
+
+    @abc.abstractmethod
+    def message(self, server_round: int, client: str) -> Dict:
+        """What ``client`` is sent this round."""
+
+    @abc.abstractmethod
+    def aggregate(
+        self, server_round: int, replies: Dict[str, Dict], failed: Sequence[str] = ()
+    ) -> Dict:
+        """Update ``q(phi)`` from the round's replies; returns the round's record."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> Dict:
+        """A snapshot of the server's state (plain dicts of tensors and numbers)."""
+
+    @abc.abstractmethod
+    def check_state(self, state: Dict) -> None:
+        """Raise ``ValueError`` unless ``state`` was written by a server like this one."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: Dict) -> None:
+        """Continue from a state written by :meth:`state_dict`."""
