@@ -13,8 +13,10 @@ from .export import compare_clients_loo, to_inference_data
 from .families import ClosedFormFamily, InverseWishart, NIWDiag, NIWFull, NIWIso, NormalNormal
 from .guides import GuideError
 from .laplace import LaplaceLocalNormal
+from .laplace_marginal import LaplaceMarginal, MarginalClient
 from .predict import new_client_predictive, personalise
 from .server import ClientFailureWarning, Server
+from .servers import ConvergenceWarning, SecondOrderServer, ServerStrategy
 from .spline_guide import AutoSplineMultivariateNormal
 from .structure import ModelStructure, ModelStructureError, discover_structure
 from .structured import StructuredLocalNormal
@@ -27,6 +29,7 @@ __all__ = [
     "Client",
     "ClientFailureWarning",
     "ClosedFormFamily",
+    "ConvergenceWarning",
     "DPConfig",
     "DataValidationError",
     "FederatedData",
@@ -34,14 +37,18 @@ __all__ = [
     "GuideError",
     "InverseWishart",
     "LaplaceLocalNormal",
+    "LaplaceMarginal",
     "LocalConfig",
+    "MarginalClient",
     "ModelStructure",
     "ModelStructureError",
     "NIWDiag",
     "NIWFull",
     "NIWIso",
     "NormalNormal",
+    "SecondOrderServer",
     "Server",
+    "ServerStrategy",
     "StructuredLocalNormal",
     "collate",
     "compare_clients_loo",

@@ -80,7 +80,7 @@ class ModelFile:
 
         Example::
 
-            >>> mf = load_model_file("models/eight_schools.py")
+            >>> mf = load_model_file("models/eight_schools.py", guide="mean-field")
             >>> mf.rounds, round(mf.options_for(100)["lr_decay"] ** 100, 12)
             (300, 0.01)
         """
@@ -266,7 +266,7 @@ def load_model_file(
 
     Example::
 
-        >>> mf = load_model_file("models/eight_schools.py:centered")
+        >>> mf = load_model_file("models/eight_schools.py:centered", guide="mean-field")
         >>> mf.model.__name__, sorted(mf.load_data())[:2], mf.rounds
         ('centered', ['A', 'B'], 300)
         >>> load_model_file("models/surgical.py", guide="structured").rounds

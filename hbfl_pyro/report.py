@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .summary import COLUMNS, format_number
+from .verdict import verdict_lines
 
 #: Distributions whose versions the report records (name on PyPI).
 LIBRARIES = ("hbfl_pyro", "torch", "pyro-ppl", "numpy", "arviz", "xarray", "h5netcdf", "matplotlib")
@@ -269,6 +270,10 @@ def report_markdown(
             f"rounds without a server update: {sum(not r.get('updated', True) for r in history)}.",
             "",
         ]
+    verdict_line, banner = verdict_lines(fit.verdict)
+    lines += [f"**Verdict:** {verdict_line}.", ""]
+    if banner is not None:
+        lines += ["```", *banner, "```", ""]
     lines += ["## Posterior summary", ""]
     lines += [
         "Mean, sd and 5%/95% quantiles of each scalar element of every site, from draws of "

@@ -11,6 +11,7 @@ uninterrupted run, because every random choice is seeded by ``(seed, round, clie
 from __future__ import annotations
 
 import time
+import warnings
 from functools import partial
 from typing import Callable, Dict, List, Optional, Union
 
@@ -24,13 +25,39 @@ from .client import Client, LocalConfig
 from .data import FederatedData
 from .dp import DPConfig
 from .elbo import server_term, with_particles
-from .engines import ENGINES
+from .engines import ENGINES, SECOND_ORDER_ENGINES, BatchedMarginalEngine
+from .engines.batched_marginal import batched_local_draws
 from .families.base import ClosedFormFamily
 from .families.normal import NormalNormal
 from .guides import build_global_guide, private_params
+from .laplace_marginal import MarginalClient
 from .seeding import derive_seed, seeded
 from .server import Server
+from .servers.second_order import ConvergenceWarning, SecondOrderServer
 from .structure import ModelStructure, ModelStructureError, discover_structure
+from .unconstrained import GlobalLayout
+
+#: The options of the first-order servers (local SVI steps, Adam step sizes, particles)
+#: and their defaults. Giving any of them asks for a first-order server; the
+#: second-order server has none of them.
+FIRST_ORDER_DEFAULTS = {
+    "local_steps": 10,
+    "local_lr": 0.05,
+    "local_lr_decay": 1.0,
+    "num_particles": 1,
+    "grad_particles": 8,
+    "server_lr": 0.05,
+    "lr_decay": 1.0,
+    "server_particles": 8,
+    "moment_matched": False,
+    "participation": None,
+}
+
+#: ``server="auto"`` takes the second-order server up to this many global values.
+MAX_SECOND_ORDER_DIM = 200
+
+#: Newton rounds at most when ``run()`` is given no number of rounds.
+MAX_ROUNDS = 50
 
 
 def _choose_family(
@@ -65,6 +92,33 @@ def _choose_family(
     return family
 
 
+def _second_order_obstacle(model, structure, data, given, dp, fraction) -> Optional[str]:
+    """Why the second-order server does not apply, or ``None`` when it does."""
+    if given:
+        return f"first-order options were given ({', '.join(sorted(given))})"
+    if dp is not None:
+        return "differential privacy needs clipped first-order replies"
+    if fraction != 1.0:
+        return "it sums every client's curvature each round (fraction=1)"
+    if not structure.global_sites:
+        return "the model has no global site"
+    batch = data.collate([0])
+    try:
+        with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+            trace = poutine.trace(model).get_trace(batch)
+        layout = GlobalLayout.from_trace(trace, structure.global_sites)
+        if layout.dim > MAX_SECOND_ORDER_DIM:
+            return f"{layout.dim} global values (more than {MAX_SECOND_ORDER_DIM})"
+        probe = MarginalClient(data.names[0], data[0], model, structure, layout, data.per_client)
+        z = torch.zeros(layout.dim)
+        probe.marginal.derivatives(z, probe.marginal.modes(z, probe.start))
+    except NotImplementedError as exc:
+        return str(exc)
+    except Exception as exc:  # the model cannot be differentiated twice under vmap
+        return f"its Laplace marginal could not be evaluated ({type(exc).__name__}: {exc})"
+    return None
+
+
 def _check_family(family: ClosedFormFamily, structure: ModelStructure) -> None:
     if set(family.global_sites) != set(structure.global_sites):
         raise ModelStructureError(
@@ -92,8 +146,12 @@ class FederatedSVI:
         :class:`~hbfl_pyro.data.FederatedData`.
     :param global_guide: ``"auto"`` (``AutoNormal``), an autoguide class, or a module.
     :param local_guide: ``"auto"`` (``AutoNormal``), an autoguide class, or a module.
-    :param server: ``"auto"`` (closed form when a conjugate family is found, gradient
-        otherwise), ``"closed_form"``, ``"gradient"``, or a family instance.
+    :param server: ``"auto"`` (closed form when a conjugate family is found; else the
+        second-order server when the globals (at most 200 values) and locals are continuous,
+        the guides are ``"auto"`` and no first-order option is given; else gradient),
+        ``"second_order"``, ``"closed_form"``, ``"gradient"``, ``"first_order"`` (closed
+        form when a family is found, else gradient), or a family instance.
+        :attr:`server_choice` records which ran and why.
     :param fraction: fraction of clients sampled each round.
     :param participation: ``"scaled"`` (unbiased ``N/|S|`` scaling) or ``"stale"``
         (keep each client's latest reply); default stale in closed-form mode, scaled in
@@ -106,12 +164,20 @@ class FederatedSVI:
     :param moment_matched: moment-matched guide noise in the clients' estimates
         (:mod:`hbfl_pyro.noise`).
     :param server_lr: Adam step size of the server (gradient mode); ``lr_decay`` its
-        per-round multiplicative decay.
+        per-round multiplicative decay. These options and the local ones above belong to
+        the first-order servers (their defaults: :data:`FIRST_ORDER_DEFAULTS`); giving one
+        asks for a first-order server.
+    :param tol: second-order server: stop when a full Newton step would raise the
+        objective by less than ``tol`` nats.
+    :param psis_draws: second-order server: draws of each proposal in the PSIS round.
+    :param local_draws: second-order server: ``0`` (clients return their Laplace
+        marginal at each PSIS draw) or ``K``, an importance-sampled likelihood from ``K``
+        draws of each client's Laplace factor.
     :param seed: the run's seed; every random choice derives from it.
     :param plate: the clients plate's name.
-    :param engine: ``"inprocess"`` (a loop over client objects, the default and the
-        reference) or ``"vectorised"`` (a round's clients in one batched computation; for
-        simulations with many clients).
+    :param engine: ``"inprocess"`` (a loop over client objects, the reference; the
+        default of first-order servers) or ``"vectorised"`` (a round's clients in one
+        batched computation, for simulations; the default of the second-order server).
     :param on_message: hook ``(direction, client, message)`` called on every message.
     :param dp: a :class:`~hbfl_pyro.dp.DPConfig` for client-level differential privacy:
         clients clip their replies and send no ELBO, the server adds Gaussian noise to each
@@ -145,19 +211,22 @@ class FederatedSVI:
         fraction: float = 1.0,
         participation: Optional[str] = None,
         min_clients: int = 1,
-        local_steps: int = 10,
-        local_lr: float = 0.05,
-        local_lr_decay: float = 1.0,
-        num_particles: int = 1,
-        grad_particles: int = 8,
-        server_lr: float = 0.05,
-        lr_decay: float = 1.0,
-        server_particles: int = 8,
-        moment_matched: bool = False,
+        local_steps: Optional[int] = None,
+        local_lr: Optional[float] = None,
+        local_lr_decay: Optional[float] = None,
+        num_particles: Optional[int] = None,
+        grad_particles: Optional[int] = None,
+        server_lr: Optional[float] = None,
+        lr_decay: Optional[float] = None,
+        server_particles: Optional[int] = None,
+        moment_matched: Optional[bool] = None,
+        tol: float = 1e-3,
+        psis_draws: int = 1000,
+        local_draws: int = 0,
         seed: int = 0,
         plate: str = "clients",
         per_client=(),
-        engine: str = "inprocess",
+        engine: Optional[str] = None,
         on_message=None,
         dp=None,
     ):
@@ -178,29 +247,167 @@ class FederatedSVI:
         #: The guides as given (``"auto"``, a class, a partial or a module): what
         #: :func:`~hbfl_pyro.compare.compare_pooled` rebuilds its pooled guide from.
         self.guide_specs = {"global": global_guide, "local": local_guide}
+        given = {
+            name: value
+            for name, value in dict(
+                local_steps=local_steps,
+                local_lr=local_lr,
+                local_lr_decay=local_lr_decay,
+                num_particles=num_particles,
+                grad_particles=grad_particles,
+                server_lr=server_lr,
+                lr_decay=lr_decay,
+                server_particles=server_particles,
+                moment_matched=moment_matched,
+                participation=participation,
+            ).items()
+            if value is not None
+        }
+        if engine is not None and engine not in ENGINES:
+            raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
         # Guide initialisation may sample (e.g. init_to_median): seed it like everything else.
         with private_params(), seeded(derive_seed(seed, "init")):
             self.structure = discover_structure(model, self.data, plate)
-            self.family = _choose_family(server, model, self.structure, self.data, global_guide)
+            self.server_choice = self._choose_server(
+                server, global_guide, local_guide, given, dp, fraction
+            )
+        if self.server_choice["server"] == "second_order":
+            if not 1 <= min_clients <= len(self.data):
+                raise ValueError(
+                    f"min_clients must be between 1 and the {len(self.data)} clients, got "
+                    f"{min_clients} (the second-order server hears every client each round)"
+                )
+            self._init_second_order(tol, psis_draws, local_draws, engine, on_message)
+        else:
+            options = {**FIRST_ORDER_DEFAULTS, **given}
+            self._init_first_order(
+                server,
+                global_guide,
+                local_guide,
+                options,
+                fraction,
+                min_clients,
+                engine,
+                on_message,
+                dp,
+            )
+        self.round = 0
+        self.history: List[Dict] = []
+
+    # ------------------------------------------------------------------ set-up
+    def _choose_server(self, server, global_guide, local_guide, given, dp, fraction) -> Dict:
+        """Which server runs, and why: ``{"server": ..., "reason": ...}``."""
+        default_guides = all(
+            isinstance(g, str) and g == "auto" for g in (global_guide, local_guide)
+        )
+        if server == "second_order":
+            if not default_guides:
+                raise ValueError(
+                    "the second-order server builds q(phi) (a Gaussian over the globals' "
+                    "unconstrained values) and each client's Laplace factor itself; drop "
+                    "global_guide/local_guide, or use server='gradient'"
+                )
+            if given:
+                raise ValueError(
+                    f"the second-order server takes no step sizes, local steps or particles "
+                    f"(got {sorted(given)}); drop them, or use server='gradient'"
+                )
+            obstacle = _second_order_obstacle(
+                self.model, self.structure, self.data, {}, dp, fraction
+            )
+            if obstacle is not None:
+                raise ModelStructureError(
+                    f"server='second_order' is not possible: {obstacle}. Use server='gradient'"
+                )
+            return {"server": "second_order", "reason": "chosen by server='second_order'"}
+        if server == "first_order":
+            return {"server": "first_order", "reason": "chosen by server='first_order'"}
+        if server != "auto" or not default_guides:
+            return {"server": "first_order", "reason": "chosen by the server/guide arguments"}
+        if not self.structure.likelihood_globals and NormalNormal.detect(
+            self.model, self.structure, self.data
+        ):
+            return {"server": "first_order", "reason": "a conjugate family solves the server"}
+        obstacle = _second_order_obstacle(
+            self.model, self.structure, self.data, given, dp, fraction
+        )
+        if obstacle is None:
+            return {
+                "server": "second_order",
+                "reason": "continuous globals and locals: trust-region Newton on the "
+                "clients' Laplace marginals, no step size",
+            }
+        return {"server": "first_order", "reason": f"not second-order: {obstacle}"}
+
+    def _init_second_order(self, tol, psis_draws, local_draws, engine, on_message) -> None:
+        self.family = None
+        self.guide_specs = {"global": "second_order", "local": "laplace"}
+        batch = self.data.collate([0])
+        with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+            trace = poutine.trace(self.model).get_trace(batch)
+        self.layout = GlobalLayout.from_trace(trace, self.structure.global_sites)
+        self.clients = {
+            name: MarginalClient(
+                name, self.data[i], self.model, self.structure, self.layout, self.data.per_client
+            )
+            for i, name in enumerate(self.data.names)
+        }
+        self.server = SecondOrderServer(
+            self.data.names,
+            self.model,
+            self.structure,
+            self.data.placeholder(),
+            self.layout,
+            seed=self.seed,
+            tol=tol,
+            psis_draws=psis_draws,
+            local_draws=local_draws,
+        )
+        # Simulated clients run batched by default: each reply is still the client's own
+        # computation (torch.func.vmap over clients), and a round costs one pass.
+        self.engine = SECOND_ORDER_ENGINES[engine or "vectorised"](self.clients, on_message)
+
+    def _init_first_order(
+        self,
+        server,
+        global_guide,
+        local_guide,
+        options,
+        fraction,
+        min_clients,
+        engine,
+        on_message,
+        dp,
+    ) -> None:
+        server = "auto" if server == "first_order" else server
+        with private_params(), seeded(derive_seed(self.seed, "init")):
+            self.family = _choose_family(
+                server, self.model, self.structure, self.data, global_guide
+            )
             placeholder = self.data.placeholder()
             global_template = None
             if self.family is None:
                 global_template = build_global_guide(
-                    model, self.structure, placeholder, global_guide
+                    self.model, self.structure, placeholder, global_guide
                 )
             config = LocalConfig(
-                local_steps, local_lr, local_lr_decay, num_particles, grad_particles, moment_matched
+                options["local_steps"],
+                options["local_lr"],
+                options["local_lr_decay"],
+                options["num_particles"],
+                options["grad_particles"],
+                options["moment_matched"],
             )
             self.clients = {}
             for i, name in enumerate(self.data.names):
                 # Each client's initialisation has its own seed, so it does not depend on
                 # the other clients: a Flower node, which builds its client alone, starts
                 # exactly where the in-process client starts.
-                with seeded(derive_seed(seed, "init", name)):
+                with seeded(derive_seed(self.seed, "init", name)):
                     self.clients[name] = Client(
                         name,
                         self.data[i],
-                        model,
+                        self.model,
                         self.structure,
                         global_template,
                         local_guide,
@@ -209,11 +416,12 @@ class FederatedSVI:
                         self.data.per_client,
                         dp=dp,
                     )
+        participation = options["participation"]
         if participation is None:
             participation = "stale" if self.family is not None else "scaled"
         self.server = Server(
             self.data.names,
-            model,
+            self.model,
             self.structure,
             placeholder,
             global_template,
@@ -221,17 +429,13 @@ class FederatedSVI:
             fraction=fraction,
             min_clients=min_clients,
             participation=participation,
-            lr=server_lr,
-            lr_decay=lr_decay,
-            num_particles=server_particles,
-            seed=seed,
+            lr=options["server_lr"],
+            lr_decay=options["lr_decay"],
+            num_particles=options["server_particles"],
+            seed=self.seed,
             dp=dp,
         )
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
-        self.engine = ENGINES[engine](self.clients, on_message)
-        self.round = 0
-        self.history: List[Dict] = []
+        self.engine = ENGINES[engine or "inprocess"](self.clients, on_message)
 
     # ------------------------------------------------------------------ rounds
     def step(self) -> Dict:
@@ -249,13 +453,54 @@ class FederatedSVI:
         self.history.append(record)
         return record
 
-    def run(self, rounds: int, progress: bool = True) -> List[Dict]:
-        """Run ``rounds`` rounds with a progress bar; returns the whole history."""
-        bar = tqdm(range(rounds), disable=not progress, desc="federated SVI", unit="round")
-        for _ in bar:
+    def run(self, rounds: Optional[int] = None, progress: bool = True) -> List[Dict]:
+        """Run rounds with a progress bar; returns the whole history.
+
+        With the second-order server, ``rounds`` caps the Newton rounds (default
+        :data:`MAX_ROUNDS`): the fit stops when converged, then runs its PSIS round, and
+        :attr:`verdict` says how it ended. With a first-order server it runs exactly
+        ``rounds`` rounds (required).
+        """
+        if self.server.mode != "second_order":
+            if rounds is None:
+                raise ValueError(
+                    f"run() needs a number of rounds with the {self.server.mode!r} server"
+                )
+            bar = tqdm(range(rounds), disable=not progress, desc="federated SVI", unit="round")
+            for _ in bar:
+                record = self.step()
+                bar.set_postfix(elbo=f"{record['elbo']:.3f}", clients=len(record["clients"]))
+            return self.history
+        cap = MAX_ROUNDS if rounds is None else rounds
+        first = self.round
+        bar = tqdm(total=cap, disable=not progress, desc="second-order rounds", unit="round")
+        while not self.server.done:
+            if self.server.phase == "newton" and self.round - first >= cap:
+                self.server.stop(self.round)
             record = self.step()
-            bar.set_postfix(elbo=f"{record['elbo']:.3f}", clients=len(record["clients"]))
+            bar.update(1)
+            bar.set_postfix(phase=record["phase"], objective=f"{record['elbo']:.3f}")
+        bar.close()
+        verdict = self.verdict
+        if verdict["status"] != "converged":
+            warnings.warn(
+                f"the fit did not converge ({verdict['status']} after {verdict['rounds']} "
+                "rounds): the posterior is that of the best point found, not of the mode. "
+                "Run more rounds (run(rounds=...)) or check the model",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
         return self.history
+
+    @property
+    def verdict(self) -> Dict:
+        """How the fit ended: ``status`` (``"converged"``, ``"max rounds reached"``,
+        ``"diverged"`` or ``"running"``), ``rounds``, and after the PSIS round ``k_hat``
+        and ``reliable`` (k-hat < 0.7). First-order servers have no stopping rule yet:
+        their status is ``"not checked"``."""
+        if self.server.mode == "second_order":
+            return dict(self.server.verdict)
+        return {"status": "not checked", "rounds": self.round}
 
     @property
     def privacy(self) -> Optional[Dict]:
@@ -267,7 +512,14 @@ class FederatedSVI:
 
     # ------------------------------------------------------------------ evaluation
     def elbo(self, num_particles: int = 256) -> float:
-        """An estimate of the full ELBO at the current state (all clients)."""
+        """An estimate of the full ELBO at the current state (all clients).
+
+        Second-order server: ``E_q[log p(z) + sum_i L_i(z) - log q(z)]`` over the PSIS
+        round's draws of ``q(z)`` (the clients' Laplace marginals stand in for their
+        exact marginals); NaN before that round."""
+        if self.server.mode == "second_order":
+            post = self.server.posterior or {}
+            return float(post.get("elbo", float("nan")))
         seed_round = -1 - self.round
         total = 0.0
         for name, client in self.clients.items():
@@ -285,7 +537,14 @@ class FederatedSVI:
         return total + float(own)
 
     def global_samples(self, num_samples: int = 1000) -> Dict[str, torch.Tensor]:
-        """Draws of each global site from ``q(phi)``: ``{site: (num_samples, *shape)}``."""
+        """Draws of each global site from ``q(phi)``: ``{site: (num_samples, *shape)}``.
+
+        Second-order server: PSIS-resampled draws (the corrected posterior) once its PSIS
+        round has run, else draws of ``q(z)``; the same draws for the same ``num_samples``.
+        """
+        if self.server.mode == "second_order":
+            z = self.server.global_draws(num_samples, derive_seed(self.seed, "draws"))
+            return self.layout.constrain_draws(z)
         if self.family is not None:
             return self.family.sample_posterior(self.server.family_params, num_samples)
         return _draw(
@@ -302,6 +561,8 @@ class FederatedSVI:
             conditionally on them, so the joint draws are consistent. Drawn afresh if
             omitted; mean-field local factors ignore them.
         """
+        if self.server.mode == "second_order":
+            return self._second_order_locals(num_samples, global_draws)
         conditional = getattr(next(iter(self.clients.values())).local_guide, "needs_globals", False)
         values = None
         if conditional:
@@ -316,6 +577,18 @@ class FederatedSVI:
         return {
             s: torch.stack([d[s] for d in per_client], dim=1) for s in self.structure.local_sites
         }
+
+    def _second_order_locals(self, num_samples, global_draws) -> Dict[str, torch.Tensor]:
+        """Each client's Laplace factor drawn at each draw of the globals."""
+        draws = self.global_samples(num_samples) if global_draws is None else global_draws
+        z = self.layout.unconstrain({name: draws[name] for name in self.layout.names})
+        if isinstance(self.engine, BatchedMarginalEngine):
+            return batched_local_draws(self.engine, z, derive_seed(self.seed, "locals"))
+        per_client = [
+            c.sample_locals(z, derive_seed(self.seed, "locals", name))
+            for name, c in self.clients.items()
+        ]
+        return {s: torch.cat([d[s] for d in per_client], dim=1) for s in self.structure.local_sites}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict:

@@ -377,7 +377,8 @@ def test_load_model_file_options_and_sys_path(tmp_path):
     assert spec.options == {"per_client": (), "local_steps": 1, "server": "gradient"}
     centered = load_model_file("models/eight_schools.py:centered")
     assert centered.model.__name__ == "centered"
-    assert centered.rounds == centered.module.fit_options["rounds"]
+    # No fit_options: `hbfl fit` runs the library's defaults (second order, until converged).
+    assert centered.rounds is None and centered.options == {}
     assert centered.label == "models/eight_schools.py:centered"
 
 

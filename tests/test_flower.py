@@ -103,7 +103,7 @@ def assert_same_fit(fit, result, clients=True):
 def test_records_round_trip_exactly(flwr):
     from hbfl_pyro.flower.records import decode, record_dict
 
-    fit = in_process(MODELS / "eight_schools.py", {"seed": 1}, 3)
+    fit = in_process(MODELS / "eight_schools.py", {"seed": 1, "server": "gradient"}, 3)
     client = fit.clients["A"]
     state = client.state_dict()
     back = decode(record_dict(state))

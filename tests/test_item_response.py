@@ -50,6 +50,7 @@ def test_structure_is_gradient_mode_with_local_abilities():
         item_response.load_data(num_students=8),
         per_client=item_response.per_client,
         engine="vectorised",
+        server="gradient",
     )
     assert fit.server.mode == "gradient"
     assert set(fit.structure.global_sites) == set(ITEM_SITES)

@@ -88,7 +88,7 @@ def test_secagg_rejects_what_it_cannot_do():
     from hbfl_pyro.flower.secagg import check_secagg_server
     from hbfl_pyro.modelfile import load_model_file
 
-    es = load_model_file(str(MODELS / "eight_schools.py"))
+    es = load_model_file(str(MODELS / "eight_schools.py"), guide="mean-field")
     fit = FederatedSVI(es.model, es.load_data(), **es.options)
     assert fit.server.mode == "gradient"
     with pytest.raises(ValueError, match="closed-form server only"):

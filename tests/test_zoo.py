@@ -86,8 +86,9 @@ def test_zoo_structure(name, variant):
     # seeds' alpha1/alpha2/alpha12, which the first plate's zero covariates switch off.
     assert set(s.likelihood_globals) == set(in_likelihood)
     # No conjugate family fits any of them (unknown local scales, LKJ, Binomial, or
-    # fixed effects in the likelihood): every zoo model runs the gradient server.
-    assert fit.server.mode == "gradient"
+    # fixed effects in the likelihood), and their globals and locals are continuous: with
+    # defaults every zoo model runs the second-order server.
+    assert fit.server.mode == "second_order"
 
 
 def test_radon_clients_are_counties():

@@ -1,8 +1,17 @@
 """Transports between the server and the clients."""
 
+from .batched_marginal import BatchedMarginalEngine
 from .inprocess import InProcessEngine
 from .vectorised import VectorisedEngine
 
 ENGINES = {"inprocess": InProcessEngine, "vectorised": VectorisedEngine}
+#: The same engine names for the second-order server's clients.
+SECOND_ORDER_ENGINES = {"inprocess": InProcessEngine, "vectorised": BatchedMarginalEngine}
 
-__all__ = ["ENGINES", "InProcessEngine", "VectorisedEngine"]
+__all__ = [
+    "BatchedMarginalEngine",
+    "ENGINES",
+    "InProcessEngine",
+    "SECOND_ORDER_ENGINES",
+    "VectorisedEngine",
+]

@@ -84,6 +84,17 @@ RUN_CONFIG_DEFAULTS: Dict[str, Any] = {
 #: Keywords a node's client ignores: they belong to the server.
 _CLIENT_SIDE = {"fraction": 1.0, "min_clients": 1, "engine": "inprocess", "on_message": None}
 _SERVER_SIDE = {"engine": "inprocess", "on_message": None}
+
+
+def _flower_server(options: Dict) -> Dict:
+    """The options with ``server="auto"`` narrowed to the first-order servers: the
+    second-order server does not run through these apps yet, and a node must build the
+    same server as the ServerApp, whatever options only the ServerApp sees."""
+    if options.get("server", "auto") == "auto":
+        options["server"] = "first_order"
+    return options
+
+
 DEFAULT_ROUNDS = 100
 #: Record prefix of the client's state in the Flower context.
 STATE_PREFIX = "hbfl.client"
@@ -200,7 +211,7 @@ class NodeClient:
         from ..svi import FederatedSVI
 
         self.name, data, self.partition = load_node_data(spec.model_file, node_config)
-        options = dict(spec.options)
+        options = _flower_server(dict(spec.options))
         options.update(_CLIENT_SIDE)
         fit = FederatedSVI(spec.model_file.model, {self.name: data}, **options)
         self.client = fit.clients[self.name]
@@ -496,7 +507,7 @@ def build_server(spec: AppSpec, names: List[str], schemas: Dict[str, Dict]):
     """
     from ..svi import FederatedSVI
 
-    options = dict(spec.options)
+    options = _flower_server(dict(spec.options))
     options.update(_SERVER_SIDE)
     return FederatedSVI(spec.model_file.model, {n: schemas[n] for n in names}, **options)
 

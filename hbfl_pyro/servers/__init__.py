@@ -1,8 +1,10 @@
 """Server strategies: one base (:class:`ServerStrategy`) and its implementations.
 
-- :class:`~hbfl_pyro.server.Server`: the closed-form and gradient (first-order) modes.
+- :class:`~hbfl_pyro.server.Server`: the closed-form and gradient (first-order) modes;
+- :class:`SecondOrderServer`: trust-region Newton on the clients' Laplace marginals.
 """
 
 from .base import ServerStrategy
+from .second_order import ConvergenceWarning, SecondOrderServer, trust_region_step
 
-__all__ = ["ServerStrategy"]
+__all__ = ["ConvergenceWarning", "SecondOrderServer", "ServerStrategy", "trust_region_step"]

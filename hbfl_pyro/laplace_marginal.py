@@ -1,0 +1,411 @@
+"""Each client's Laplace marginal ``L_i(z)`` with its gradient and Hessian in the globals.
+
+The client side of the second-order server (method.md §3b). Given the globals' flat
+unconstrained vector ``z``, client ``i`` finds its locals' conditional mode
+``t_i*(z) = argmax_t log p(D_i, t | z)`` by Newton's method on its own data (in the
+locals' unconstrained space, Jacobian included) and returns
+
+    L_i(z) = log p(D_i, t_i* | z) + k_i/2 log 2 pi - 1/2 log det(-H_tt)
+
+with ``grad_z L_i`` and ``Hess_z L_i``. The mode's dependence on ``z`` enters through one
+differentiable Newton step from the detached mode (implicit function theorem: the step
+has the mode's first derivative), so the gradient is exact and the Hessian exact up to
+the second derivative of the mode inside the log-determinant. For a Gaussian likelihood
+``L_i`` is the exact log marginal.
+
+Batching never changes what the model computes (architecture rule 16): every evaluation
+runs the model on **one** client's data with **one** value of the globals, and
+``torch.func.vmap`` maps it over the clients of a batch and over draws of ``z``. So the
+model always sees plain Pyro shapes (a one-client batch), whatever is batched, and the
+in-process client (a batch of one) and the vectorised engine (every client in one
+batch) run the same code.
+
+Example::
+
+    >>> import torch, pyro, pyro.distributions as dist
+    >>> from hbfl_pyro import FederatedData, discover_structure, num_clients
+    >>> def model(data):
+    ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    ...     with pyro.plate("clients", num_clients(data)):
+    ...         theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+    ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=data["y"])
+    >>> data = FederatedData({"a": {"y": torch.tensor(1.0)}, "b": {"y": torch.tensor(3.0)}})
+    >>> marginal = LaplaceMarginal(model, discover_structure(model, data), data.collate())
+    >>> z = torch.zeros(1)
+    >>> modes = marginal.modes(z, marginal.initial_locals())
+    >>> value, grad, hess = marginal.derivatives(z, modes)
+    >>> hess.squeeze()  # -1/(1 + 1) per client: y_i | mu ~ N(mu, 2)
+    tensor([-0.5000, -0.5000])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict
+
+import pyro
+import torch
+from pyro import poutine
+from torch.distributions import biject_to
+from torch.func import grad, grad_and_value, jacfwd, jacrev, vmap
+
+from .data import collate
+from .elbo import site_log_prob
+from .structure import ModelStructure
+from .unconstrained import GlobalLayout, is_continuous
+
+#: Above this many local values per client the k x k curvature is too costly to form.
+MAX_LOCAL_SIZE = 32
+
+
+class LaplaceMarginal:
+    """The Laplace marginals of a batch of clients (see the module docstring).
+
+    :param model: the Pyro model.
+    :param structure: its site roles.
+    :param batch: the collated data of the batch's clients (``C`` clients).
+    :param layout: the globals' layout (built from ``batch`` if omitted).
+    :raises NotImplementedError: when a local site is discrete, changes shape in
+        unconstrained space, or a client has more than :data:`MAX_LOCAL_SIZE` local values.
+    """
+
+    #: Newton iterations at most when finding a mode; stops when no value moves more
+    #: than ``tol``.
+    max_newton = 50
+    tol = 1e-9
+    #: Largest Newton move (unconstrained units): a trust region for conditionals that
+    #: are not log-concave far from the mode.
+    max_move = 3.0
+    #: Draws of ``z`` evaluated together (memory: draws x clients x observations).
+    chunk = 256
+    #: How the k x k curvature in the locals is formed: forward over reverse mode (the
+    #: fastest measured), switched to reverse over reverse where an op lacks the rule.
+    _inner_jacobian = staticmethod(jacfwd)
+
+    def __init__(self, model: Callable, structure: ModelStructure, batch, layout=None):
+        self.model = model
+        self.structure = structure
+        self.batch = batch
+        self.num_clients = int(next(iter(batch.values())).shape[0])
+        one = {k: v[:1] for k, v in batch.items()}
+        with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+            trace = poutine.trace(model).get_trace(one)
+        self.layout = layout or GlobalLayout.from_trace(trace, structure.global_sites)
+        self.locals = []  # (name, support, one-client value shape, start, stop, event dim)
+        size = 0
+        for name in structure.local_sites:
+            site = trace.nodes[name]
+            support, value = site["fn"].support, site["value"]
+            if not is_continuous(support):
+                raise NotImplementedError(f"local site {name!r} is discrete ({support})")
+            if biject_to(support).inv(value).shape != value.shape:
+                raise NotImplementedError(
+                    f"local site {name!r} changes shape in unconstrained space ({support})"
+                )
+            self.locals.append(
+                (
+                    name,
+                    support,
+                    tuple(value.shape),
+                    size,
+                    size + value.numel(),
+                    site["fn"].event_dim,
+                )
+            )
+            size += value.numel()
+        if size > MAX_LOCAL_SIZE:
+            raise NotImplementedError(
+                f"each client has {size} local values; the Laplace marginal forms a "
+                f"{size} x {size} curvature per client, at most {MAX_LOCAL_SIZE}"
+            )
+        self.size = size
+
+    def initial_locals(self) -> torch.Tensor:
+        """Where the first Newton search starts: zeros, shape ``(C, k)``."""
+        return torch.zeros(self.num_clients, self.size)
+
+    # ------------------------------------------------------------------ one client
+    def log_joint(self, z: torch.Tensor, t: torch.Tensor, data: Dict) -> torch.Tensor:
+        """``log p(D, T(t) | z) + log|T'(t)|`` of one client: ``z`` ``(d,)``, ``t``
+        ``(k,)``, ``data`` one client's rows (no clients axis)."""
+        one = {key: value.unsqueeze(0) for key, value in data.items()}
+        values = self.layout.constrain(z)
+        total = z.new_zeros(())
+        for name, support, shape, start, stop, _ in self.locals:
+            free = t[start:stop].reshape(shape)
+            value = biject_to(support)(free)
+            total = total + biject_to(support).log_abs_det_jacobian(free, value).sum()
+            values[name] = value
+        with poutine.block(), pyro.validation_enabled(False):
+            trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(one)
+        for name in self.structure.local_sites + self.structure.observed_sites:
+            total = total + site_log_prob(trace.nodes[name]).sum()
+        return total
+
+    def _newton_parts(self, z, t, data):
+        """Value, gradient and negative Hessian of the log joint in ``t``."""
+        gradient, value = grad_and_value(self.log_joint, argnums=1)(z, t, data)
+        precision = -self._inner_jacobian(grad(self.log_joint, argnums=1), argnums=1)(z, t, data)
+        return value, gradient, precision
+
+    def laplace(self, z: torch.Tensor, mode: torch.Tensor, data: Dict) -> torch.Tensor:
+        """``L(z)`` of one client, differentiable in ``z`` through one Newton step from
+        the (detached) ``mode`` found at ``z``'s current value."""
+        if self.size == 0:
+            return self.log_joint(z, mode, data)
+        _, gradient, precision = self._newton_parts(z, mode, data)
+        moved = mode + torch.linalg.solve(precision, gradient)
+        _, _, precision = self._newton_parts(z, moved, data)
+        log_det = torch.linalg.slogdet(precision)[1]
+        return (
+            self.log_joint(z, moved, data) + 0.5 * self.size * math.log(2 * math.pi) - 0.5 * log_det
+        )
+
+    # ------------------------------------------------------------------ batched
+    def _map(self, fn, z: torch.Tensor, t: torch.Tensor, data=None):
+        """``fn(z, t_i, D_i)`` for every client (``z`` ``(d,)``, ``t`` ``(C, k)``), and for
+        every draw too when ``z`` is ``(S, d)`` and ``t`` ``(S, C, k)``."""
+        data = self.batch if data is None else data
+        per_client = vmap(fn, in_dims=(None, 0, 0))
+        if z.dim() == 1:
+            return per_client(z, t, data)
+        return vmap(per_client, in_dims=(0, 0, None))(z, t, data)
+
+    @torch.no_grad()
+    def modes(self, z: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Every client's conditional mode ``t*(z)`` by damped Newton from ``start``.
+
+        :param z: ``(d,)``, or ``(S, d)`` draws.
+        :param start: ``(C, k)`` (broadcast over draws).
+        :returns: ``(C, k)``, or ``(S, C, k)``.
+        """
+        t = start.expand(z.shape[:-1] + start.shape[-2:]).clone()
+        if self.size == 0:
+            return t
+        for _ in range(self.max_newton):
+            value, gradient, precision = self._map(self._newton_parts, z, t)
+            move = torch.linalg.solve(_positive_definite(precision), gradient.unsqueeze(-1))
+            move = move.squeeze(-1)
+            # At most max_move long (written without norm(), whose gradient at 0 is NaN).
+            squared = move.pow(2).sum(-1, keepdim=True).clamp(min=self.max_move**2)
+            move = move * (self.max_move * squared.rsqrt())
+            # Halve the move where it does not increase the log joint (a client whose
+            # conditional is not log-concave there); keep the best of a few halvings.
+            # A move below tol is convergence, not a failure to improve.
+            best_t, best_value = t, value
+            step = move
+            moving = step.abs().amax(-1) > self.tol
+            for _ in range(6):
+                trial = t + step
+                trial_value = self._map(self.log_joint, z, trial)
+                better = (trial_value > best_value) | (~moving & torch.isfinite(trial_value))
+                best_t = torch.where(better.unsqueeze(-1), trial, best_t)
+                best_value = torch.where(better, trial_value, best_value)
+                if not bool((moving & (best_value == value)).any()):
+                    break
+                step = step / 2
+            done = bool((best_t - t).abs().max() <= self.tol) if t.numel() else True
+            t = best_t
+            if done:
+                break
+        return t
+
+    def derivatives(self, z: torch.Tensor, modes: torch.Tensor):
+        """Each client's ``L_i(z)``, gradient and Hessian in ``z``: shapes ``(C,)``,
+        ``(C, d)`` and ``(C, d, d)``."""
+
+        def value_and_grad(zz, mode, data):
+            g, v = grad_and_value(self.laplace)(zz, mode, data)
+            return v, g
+
+        value, gradient = self._map(value_and_grad, z, modes)
+        try:
+            curvature = self._map(jacrev(jacrev(self.laplace)), z, modes)
+        except RuntimeError:
+            # Some ops have no forward-over-reverse rule under a reverse-over-reverse
+            # Hessian (torch 2.13: binary_cross_entropy_with_logits); reverse-mode
+            # everywhere is slower but always defined.
+            if self._inner_jacobian is jacrev:
+                raise
+            self._inner_jacobian = jacrev
+            curvature = self._map(jacrev(jacrev(self.laplace)), z, modes)
+        return value.detach(), gradient.detach(), curvature.detach()
+
+    def mode_slope(self, z: torch.Tensor, modes: torch.Tensor) -> torch.Tensor:
+        """``d t* / d z`` at ``z`` (implicit function theorem: ``P^-1 d grad_t / d z``),
+        shape ``(C, k, d)``: where the modes move as the globals do."""
+        if self.size == 0:
+            return modes.new_zeros(modes.shape + (z.shape[-1],))
+        cross = jacfwd(grad(self.log_joint, argnums=1), argnums=0)
+        _, _, precision = self._map(self._newton_parts, z, modes)
+        # (forward mode can return float64 for float32 inputs: keep the model's dtype)
+        mixed = self._map(cross, z, modes).to(precision.dtype)
+        return torch.linalg.solve(precision, mixed).detach()
+
+    def _predicted_start(self, z, start, centre, slope):
+        """Newton's start at draws ``z``: the modes at ``centre`` moved along ``slope``."""
+        if centre is None or slope is None:
+            return start
+        return start + torch.einsum("ckd,sd->sck", slope, z - centre)
+
+    def _value_at_mode(self, z, mode, data):
+        """``L`` at a converged mode (no derivative in ``z`` needed)."""
+        value, _, precision = self._newton_parts(z, mode, data)
+        if self.size == 0:
+            return value
+        log_det = torch.linalg.slogdet(precision)[1]
+        return value + 0.5 * self.size * math.log(2 * math.pi) - 0.5 * log_det
+
+    @torch.no_grad()
+    def values(self, z: torch.Tensor, start: torch.Tensor, centre=None, slope=None):
+        """``L_i(z_s)`` for draws ``z`` ``(S, d)``: shape ``(S, C)``, in chunks of draws.
+
+        :param centre: where ``start`` are the modes (``(d,)``), and ``slope`` their
+            derivative (:meth:`mode_slope`): each draw's search starts at the modes
+            predicted to first order, a Newton step or two from its own.
+        """
+        out = []
+        for zs in z.split(self.chunk):
+            modes = self.modes(zs, self._predicted_start(zs, start, centre, slope))
+            out.append(self._map(self._value_at_mode, zs, modes))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def nested_values(
+        self, z: torch.Tensor, start: torch.Tensor, draws: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Importance-sampled ``log p(D_i | z_s)`` with ``draws`` draws of each client's
+        Laplace factor (unbiased in ``p``, not in ``log p``): shape ``(S, C)``."""
+        out = []
+        for zs in z.split(self.chunk):
+            modes = self.modes(zs, start)
+            locals_, log_q = self._draw_locals(zs, modes, draws, generator)
+            log_p = vmap(self._map, in_dims=(None, None, 0))(self.log_joint, zs, locals_)
+            out.append(torch.logsumexp(log_p - log_q, 0) - math.log(draws))
+        return torch.cat(out)
+
+    def _draw_locals(self, z, modes, draws: int, generator: torch.Generator):
+        """``draws`` draws of ``t ~ N(mode, P^-1)`` per (draw of z, client) and their log
+        densities: ``(draws, S, C, k)`` and ``(draws, S, C)``."""
+        _, _, precision = self._map(self._newton_parts, z, modes)
+        cholesky = torch.linalg.cholesky(_positive_definite(precision))
+        noise = torch.randn((draws,) + modes.shape, generator=generator, dtype=modes.dtype)
+        offset = torch.linalg.solve_triangular(
+            cholesky.mT, noise.unsqueeze(-1), upper=True
+        ).squeeze(-1)
+        log_det = cholesky.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        log_q = -0.5 * noise.pow(2).sum(-1) - 0.5 * self.size * math.log(2 * math.pi) + log_det
+        return modes + offset, log_q
+
+    @torch.no_grad()
+    def sample_locals(
+        self, z: torch.Tensor, start: torch.Tensor, generator: torch.Generator
+    ) -> Dict[str, torch.Tensor]:
+        """One draw of every local site per draw of ``z`` (``(S, d)``) from each client's
+        Laplace factor at it: ``{site: (S, C, *shape)}`` (the site's one-client shape
+        without its clients axis)."""
+        out = {name: [] for name, *_ in self.locals}
+        for zs in z.split(self.chunk):
+            modes = self.modes(zs, start)
+            drawn, _ = self._draw_locals(zs, modes, 1, generator)
+            for name, value in self.constrain_locals(drawn[0]).items():
+                out[name].append(value)
+        return {name: torch.cat(parts) for name, parts in out.items()}
+
+    def constrain_locals(self, t: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Constrained local values from ``t`` ``(..., C, k)``: ``{site: (..., C, *inner)}``
+        where ``inner`` is the one-client value shape without its clients axis."""
+        lead = t.shape[:-1]
+        out = {}
+        plate_axis = self.structure.plate_dim
+        for name, support, shape, start, stop, event_dim in self.locals:
+            inner = list(shape)
+            axis = len(shape) - event_dim + plate_axis
+            if axis >= 0:
+                del inner[axis]
+            free = t[..., start:stop].reshape(tuple(lead) + tuple(inner))
+            out[name] = biject_to(support)(free)
+        return out
+
+
+def _positive_definite(precision: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """``precision`` with its eigenvalues raised to at least ``floor`` (times its scale):
+    a Newton direction that ascends where the conditional is not log-concave."""
+    values, vectors = torch.linalg.eigh((precision + precision.mT) / 2)
+    scale = values.abs().amax(-1, keepdim=True).clamp(min=1.0)
+    values = torch.maximum(values, floor * scale)
+    return (vectors * values.unsqueeze(-2)) @ vectors.mT
+
+
+class MarginalClient:
+    """A client of the second-order server: its data, and its Laplace marginal's replies.
+
+    Newton tasks return ``value``, ``grad`` and ``hess`` of ``L_i`` at the sent globals;
+    the PSIS task returns ``log_lik``, one number per sent draw. The client keeps only
+    where its last Newton search ended (its locals' mode), to start the next one there.
+
+    :param name: the client's name.
+    :param data: its own data ``{key: tensor}``.
+    :param model: the shared Pyro model.
+    :param structure: the model's site roles.
+    :param layout: the globals' layout.
+    :param per_client: keys holding per-client values.
+    """
+
+    def __init__(self, name, data, model, structure, layout, per_client=()):
+        self.name = name
+        self.data = data
+        self.per_client = tuple(per_client)
+        self._batch = collate([data], per_client=per_client)
+        self.num_examples = int(self._batch["mask"].sum()) if "mask" in self._batch else 1
+        self.marginal = LaplaceMarginal(model, structure, self._batch, layout)
+        self.start = self.marginal.initial_locals()
+        self.centre = self.slope = None  # the globals at self.start, d start / d globals
+
+    @property
+    def batch(self):
+        """This client's own data, collated as the model receives it (one client)."""
+        return self._batch
+
+    def update(self, message: Dict) -> Dict:
+        """Answer one round's message (see the class docstring)."""
+        reply = {"client": self.name, "round": message["round"], "num_examples": self.num_examples}
+        if message["task"] == "psis":
+            reply["log_lik"] = self.psis_values(message)[:, 0]
+            reply["elbo"] = 0.0
+            return reply
+        z = message["globals"]
+        modes = self.marginal.modes(z, self.start)
+        value, gradient, curvature = self.marginal.derivatives(z, modes)
+        if bool(torch.isfinite(modes).all()):
+            self.start, self.centre, self.slope = modes, z.clone(), None
+        reply.update(value=value[0], grad=gradient[0], hess=curvature[0], elbo=float(value[0]))
+        return reply
+
+    def psis_values(self, message: Dict) -> torch.Tensor:
+        """The PSIS task's per-draw values, shape ``(S, 1)``."""
+        draws, local_draws = message["draws"], message.get("local_draws", 0)
+        if local_draws:
+            gen = torch.Generator().manual_seed(message["seed"])
+            return self.marginal.nested_values(draws, self.start, local_draws, gen)
+        return self.marginal.values(draws, self.start, self.centre, self._slope())
+
+    def _slope(self):
+        """Where this client's modes move with the globals, at its last Newton round's
+        globals (computed once, when the draws first need it)."""
+        if self.slope is None and self.centre is not None:
+            self.slope = self.marginal.mode_slope(self.centre, self.start)
+        return self.slope
+
+    def sample_locals(self, z: torch.Tensor, seed: int) -> Dict[str, torch.Tensor]:
+        """Draws of this client's local sites, one per row of ``z``: ``{site: (S, 1, ...)}``."""
+        gen = torch.Generator().manual_seed(seed)
+        return self.marginal.sample_locals(z, self.start, gen)
+
+    def state_dict(self) -> Dict:
+        centre = None if self.centre is None else self.centre.clone()
+        return {"start": self.start.clone(), "centre": centre}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.start = state["start"].clone()
+        self.centre, self.slope = state["centre"], None

@@ -1,0 +1,507 @@
+"""The second-order server: trust-region Newton on the clients' summed Laplace marginals.
+
+method.md §3b. The globals of a hierarchy are few, so each client can send curvature.
+Each round the server sends the globals' unconstrained value ``z``; every client returns
+its Laplace marginal ``L_i(z)`` with gradient and Hessian
+(:class:`~hbfl_pyro.laplace_marginal.LaplaceMarginal`); the server maximises
+
+    F(z) = log p(z) + sum_i L_i(z)
+
+by trust-region Newton (the step solves the trust-region subproblem in the metric of
+``-Hess F``'s diagonal; the radius grows or shrinks with the ratio of the actual to the
+predicted increase; a rejected step costs one round). There is no step size anywhere.
+It stops when the predicted increase of a full Newton step (half the squared Newton
+decrement) is below ``tol`` with ``-Hess F`` positive definite: the round that confirms
+it counts. Then ``q(z) = N(z*, (-Hess F)^{-1})``.
+
+One more round corrects and checks it (federated PSIS, issue 13): the server draws
+``z_s`` from ``N(z*, c (-Hess F)^{-1})`` for a few inflations ``c``; each client returns
+``L_i(z_s)`` for every draw (one number per draw; optionally an importance-sampled
+``log p(D_i | z_s)`` from ``local_draws`` draws of its Laplace factor); the server
+Pareto-smooths ``log p(z_s) + sum_i L_i(z_s) - log q_c(z_s)`` (``arviz.psislw``) and keeps
+the inflation with the lowest k-hat. Its weighted draws are the reported posterior;
+k-hat >= 0.7 is reported as unreliable.
+
+Every message is a sum over clients (values, gradients, Hessians, per-draw values), so
+secure aggregation applies unchanged. Differential privacy is refused with this server:
+the Hessian's sensitivity has no useful bound; use ``server="gradient"`` with
+:class:`~hbfl_pyro.dp.DPConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
+
+import arviz as az
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_mean
+from torch.func import grad_and_value, hessian, vmap
+
+from ..elbo import site_log_prob
+from ..seeding import derive_seed, seeded
+from ..structure import ModelStructure
+from ..unconstrained import GlobalLayout
+from ..verdict import K_HAT_RELIABLE, verdict_problems
+from .base import ServerStrategy
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit stopped without reaching what it claims, or its posterior failed a check."""
+
+
+def trust_region_step(gradient: torch.Tensor, precision: torch.Tensor, radius: float):
+    """The step ``s`` maximising ``g's - s'As/2`` subject to ``||D s|| <= radius``, with
+    ``D`` the square root of ``A``'s absolute diagonal (Marquardt's scaling), so the radius
+    is in units of the curvature's own scale (posterior sds near the mode).
+
+    :param gradient: ``g``, shape ``(d,)``.
+    :param precision: ``A = -Hess F``, shape ``(d, d)`` (need not be positive definite).
+    :returns: ``(s, predicted increase, scaled length of s)``.
+    """
+    diag = precision.diagonal().abs()
+    scale = diag.clamp(min=1e-8 * float(diag.max().clamp(min=1.0))).sqrt()
+    g = gradient / scale
+    a = precision / (scale[:, None] * scale[None, :])
+    values, vectors = torch.linalg.eigh((a + a.T) / 2)
+    along = vectors.T @ g
+
+    def step(shift: float) -> torch.Tensor:
+        return vectors @ (along / (values + shift))
+
+    low = max(0.0, -float(values.min()))
+    if low == 0.0 and float(values.min()) > 0:
+        s = step(0.0)
+        if float(s.norm()) <= radius:
+            return _finish(s, scale, gradient, precision)
+    # ||s(shift)|| falls from +inf at shift = low to 0: bisect for ||s|| = radius.
+    low = low + 1e-12 * max(1.0, low)
+    high = low + float(g.norm()) / radius + 1.0
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        if float(step(mid).norm()) > radius:
+            low = mid
+        else:
+            high = mid
+        if high - low <= 1e-12 * high:
+            break
+    return _finish(step(high), scale, gradient, precision)
+
+
+def _finish(scaled_step, scale, gradient, precision):
+    s = scaled_step / scale
+    predicted = float(gradient @ s - 0.5 * s @ precision @ s)
+    return s, predicted, float(scaled_step.norm())
+
+
+class SecondOrderServer(ServerStrategy):
+    """Trust-region Newton on ``log p(z) + sum_i L_i(z)`` (see the module docstring).
+
+    :param client_names: every client's name (all take part in every round).
+    :param model: the Pyro model (run only on a data-free placeholder, for the prior).
+    :param structure: the model's site roles.
+    :param placeholder: the placeholder model input (schema only).
+    :param layout: the globals' :class:`~hbfl_pyro.unconstrained.GlobalLayout`.
+    :param seed: the run's seed.
+    :param tol: stop when a full Newton step would raise ``F`` by less than this (nats).
+    :param psis_draws: draws of each candidate proposal in the PSIS round.
+    :param psis_scales: the inflations of ``q(z)``'s covariance tried in the PSIS round.
+    :param local_draws: ``0``: clients return their Laplace marginal at each draw;
+        ``K > 0``: an importance-sampled log-likelihood from ``K`` draws of their Laplace
+        factor (for binary likelihoods with small clients, where Laplace is biased).
+    :param max_failures: rounds in a row a client may fail before the fit stops naming it.
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from hbfl_pyro import FederatedSVI, num_clients
+        >>> def model(data):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     tau = pyro.sample("tau", dist.HalfNormal(2.0))
+        ...     with pyro.plate("clients", num_clients(data)):
+        ...         theta = pyro.sample("theta", dist.Normal(mu, tau))
+        ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=data["y"])
+        >>> clients = {f"site{i}": {"y": torch.tensor(i - 1.5)} for i in range(4)}
+        >>> fit = FederatedSVI(model, clients, server="second_order", seed=0)
+        >>> _ = fit.run(progress=False)
+        >>> fit.verdict["status"]
+        'converged'
+    """
+
+    mode = "second_order"
+    #: The first trust radius, in the curvature's units (about posterior sds), times
+    #: the square root of the number of globals.
+    initial_radius = 1.0
+    #: The start is the prior's centre, clamped to this box (unconstrained units).
+    START_BOX = 3.0
+
+    def __init__(
+        self,
+        client_names: Sequence[str],
+        model: Callable,
+        structure: ModelStructure,
+        placeholder,
+        layout: GlobalLayout,
+        *,
+        seed: int = 0,
+        tol: float = 1e-3,
+        psis_draws: int = 1000,
+        psis_scales: Sequence[float] = (1.0, 1.5, 2.5),
+        local_draws: int = 0,
+        max_failures: int = 3,
+    ):
+        self.client_names = list(client_names)
+        self.fraction = 1.0
+        self.seed = seed
+        self.model, self.structure, self.placeholder = model, structure, placeholder
+        self.layout = layout
+        self.tol, self.psis_draws = float(tol), int(psis_draws)
+        self.psis_scales = tuple(float(c) for c in psis_scales)
+        self.local_draws, self.max_failures = int(local_draws), int(max_failures)
+        with torch.random.fork_rng(devices=[]), seeded(derive_seed(seed, "init")):
+            with pyro.validation_enabled(False), poutine.block():
+                start = poutine.trace(InitMessenger(init_to_mean)(model))
+                trace = start.get_trace(placeholder)
+        # The prior is read from a trace on the placeholder with every non-global site
+        # held at these values, so its evaluation draws nothing (torch.func needs that).
+        self._fixed = {name: trace.nodes[name]["value"].detach() for name in structure.local_sites}
+        z0 = layout.unconstrain({n: trace.nodes[n]["value"].detach() for n in layout.names})
+        # The prior's centre (its mean, else median), kept within Stan's initial box of
+        # +-START_BOX unconstrained units: a vague prior (InvGamma(0.001, 0.001)) has its
+        # median at sigma^2 ~ 1e281, where no likelihood is finite.
+        z0 = z0.clamp(-self.START_BOX, self.START_BOX)
+        self.done = False
+        self.phase = "newton"  # then "psis", then "done"
+        self.trial = z0.reshape(-1)
+        self.accepted: Optional[Dict[str, torch.Tensor]] = None  # z, value, gradient, precision
+        self.radius = self.initial_radius * math.sqrt(max(layout.dim, 1))
+        self.predicted = float("nan")
+        self.step_length = float("nan")
+        self.steps = 0  # steps proposed so far
+        self.failures: Dict[str, int] = {}
+        self.posterior: Optional[Dict] = None  # mean, covariance; PSIS draws and weights
+        self.verdict: Dict = {"status": "running"}
+
+    # ------------------------------------------------------------------ the prior
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """``log p(z)`` (the globals' prior, Jacobian included) at ``z`` ``(d,)``."""
+        values = {**self._fixed, **self.layout.constrain(z)}
+        with poutine.block(), pyro.validation_enabled(False):
+            trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(
+                self.placeholder
+            )
+        total = self.layout.log_abs_det_jacobian(z)
+        for name in self.structure.global_sites:
+            total = total + site_log_prob(trace.nodes[name]).sum()
+        return total
+
+    # ------------------------------------------------------------------ configure
+    def message(self, server_round: int, client: str) -> Dict:
+        msg = {
+            "round": server_round,
+            "mode": self.mode,
+            "seed": derive_seed(self.seed, server_round, client),
+            "task": self.phase,
+        }
+        if self.phase == "psis":
+            msg["draws"] = self._psis_draws().clone()
+            msg["local_draws"] = self.local_draws
+        else:
+            msg["globals"] = self.trial.clone()
+        return msg
+
+    def _psis_draws(self) -> torch.Tensor:
+        """The PSIS round's draws: ``psis_draws`` from each inflated ``q(z)``, stacked."""
+        if "candidates" not in self.posterior:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, "psis"))
+            noise = torch.randn(
+                self.psis_draws, self.layout.dim, generator=gen, dtype=self.trial.dtype
+            )
+            chol = torch.linalg.cholesky(self.posterior["covariance"])
+            mean = self.posterior["mean"]
+            self.posterior["candidates"] = torch.cat(
+                [mean + math.sqrt(c) * noise @ chol.T for c in self.psis_scales]
+            )
+        return self.posterior["candidates"]
+
+    # ------------------------------------------------------------------ aggregate
+    def aggregate(
+        self, server_round: int, replies: Dict[str, Dict], failed: Sequence[str] = ()
+    ) -> Dict:
+        good, bad = self._check_replies(server_round, replies, failed)
+        record = {
+            "round": server_round,
+            "clients": sorted(good),
+            "failed": sorted(bad),
+            "phase": self.phase,
+            "updated": False,
+        }
+        if self.phase == "psis":
+            if bad:
+                record["elbo"] = float("nan")
+                return record  # the same draws go out again next round
+            self._finish_psis(good)
+            record.update(updated=True, elbo=self.posterior["elbo"], k_hat=self.posterior["k_hat"])
+            self.phase, self.done = "done", True
+            return record
+        record.update(self._newton_round(server_round, good, bad))
+        return record
+
+    def _check_replies(self, server_round, replies, failed):
+        key, shape = (
+            ("log_lik", (len(self._psis_draws()),))
+            if self.phase == "psis"
+            else ("hess", (self.layout.dim, self.layout.dim))
+        )
+        good, bad = {}, list(failed)
+        for name, reply in replies.items():
+            tensor = reply.get(key) if isinstance(reply, dict) else None
+            ok = isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == shape
+            if ok and self.phase != "psis":
+                grad, value = reply.get("grad"), reply.get("value")
+                ok = (
+                    isinstance(grad, torch.Tensor)
+                    and tuple(grad.shape) == (self.layout.dim,)
+                    and isinstance(value, torch.Tensor)
+                    and bool(torch.isfinite(value).all() and torch.isfinite(grad).all())
+                )
+            # A PSIS draw a client cannot evaluate (-inf, or NaN far out in the tails) is
+            # a weight the server counts and reports, not a failure of the client.
+            if ok and self.phase != "psis":
+                ok = bool(torch.isfinite(tensor).all())
+            if ok:
+                good[name] = reply
+            else:
+                bad.append(name)
+        for name in self.client_names:
+            if name in good:
+                self.failures.pop(name, None)
+            elif name in bad:
+                self.failures[name] = self.failures.get(name, 0) + 1
+        stuck = sorted(n for n, k in self.failures.items() if k >= self.max_failures)
+        if stuck:
+            raise RuntimeError(
+                f"round {server_round}: client(s) {stuck} failed {self.max_failures} rounds in "
+                "a row; every client's data must be in a second-order fit (the server sums "
+                "over all of them). Check those clients' data against the model"
+            )
+        return good, bad
+
+    def _newton_round(self, server_round, good, bad) -> Dict:
+        """Judge the trial point, then either stop or propose the next one."""
+        out: Dict = {}
+        value = float("nan")
+        if not bad:
+            with torch.enable_grad():
+                gp, vp = grad_and_value(self.log_prior)(self.trial)
+                hp = hessian(self.log_prior)(self.trial)
+            value = float(vp) + sum(float(r["value"]) for r in good.values())
+            gradient = gp.detach() + sum(r["grad"] for r in good.values())
+            precision = -(hp.detach() + sum(r["hess"] for r in good.values()))
+            finite = math.isfinite(value) and bool(
+                torch.isfinite(gradient).all() and torch.isfinite(precision).all()
+            )
+        else:
+            finite = False
+        accept = False
+        if finite:
+            if self.accepted is None:
+                accept = True
+            else:
+                start_radius = self.initial_radius * math.sqrt(max(self.layout.dim, 1))
+                actual = value - float(self.accepted["value"])
+                ratio = actual / self.predicted if self.predicted > 0 else -1.0
+                # A step whose predicted gain is below float noise is accepted unless it
+                # clearly lost.
+                accept = ratio > 0.1 or (self.predicted < 1e-9 and actual > -1e-9)
+                if ratio < 0.25:
+                    self.radius = min(0.25 * self.step_length, max(self.radius, start_radius))
+                elif ratio > 0.75 and self.step_length > 0.99 * self.radius:
+                    self.radius *= 2.0
+        elif self.accepted is not None:
+            start_radius = self.initial_radius * math.sqrt(max(self.layout.dim, 1))
+            self.radius = min(0.25 * self.step_length, max(self.radius, start_radius))
+        if accept:
+            self.accepted = {
+                "z": self.trial.clone(),
+                "value": torch.tensor(value),
+                "gradient": gradient,
+                "precision": precision,
+            }
+        out.update(accepted=accept, elbo=value, objective=value, radius=self.radius)
+        if self.accepted is None:
+            # No point has worked yet: try one halfway to the unconstrained origin.
+            self.trial = self.trial / 2
+            return out
+        out["updated"] = accept
+        acc = self.accepted
+        decrement = _newton_decrement(acc["gradient"], acc["precision"])
+        out["decrement"] = decrement
+        if decrement is not None and decrement < self.tol:
+            self._set_posterior(acc, converged=True, rounds=server_round)
+        elif self.radius < 1e-10:
+            self._set_posterior(acc, converged=False, rounds=server_round, status="diverged")
+        else:
+            radius = self.radius
+            if self.steps == 0 and decrement is not None:
+                # The first step is Newton's own when the curvature allows it: a quadratic
+                # objective (a Gaussian hierarchy) is then solved in one step.
+                radius = math.inf
+            step, self.predicted, self.step_length = trust_region_step(
+                acc["gradient"], acc["precision"], radius
+            )
+            self.steps += 1
+            self.trial = acc["z"] + step
+        return out
+
+    def stop(self, server_round: int) -> None:
+        """End the Newton phase at the best point so far (the caller's round cap)."""
+        if self.phase != "newton":
+            return
+        if self.accepted is None:
+            raise RuntimeError("no round succeeded: there is no posterior to report")
+        self._set_posterior(
+            self.accepted, converged=False, rounds=server_round, status="max rounds reached"
+        )
+
+    def _set_posterior(self, acc, converged: bool, rounds: int, status="converged") -> None:
+        precision = acc["precision"]
+        mean = acc["z"]
+        evals, evecs = torch.linalg.eigh((precision + precision.T) / 2)
+        if converged:
+            mean = mean + torch.linalg.solve(precision, acc["gradient"])
+        # Away from a maximum the curvature need not be positive definite: take its
+        # eigenvalues' absolute values (floored) so q(z) exists; the verdict and k-hat
+        # say it is not a posterior.
+        floor = 1e-6 * float(evals.abs().max().clamp(min=1.0))
+        covariance = (evecs / evals.abs().clamp(min=floor)) @ evecs.T
+        self.posterior = {"mean": mean, "covariance": (covariance + covariance.T) / 2}
+        self.verdict = {"status": status, "rounds": rounds}
+        self.phase = "psis"
+
+    def _finish_psis(self, good: Dict[str, Dict]) -> None:
+        draws = self._psis_draws()
+        log_lik = sum(r["log_lik"] for r in good.values())
+        unevaluated = torch.isnan(log_lik)
+        log_lik = torch.where(unevaluated, torch.tensor(-math.inf, dtype=log_lik.dtype), log_lik)
+        with torch.no_grad():
+            log_prior = vmap(self.log_prior)(draws)
+        n = self.psis_draws
+        best = None
+        k_hats = {}
+        for i, c in enumerate(self.psis_scales):
+            part = slice(i * n, (i + 1) * n)
+            q = torch.distributions.MultivariateNormal(
+                self.posterior["mean"], covariance_matrix=c * self.posterior["covariance"]
+            )
+            log_w = (log_prior[part] + log_lik[part] - q.log_prob(draws[part])).double()
+            finite = torch.isfinite(log_w)
+            if not bool(finite.all()):
+                log_w = torch.where(finite, log_w, torch.tensor(-math.inf, dtype=log_w.dtype))
+            smoothed, k_hat = az.psislw(log_w.numpy().copy(), reff=1.0)
+            k_hat = float(np.asarray(k_hat))
+            k_hats[c] = k_hat
+            elbo = float(log_w[finite].mean()) if c == 1.0 else None
+            if best is None or k_hat < best[1]:
+                best = (c, k_hat, draws[part], torch.as_tensor(smoothed), log_w)
+            if elbo is not None:
+                self.posterior["elbo"] = elbo
+        scale, k_hat, chosen, smoothed, log_w = best
+        self.posterior.update(
+            draws=chosen,
+            log_weights=smoothed - torch.logsumexp(smoothed, 0),
+            k_hat=k_hat,
+            k_hats=k_hats,
+            scale=scale,
+            log_evidence=float(torch.logsumexp(log_w, 0) - math.log(n)),
+        )
+        self.posterior.setdefault("elbo", float("nan"))
+        # Draws some client could not evaluate carry no weight; if they are more than a
+        # few, the weights describe a truncated posterior: not reliable.
+        first = self.psis_scales.index(scale) * n
+        nan_share = float(unevaluated[first : first + n].double().mean())
+        self.verdict.update(
+            k_hat=k_hat,
+            reliable=k_hat < K_HAT_RELIABLE and nan_share <= 0.01,
+            scale=scale,
+            unevaluated_draws=nan_share,
+        )
+        if not self.verdict["reliable"]:
+            warnings.warn(
+                "this posterior is not trustworthy: " + " ".join(verdict_problems(self.verdict)),
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ draws
+    def global_draws(self, num_samples: int, seed: int) -> torch.Tensor:
+        """``num_samples`` draws of ``z`` from the corrected posterior (PSIS-resampled),
+        or from ``q(z)`` before the PSIS round: shape ``(num_samples, d)``."""
+        gen = torch.Generator().manual_seed(seed)
+        post = self.posterior
+        if post is None:
+            raise RuntimeError("no posterior yet: run the fit first")
+        if "draws" in post:
+            index = torch.multinomial(post["log_weights"].exp(), num_samples, True, generator=gen)
+            return post["draws"][index]
+        noise = torch.randn(num_samples, self.layout.dim, generator=gen, dtype=post["mean"].dtype)
+        return post["mean"] + noise @ torch.linalg.cholesky(post["covariance"]).T
+
+    # ------------------------------------------------------------------ state
+    _STATE_KEYS = (
+        "steps",
+        "phase",
+        "trial",
+        "accepted",
+        "radius",
+        "predicted",
+        "step_length",
+        "failures",
+        "posterior",
+        "verdict",
+        "done",
+    )
+
+    def state_dict(self) -> Dict:
+        import copy
+
+        state = {key: copy.deepcopy(getattr(self, key)) for key in self._STATE_KEYS}
+        state["mode"] = self.mode
+        state["dim"] = self.layout.dim
+        return state
+
+    def check_state(self, state: Dict) -> None:
+        if state.get("mode") != self.mode:
+            raise ValueError(
+                f"the checkpoint is of a {state.get('mode')!r}-mode server; this run's server "
+                f"is in {self.mode!r} mode"
+            )
+        if state.get("dim") != self.layout.dim:
+            raise ValueError(
+                f"the checkpoint's globals have {state.get('dim')} unconstrained values; this "
+                f"model's have {self.layout.dim}"
+            )
+
+    def load_state_dict(self, state: Dict) -> None:
+        import copy
+
+        self.check_state(state)
+        for key in self._STATE_KEYS:
+            setattr(self, key, copy.deepcopy(state[key]))
+
+
+def _newton_decrement(gradient, precision) -> Optional[float]:
+    """Half the squared Newton decrement ``g' A^-1 g / 2`` (the predicted increase of a full
+    Newton step), or ``None`` when ``A`` is not positive definite."""
+    chol, info = torch.linalg.cholesky_ex((precision + precision.T) / 2)
+    if int(info) != 0:
+        return None
+    solved = torch.cholesky_solve(gradient.unsqueeze(-1), chol).squeeze(-1)
+    return float(0.5 * gradient @ solved)
+
+
+__all__: List[str] = ["ConvergenceWarning", "SecondOrderServer", "trust_region_step"]
