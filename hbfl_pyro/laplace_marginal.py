@@ -73,6 +73,11 @@ class LaplaceMarginal:
     #: than ``tol``.
     max_newton = 50
     tol = 1e-9
+    #: Draws (PSIS, local draws) stop at this move: the error it leaves in ``L`` is of the
+    #: order of the curvature times its square, far below a PSIS weight's noise.
+    draw_tol = 1e-6
+    #: Newton moves shorter than this are taken without checking the log joint.
+    LOCAL_QUADRATIC = 1e-3
     #: Largest Newton move (unconstrained units): a trust region for conditionals that
     #: are not log-concave far from the mode.
     max_move = 3.0
@@ -172,13 +177,15 @@ class LaplaceMarginal:
         return vmap(per_client, in_dims=(0, 0, None))(z, t, data)
 
     @torch.no_grad()
-    def modes(self, z: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    def modes(self, z: torch.Tensor, start: torch.Tensor, tol=None) -> torch.Tensor:
         """Every client's conditional mode ``t*(z)`` by damped Newton from ``start``.
 
         :param z: ``(d,)``, or ``(S, d)`` draws.
         :param start: ``(C, k)`` (broadcast over draws).
+        :param tol: stop when no value moves more than this (default :attr:`tol`).
         :returns: ``(C, k)``, or ``(S, C, k)``.
         """
+        tol = self.tol if tol is None else tol
         t = start.expand(z.shape[:-1] + start.shape[-2:]).clone()
         if self.size == 0:
             return t
@@ -189,25 +196,26 @@ class LaplaceMarginal:
             # At most max_move long (written without norm(), whose gradient at 0 is NaN).
             squared = move.pow(2).sum(-1, keepdim=True).clamp(min=self.max_move**2)
             move = move * (self.max_move * squared.rsqrt())
-            # Halve the move where it does not increase the log joint (a client whose
-            # conditional is not log-concave there); keep the best of a few halvings.
-            # A move below tol is convergence, not a failure to improve.
-            best_t, best_value = t, value
-            step = move
-            moving = step.abs().amax(-1) > self.tol
-            for _ in range(6):
-                trial = t + step
-                trial_value = self._map(self.log_joint, z, trial)
-                better = (trial_value > best_value) | (~moving & torch.isfinite(trial_value))
-                best_t = torch.where(better.unsqueeze(-1), trial, best_t)
-                best_value = torch.where(better, trial_value, best_value)
-                if not bool((moving & (best_value == value)).any()):
-                    break
-                step = step / 2
-            done = bool((best_t - t).abs().max() <= self.tol) if t.numel() else True
+            size = move.abs().amax(-1)
+            if float(size.max()) <= tol:
+                return t + move
+            # Halve a long move where it does not increase the log joint (a conditional
+            # that is not log-concave there); keep the best of a few halvings. A short
+            # move (within LOCAL_QUADRATIC) is Newton's in its quadratic region: taken.
+            checked = size > self.LOCAL_QUADRATIC
+            best_t = torch.where(checked.unsqueeze(-1), t, t + move)
+            if bool(checked.any()):
+                best_value, step = value, move
+                for _ in range(6):
+                    trial = t + step
+                    trial_value = self._map(self.log_joint, z, trial)
+                    better = checked & (trial_value > best_value)
+                    best_t = torch.where(better.unsqueeze(-1), trial, best_t)
+                    best_value = torch.where(better, trial_value, best_value)
+                    if not bool((checked & (best_value == value)).any()):
+                        break
+                    step = step / 2
             t = best_t
-            if done:
-                break
         return t
 
     def derivatives(self, z: torch.Tensor, modes: torch.Tensor):
@@ -266,7 +274,7 @@ class LaplaceMarginal:
         """
         out = []
         for zs in z.split(self.chunk):
-            modes = self.modes(zs, self._predicted_start(zs, start, centre, slope))
+            modes = self.modes(zs, self._predicted_start(zs, start, centre, slope), self.draw_tol)
             out.append(self._map(self._value_at_mode, zs, modes))
         return torch.cat(out)
 
@@ -278,7 +286,7 @@ class LaplaceMarginal:
         Laplace factor (unbiased in ``p``, not in ``log p``): shape ``(S, C)``."""
         out = []
         for zs in z.split(self.chunk):
-            modes = self.modes(zs, start)
+            modes = self.modes(zs, start, self.draw_tol)
             locals_, log_q = self._draw_locals(zs, modes, draws, generator)
             log_p = vmap(self._map, in_dims=(None, None, 0))(self.log_joint, zs, locals_)
             out.append(torch.logsumexp(log_p - log_q, 0) - math.log(draws))
@@ -299,14 +307,20 @@ class LaplaceMarginal:
 
     @torch.no_grad()
     def sample_locals(
-        self, z: torch.Tensor, start: torch.Tensor, generator: torch.Generator
+        self,
+        z: torch.Tensor,
+        start: torch.Tensor,
+        generator: torch.Generator,
+        centre=None,
+        slope=None,
     ) -> Dict[str, torch.Tensor]:
         """One draw of every local site per draw of ``z`` (``(S, d)``) from each client's
         Laplace factor at it: ``{site: (S, C, *shape)}`` (the site's one-client shape
         without its clients axis)."""
         out = {name: [] for name, *_ in self.locals}
         for zs in z.split(self.chunk):
-            modes = self.modes(zs, start)
+            first = self._predicted_start(zs, start, centre, slope)
+            modes = self.modes(zs, first, self.draw_tol)
             drawn, _ = self._draw_locals(zs, modes, 1, generator)
             for name, value in self.constrain_locals(drawn[0]).items():
                 out[name].append(value)
@@ -400,7 +414,7 @@ class MarginalClient:
     def sample_locals(self, z: torch.Tensor, seed: int) -> Dict[str, torch.Tensor]:
         """Draws of this client's local sites, one per row of ``z``: ``{site: (S, 1, ...)}``."""
         gen = torch.Generator().manual_seed(seed)
-        return self.marginal.sample_locals(z, self.start, gen)
+        return self.marginal.sample_locals(z, self.start, gen, self.centre, self._slope())
 
     def state_dict(self) -> Dict:
         centre = None if self.centre is None else self.centre.clone()

@@ -65,14 +65,9 @@ class BatchedMarginalEngine(InProcessEngine):
             if first["task"] == "psis":
                 if first.get("local_draws", 0):
                     return {n: self.clients[n].update(messages[n]) for n in names}
-                centre = self.clients[names[0]].centre
-                same = all(
-                    self.clients[n].centre is not None
-                    and torch.equal(self.clients[n].centre, centre)
-                    for n in names
-                )
-                slope = marginal.mode_slope(centre, start) if same else None
-                values = marginal.values(first["draws"], start, centre if same else None, slope)
+                clients = [self.clients[n] for n in names]
+                centre, slope = _shared_centre(clients, marginal, start)
+                values = marginal.values(first["draws"], start, centre, slope)
                 for i, n in enumerate(names):
                     replies[n] = _reply(self.clients[n], first, log_lik=values[:, i], elbo=0.0)
                 return replies
@@ -99,9 +94,22 @@ class BatchedMarginalEngine(InProcessEngine):
 def batched_local_draws(engine, z: torch.Tensor, seed: int) -> Dict[str, torch.Tensor]:
     """Every client's local draws at each row of ``z`` in one batched pass (one generator
     for the batch: equal in distribution to the per-client draws, not draw for draw)."""
-    start = torch.cat([c.start for c in engine.clients.values()])
+    clients = list(engine.clients.values())
+    start = torch.cat([c.start for c in clients])
     gen = torch.Generator().manual_seed(seed)
-    return engine._marginal.sample_locals(z, start, gen)
+    centre, slope = _shared_centre(clients, engine._marginal, start)
+    return engine._marginal.sample_locals(z, start, gen, centre, slope)
+
+
+def _shared_centre(clients, marginal: LaplaceMarginal, start: torch.Tensor):
+    """The globals at which every client's Newton start is its mode, and the modes'
+    derivative there, when all clients share them (else ``(None, None)``)."""
+    centre = clients[0].centre
+    if centre is None or any(
+        c.centre is None or not torch.equal(c.centre, centre) for c in clients
+    ):
+        return None, None
+    return centre, marginal.mode_slope(centre, start)
 
 
 def _reply(client: MarginalClient, message: Dict, **content) -> Dict:
