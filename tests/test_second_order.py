@@ -287,3 +287,20 @@ def test_eight_schools_defaults_match_posteriordb(shared_data):
         ref = reference[name]
         assert abs(value.mean().item() - ref["mean"]) / ref["sd"] < 0.25, name
         assert 0.8 <= value.std().item() / ref["sd"] <= 1.2, name
+
+
+def test_cli_prints_the_server_the_verdict_and_a_banner(tmp_path, capsys):
+    from hbfl_pyro.cli import main
+
+    spec = str(eight_schools.__file__)
+    args = ["fit", spec, "--no-progress", "--num-samples", "200", "--out", str(tmp_path)]
+    assert main(args + ["--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "server      second_order (continuous globals and locals" in out
+    assert "verdict: max rounds reached in 1 rounds; PSIS Pareto k-hat" in out
+    assert "WARNING: this posterior is not trustworthy" in out
+    report = (tmp_path / "report.md").read_text()
+    assert "**Verdict:** max rounds reached in 1 rounds" in report
+    assert main(args + ["--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: converged in" in out and "WARNING" not in out
