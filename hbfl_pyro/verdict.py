@@ -35,7 +35,8 @@ def verdict_lines(verdict: Dict) -> Tuple[str, Optional[List[str]]]:
     problems = verdict_problems(verdict)
     banner = None
     if problems:
-        banner = ["!" * 78, "WARNING: this posterior is not trustworthy"]
+        what = "not checked" if status == "not checked" else "not trustworthy"
+        banner = ["!" * 78, f"WARNING: this posterior is {what}"]
         banner += [f"- {p}" for p in problems] + ["!" * 78]
     return line, banner
 
@@ -50,6 +51,13 @@ def verdict_problems(verdict: Dict) -> List[str]:
     """
     status, k_hat = verdict.get("status"), verdict.get("k_hat")
     problems = []
+    if status == "not checked":
+        problems.append(
+            "no convergence check ran: first-order servers have no stopping rule yet, so "
+            "the posterior may be far from the optimum after these rounds. Compare it with "
+            "--compare-pooled, or drop the first-order options so that the second-order "
+            "server (with its verdict and PSIS check) runs where it applies."
+        )
     if status in ("max rounds reached", "diverged"):
         problems.append(
             f"the fit did not converge ({status}): its posterior is that of the best point "
