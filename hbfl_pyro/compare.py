@@ -655,6 +655,12 @@ def compare_pooled(
         "seed": seed,
     }
     diagnostics: Dict[str, Any] = {}
+    if fit.server.mode == "second_order" and global_guide is None and local_guide is None:
+        # Its family (a Gaussian q(z) with each client's Laplace factor) is no Pyro guide:
+        # there is no "same family" to fit pooled; NUTS is the reference.
+        if svi_settings is not None:
+            settings["pooled SVI"] = "skipped: the second-order server's family has no pooled guide"
+        svi_settings = None
 
     draws[FEDERATED] = _federated_draws(fit, layout, num_samples, derive_seed(seed, "fed"))
     with seeded(derive_seed(seed, "fed elbo")):

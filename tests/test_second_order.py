@@ -304,3 +304,14 @@ def test_cli_prints_the_server_the_verdict_and_a_banner(tmp_path, capsys):
     assert main(args + ["--no-report"]) == 0
     out = capsys.readouterr().out
     assert "verdict: converged in" in out and "WARNING" not in out
+
+
+def test_compare_pooled_uses_nuts_as_the_reference():
+    from hbfl_pyro.compare import compare_pooled
+
+    fit = _fit(_glmm, _glmm_data(3))
+    comparison = compare_pooled(
+        fit, nuts={"warmup": 30, "samples": 30}, num_samples=200, elbo_particles=16, progress=False
+    )
+    assert "skipped" in comparison.settings["pooled SVI"]
+    assert tuple(comparison.methods) == ("federated", "nuts")
