@@ -331,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
         "Flower's SecAgg+ protocol, so the server sees only their sum",
     )
     fit.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="write the fit's state to PATH after every round (atomically: a kill leaves the "
+        "previous checkpoint whole), to continue it later with --resume PATH",
+    )
+    fit.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="continue the fit from a checkpoint written by --checkpoint, with the same "
+        "model file, data, seed and options (refused otherwise); the rounds already run "
+        "count towards --rounds",
+    )
+    fit.add_argument(
         "--no-progress",
         action="store_true",
         help="do not show the progress bar (on stderr)",
@@ -439,6 +452,7 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
         raise UsageError(f"{spec.label}: {_one_line(exc)}") from exc
 
     out_dir = Path(args.out) if args.out is not None else Path("runs") / spec.path.stem
+    fingerprint = _checkpoints(fit, args, options, flower_sim, spec.label)
     mode = fit.server.mode
     if fit.family is not None:
         mode += f" ({type(fit.family).__name__})"
@@ -460,6 +474,10 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
         ("rounds", rounds_text),
         ("seed", str(args.seed)),
     ]
+    if args.resume is not None:
+        header.append(("resumed", f"{args.resume} (after round {fit.round})"))
+    if args.checkpoint is not None:
+        header.append(("checkpoint", f"{args.checkpoint} (after every round)"))
     width = max(len(k) for k, _ in header)
     for key, value in header:
         print(f"{key.ljust(width)}  {value}", file=out)
@@ -490,13 +508,17 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
             )
         except ValueError as exc:  # e.g. SecAgg+ with a gradient-mode server
             raise UsageError(f"{spec.label}: {_one_line(exc)}") from exc
-    elif second_order:
-        with warnings.catch_warnings():
-            # The verdict below says it once, in words, with the banner.
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            fit.run(given_rounds, progress=not args.no_progress)
     else:
-        fit.run(rounds, progress=not args.no_progress)
+        on_round = _checkpoint_writer(fit, args.checkpoint, fingerprint)
+        # A resumed fit runs only the rounds still missing (its round count goes on).
+        if second_order:
+            with warnings.catch_warnings():
+                # The verdict below says it once, in words, with the banner.
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                newton_rounds = max(0, cap - fit.round) if fit.round else given_rounds
+                fit.run(newton_rounds, progress=not args.no_progress, on_round=on_round)
+        else:
+            fit.run(max(0, rounds - fit.round), progress=not args.no_progress, on_round=on_round)
     timings = {"fit": time.perf_counter() - start}
     verdict_line, banner = verdict_lines(fit.verdict)
     print(f"\nverdict: {verdict_line}", file=out)
@@ -525,6 +547,52 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
     if not args.no_report:
         _write_report(fit, args, out_dir, rows, header, options, timings, out, comparison)
     return 0
+
+
+def _checkpoints(fit, args, options, flower_sim, label) -> Optional[Dict[str, Any]]:
+    """--checkpoint / --resume: check them before training, and load the --resume state.
+
+    Returns the fingerprint the checkpoints carry (``None`` without either flag): the
+    model's (:meth:`~hbfl_pyro.FederatedSVI.fingerprint`) and this command's options, so a
+    checkpoint resumes only the fit it came from."""
+    if args.checkpoint is None and args.resume is None:
+        return None
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    if flower_sim:
+        raise UsageError(
+            "--checkpoint and --resume run in-process or vectorised (Flower runs the rounds "
+            "of --engine flower-sim); drop --engine flower-sim"
+        )
+    if args.checkpoint is not None and not Path(args.checkpoint).parent.is_dir():
+        # Found now, not after the first round's work.
+        raise UsageError(f"--checkpoint {args.checkpoint}: its directory does not exist")
+    fingerprint = {
+        **fit.fingerprint(),
+        "guide": args.guide,
+        "options": {key: _describe(value) for key, value in sorted(options.items())},
+    }
+    if args.resume is not None:
+        try:
+            state = load_checkpoint(args.resume, fingerprint)
+            fit.load_state_dict(state)
+        except FileNotFoundError as exc:
+            raise UsageError(f"--resume {args.resume}: no such file") from exc
+        except (CheckpointError, ValueError) as exc:
+            raise UsageError(f"--resume: {label}: {_one_line(exc)}") from exc
+    return fingerprint
+
+
+def _checkpoint_writer(fit, path, fingerprint):
+    """--checkpoint: the callback that writes the fit's state after each round, or ``None``."""
+    if path is None:
+        return None
+    from .checkpoint import save_checkpoint
+
+    def write(record):
+        save_checkpoint(fit.state_dict(), path, fingerprint)
+
+    return write
 
 
 def _compare(fit, args, out_dir, timings, out):

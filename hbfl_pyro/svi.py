@@ -21,6 +21,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .client import Client, LocalConfig
 from .data import FederatedData
 from .dp import DPConfig
@@ -453,13 +454,21 @@ class FederatedSVI:
         self.history.append(record)
         return record
 
-    def run(self, rounds: Optional[int] = None, progress: bool = True) -> List[Dict]:
+    def run(
+        self,
+        rounds: Optional[int] = None,
+        progress: bool = True,
+        on_round: Optional[Callable[[Dict], None]] = None,
+    ) -> List[Dict]:
         """Run rounds with a progress bar; returns the whole history.
 
         With the second-order server, ``rounds`` caps the Newton rounds (default
         :data:`MAX_ROUNDS`): the fit stops when converged, then runs its PSIS round, and
         :attr:`verdict` says how it ended. With a first-order server it runs exactly
         ``rounds`` rounds (required).
+
+        :param on_round: called with each round's record once the round is complete,
+            e.g. to write a checkpoint (``lambda record: fit.checkpoint(path)``).
         """
         if self.server.mode != "second_order":
             if rounds is None:
@@ -470,6 +479,8 @@ class FederatedSVI:
             for _ in bar:
                 record = self.step()
                 bar.set_postfix(elbo=f"{record['elbo']:.3f}", clients=len(record["clients"]))
+                if on_round is not None:
+                    on_round(record)
             return self.history
         cap = MAX_ROUNDS if rounds is None else rounds
         first = self.round
@@ -480,6 +491,8 @@ class FederatedSVI:
             record = self.step()
             bar.update(1)
             bar.set_postfix(phase=record["phase"], objective=f"{record['elbo']:.3f}")
+            if on_round is not None:
+                on_round(record)
         bar.close()
         verdict = self.verdict
         if verdict["status"] != "converged":
@@ -614,13 +627,44 @@ class FederatedSVI:
             self.clients[name].load_state_dict(client_state)
         self.history = [dict(r) for r in state["history"]]
 
+    def fingerprint(self) -> Dict:
+        """What a checkpoint must match to be resumed by this run: the server, the clients
+        and the name and shape of every global and local site (the local ones for one
+        client), as plain values that are the same on every machine.
+
+        The seed is not part of it: :meth:`load_state_dict` refuses another seed itself."""
+        # One trace on the first client's data gives the shapes; it draws from a forked,
+        # seeded RNG, so taking a fingerprint never moves the run's random streams.
+        with private_params(), seeded(derive_seed(self.seed, "fingerprint")):
+            with pyro.validation_enabled(False):
+                trace = poutine.trace(self.model).get_trace(self.data.collate([0]))
+        structure = self.structure
+
+        def shapes(names):
+            return {name: list(trace.nodes[name]["value"].shape) for name in names}
+
+        return {
+            "server": self.server.mode,
+            "plate": structure.plate,
+            "clients": list(self.data.names),
+            "global sites": shapes(structure.global_sites),
+            "local sites": shapes(structure.local_sites),
+            "observed sites": list(structure.observed_sites),
+        }
+
     def checkpoint(self, path) -> None:
-        """Write the state to ``path`` (``torch.save``)."""
-        torch.save(self.state_dict(), path)
+        """Write the state to ``path``, atomically, with :meth:`fingerprint`
+        (:func:`hbfl_pyro.checkpoint.save_checkpoint`)."""
+        save_checkpoint(self.state_dict(), path, self.fingerprint())
 
     def resume(self, path) -> None:
-        """Load a state written by :meth:`checkpoint`; the next round continues it."""
-        self.load_state_dict(torch.load(path, weights_only=False))
+        """Load a state written by :meth:`checkpoint`; the next round continues it.
+
+        The file is read without unpickling code (``weights_only=True``) and refused with
+        a :class:`~hbfl_pyro.checkpoint.CheckpointError` if it is truncated, not a
+        checkpoint, of a newer format or of another model; a refused checkpoint changes
+        nothing."""
+        self.load_state_dict(load_checkpoint(path, self.fingerprint()))
 
 
 def _particle_shaped(draws: torch.Tensor, site: str, structure: ModelStructure) -> torch.Tensor:

@@ -7,6 +7,12 @@ global and local parameters, optimiser states and ELBO history.
 """
 
 import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import eight_schools
 import normal_normal
@@ -14,6 +20,17 @@ import pytest
 import torch
 
 from hbfl_pyro import FederatedSVI
+from hbfl_pyro.checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from hbfl_pyro.cli import main
+from hbfl_pyro.dp import DPConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ROUNDS = 4
 
@@ -56,7 +73,8 @@ def _assert_same(a, b, path="state"):
         for i, (x, y) in enumerate(zip(a, b)):
             _assert_same(x, y, f"{path}[{i}]")
     else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
+        same_nan = isinstance(a, float) and isinstance(b, float) and a != a and b != b
+        assert a == b or same_nan, f"{path}: {a!r} != {b!r}"
 
 
 def _history(fit):
@@ -169,7 +187,10 @@ def test_state_is_plain_containers_and_tensors(mode, tmp_path):
     # so the checkpoint loads without unpickling arbitrary objects
     path = tmp_path / "checkpoint.pt"
     fit.checkpoint(path)
-    loaded = torch.load(path, weights_only=True)
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == FORMAT and payload["version"] == VERSION
+    assert payload["fingerprint"] == fit.fingerprint()
+    loaded = payload["state"]
     _assert_same(loaded, state)
     # and resuming from the safely loaded state is the same as resuming from the file
     a, b = _make(mode), _make(mode)
@@ -221,3 +242,254 @@ def test_incompatible_checkpoint_is_refused_and_changes_nothing(tmp_path):
         gradient.resume(path)
     _assert_same(gradient.state_dict(), before)
     assert gradient.round == 0
+
+
+# ---------------------------------------------------------------- safe checkpoint files
+# (issue 14: loaded with weights_only=True, atomic, versioned, tied to one model)
+
+SERVERS = {
+    "gradient": lambda: _make("gradient"),
+    "closed_form": lambda: _make("closed_form"),
+    "closed_form+dp": lambda: FederatedSVI(
+        normal_normal.model,
+        normal_normal.load_data(num_clients=5),
+        local_steps=1,
+        seed=11,
+        dp=DPConfig(clip=1.0, noise_multiplier=1.0),
+    ),
+    "second_order": lambda: FederatedSVI(
+        eight_schools.noncentered, eight_schools.load_data(), seed=11, server="second_order"
+    ),
+}
+
+
+@pytest.mark.parametrize("server", sorted(SERVERS))
+def test_every_servers_checkpoint_loads_with_weights_only(server, tmp_path):
+    fit = SERVERS[server]()
+    for _ in range(2):
+        fit.step()
+    path = tmp_path / "state.pt"
+    fit.checkpoint(path)
+    # torch's safe loader reads the whole file: no pickled object other than containers
+    payload = torch.load(path, weights_only=True)
+    list(_walk(payload))
+    _assert_same(payload["state"], fit.state_dict())
+    resumed = SERVERS[server]()
+    resumed.resume(path)
+    _assert_same(resumed.state_dict(), fit.state_dict())
+
+
+class _RunsCode:
+    """Pickles as a call of ``exec``: unpickling it would create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_a_malicious_pickle_is_refused_without_running_it(tmp_path):
+    fit = _make("closed_form")
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    # A file that looks like a checkpoint in every respect but its payload.
+    torch.save(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": fit.fingerprint(),
+            "state": _RunsCode(marker),
+        },
+        path,
+    )
+    with pytest.raises(CheckpointError, match="could run code") as info:
+        fit.resume(path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+    assert fit.round == 0 and fit.history == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_a_truncated_or_corrupt_file_is_refused_with_the_librarys_message(damage, tmp_path):
+    fit = _make("closed_form")
+    fit.run(1, progress=False)
+    path = tmp_path / "state.pt"
+    fit.checkpoint(path)
+    whole = path.read_bytes()
+    damaged = {"truncated": whole[: len(whole) // 2], "empty": b"", "text": b"not torch\n" * 9}
+    path.write_bytes(damaged[damage])
+    fresh = _make("closed_form")
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+        fresh.resume(path)
+    assert str(path) in str(info.value)
+    assert fresh.round == 0
+
+
+def test_a_torch_file_that_is_not_a_checkpoint_or_is_newer_is_refused(tmp_path):
+    fit = _make("closed_form")
+    fit.run(1, progress=False)
+    plain = tmp_path / "plain.pt"
+    torch.save(fit.state_dict(), plain)  # the old format: a bare state, no version
+    with pytest.raises(CheckpointError, match="not an hbfl_pyro checkpoint"):
+        _make("closed_form").resume(plain)
+    newer = tmp_path / "newer.pt"
+    torch.save({"format": FORMAT, "version": VERSION + 1, "fingerprint": {}, "state": {}}, newer)
+    with pytest.raises(CheckpointError, match=f"version {VERSION + 1}.*upgrade hbfl_pyro"):
+        _make("closed_form").resume(newer)
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_difference(tmp_path):
+    data = eight_schools.load_data()
+    noncentered = FederatedSVI(eight_schools.noncentered, data, local_steps=1, server="gradient")
+    noncentered.run(1, progress=False)
+    path = tmp_path / "noncentered.pt"
+    noncentered.checkpoint(path)
+    centered = FederatedSVI(eight_schools.centered, data, local_steps=1, server="gradient")
+    with pytest.raises(CheckpointError, match="another model") as info:
+        centered.resume(path)
+    message = str(info.value)
+    # the differing local site, both ways; the shared globals are not named
+    assert "local sites['theta_trans']: [1] in the checkpoint, missing here" in message
+    assert "local sites['theta']: missing in the checkpoint, [1] here" in message
+    assert "'mu'" not in message
+    assert centered.round == 0
+    # the same model on other clients
+    fewer = {name: data[name] for name in list(data)[:7]}
+    other = FederatedSVI(eight_schools.noncentered, fewer, local_steps=1, server="gradient")
+    with pytest.raises(CheckpointError, match=r"clients: \['A'.*'H'\] in the checkpoint"):
+        other.resume(path)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
+    fit = _make("closed_form")
+    fit.run(1, progress=False)
+    path = tmp_path / "state.pt"
+    fit.checkpoint(path)
+    before = path.read_bytes()
+    fit.run(1, progress=False)
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            fit.checkpoint(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["round"] == 1
+    # a state that would not load safely is refused before anything is written
+    with pytest.raises(TypeError, match=r"state\['extra'\] is a object"):
+        save_checkpoint({"extra": object()}, tmp_path / "other.pt", {})
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+# ---------------------------------------------------------------- hbfl fit, killed and resumed
+
+CLI_ROUNDS = 16
+
+
+def _hbfl_fit(out, *flags):
+    return [
+        sys.executable,
+        "-m",
+        "hbfl_pyro",
+        "fit",
+        "models/eight_schools.py",
+        "--server",
+        "first_order",
+        "--rounds",
+        str(CLI_ROUNDS),
+        "--local-steps",
+        "2",
+        "--seed",
+        "3",
+        "--num-samples",
+        "200",
+        "--no-report",
+        "--no-progress",
+        "--out",
+        str(out),
+        *map(str, flags),
+    ]
+
+
+def test_cli_fit_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    popen = dict(cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    whole_ck, killed_ck = tmp_path / "whole.pt", tmp_path / "killed.pt"
+    started = []
+    try:
+        # The uninterrupted run and the one to be killed start together (2 cores).
+        whole = subprocess.Popen(_hbfl_fit(tmp_path / "whole", "--checkpoint", whole_ck), **popen)
+        started.append(whole)
+        killed = subprocess.Popen(
+            _hbfl_fit(tmp_path / "killed", "--checkpoint", killed_ck),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(killed)
+        deadline = time.monotonic() + 120
+        while not killed_ck.exists():  # written atomically: once it exists, it is whole
+            assert killed.poll() is None, "the fit ended before it wrote a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.01)
+        killed.send_signal(signal.SIGKILL)
+        assert killed.wait(timeout=30) == -signal.SIGKILL  # it was still running
+        at = load_checkpoint(killed_ck)["round"]
+        assert 1 <= at < CLI_ROUNDS
+        resumed = subprocess.run(
+            _hbfl_fit(tmp_path / "resumed", "--checkpoint", killed_ck, "--resume", killed_ck),
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        whole_out, whole_err = whole.communicate(timeout=180)
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert whole.returncode == 0, whole_err
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed     {killed_ck} (after round {at})" in resumed.stdout
+    # the same posterior, to the last digit: summary, final ELBO and the whole final state
+    summary = (tmp_path / "whole" / "summary.csv").read_bytes()
+    assert (tmp_path / "resumed" / "summary.csv").read_bytes() == summary
+    final = f"final ELBO estimate (round {CLI_ROUNDS})"
+    elbo = [line for line in whole_out.splitlines() if line.startswith(final)]
+    assert elbo and elbo == [ln for ln in resumed.stdout.splitlines() if ln.startswith(final)]
+    a, b = load_checkpoint(whole_ck), load_checkpoint(killed_ck)
+    assert a["round"] == b["round"] == CLI_ROUNDS
+    for record in a["history"] + b["history"]:
+        record.pop("seconds")
+    _assert_same(a, b)
+
+
+def test_cli_resume_refuses_another_options_checkpoint(tmp_path, capsys):
+    path = tmp_path / "state.pt"
+
+    def fit(*flags):
+        model = str(ROOT / "models" / "normal_normal.py")
+        argv = ["fit", model, "--rounds", "1", "--no-report", "--no-progress"]
+        return main(argv + ["--out", str(tmp_path / "out"), *map(str, flags)])
+
+    assert fit("--local-steps", 2, "--checkpoint", path) == 0
+    capsys.readouterr()
+    assert fit("--local-steps", 3, "--resume", path) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hbfl: error: --resume:") and "another model" in err
+    assert "options['local_steps']: '2' in the checkpoint, '3' here" in err
+    assert fit("--local-steps", 2, "--seed", 5, "--resume", path) == 1
+    assert "options['seed']: '0' in the checkpoint, '5' here" in capsys.readouterr().err
+    assert fit("--local-steps", 2, "--resume", tmp_path / "missing.pt") == 1
+    assert "no such file" in capsys.readouterr().err
+    # the same options resume (one round was run, one is asked for: nothing left to run)
+    assert fit("--local-steps", 2, "--resume", path) == 0
+    assert "final ELBO estimate (round 1)" in capsys.readouterr().out

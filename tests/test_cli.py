@@ -42,6 +42,8 @@ FLAGS = [
     "--pointwise",
     "--marginal-draws",
     "--no-report",
+    "--checkpoint",
+    "--resume",
     "--no-progress",
     "--compare-pooled",
     "--pooled-steps",
