@@ -8,7 +8,8 @@ there and every module attribute with a ``#:`` doc comment) is documented where 
 defined, and a package's page lists what it re-exports. The tutorials
 (``tutorials/generated/``) are the jupytext notebooks of ``notebooks/`` converted to
 markdown, also at build time; ``HBFL_DOCS_EXECUTE=smoke`` (or ``full``) runs them first
-and shows each cell's printed output and figures (``docs/_ext/run_notebook.py``).
+and shows each cell's printed output and figures (``docs/_ext/run_notebook.py``). The
+recorded benchmark tables (``benchmarks/results/*.md``) become ``results/generated/``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ autodoc_default_options = {"show-inheritance": True}
 try:
     import flwr  # noqa: F401
 except ImportError:
+    # Mocked for this whole build: the API pages below import the modules themselves.
+    from sphinx.ext.autodoc.mock import MockFinder
+
     autodoc_mock_imports = ["flwr"]
+    sys.meta_path.insert(0, MockFinder(autodoc_mock_imports))
 
 napoleon_google_docstring = True
 napoleon_numpy_docstring = True
@@ -294,6 +299,29 @@ def write_tutorials(app=None):
             target.write_text(text)
 
 
+# ---------------------------------------------------------------------- benchmark results
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def write_results(app=None):
+    """One page per recorded benchmark table (``benchmarks/results/*.md``), as recorded."""
+    out = DOCS / "results" / "generated"
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = {}
+    for path in sorted(RESULTS.glob("*.md")):
+        text = path.read_text()
+        if not text.lstrip().startswith("# "):
+            text = f"# {path.stem}\n\n{text}"
+        wanted[path.name] = text + f"\n\n---\n\nRecorded in `benchmarks/results/{path.name}`.\n"
+    for stale in out.glob("*.md"):
+        if stale.name not in wanted:
+            stale.unlink()
+    for name, text in wanted.items():
+        target = out / name
+        if not target.exists() or target.read_text() != text:
+            target.write_text(text)
+
+
 # ---------------------------------------------------------------------- references
 def _home(dotted):
     """Where the object named ``dotted`` (``hbfl_pyro....``) is documented, or ``None``:
@@ -388,4 +416,5 @@ def setup(app):
     app.connect("autodoc-process-docstring", drop_type_docstrings)
     app.connect("builder-inited", write_api_pages)
     app.connect("builder-inited", write_tutorials)
+    app.connect("builder-inited", write_results)
     app.connect("missing-reference", resolve_reexports)

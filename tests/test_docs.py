@@ -90,6 +90,7 @@ def test_docs_build_without_warnings(built):
         "api/index",
         "tutorials/index",
         "tutorials/generated/quickstart",
+        "results/index",
     ):
         assert (built / f"{page}.html").is_file(), page
 
