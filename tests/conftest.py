@@ -1,4 +1,16 @@
-"""Shared test set-up: float64, fixed seeds, the model zoo on the path, ../shared/data."""
+"""Shared test set-up: float64, fixed seeds, the model zoo on the path, ../shared/data.
+
+Test tiers. Tests that take more than a few seconds (fits against external references,
+long federated fits, Flower processes, notebooks, the benchmarks' smoke runs, CLI
+subprocesses) are marked ``@pytest.mark.slow`` (the marker is registered in
+pyproject.toml). During development run the fast tier, identities, validation and units
+(a few minutes on 2 cores)::
+
+    pytest -m "not slow"
+
+Plain ``pytest``, what the README and CI run, still runs everything, both tiers. Mark a
+new test ``slow`` when it takes more than ~2 s (``pytest --durations=20`` shows them).
+"""
 
 import sys
 from pathlib import Path

@@ -147,6 +147,7 @@ def _hbfl_script():
 
 
 # ---------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_module_entry_point_normal_normal(tmp_path):
     out = tmp_path / "nn"
     cmd = [sys.executable, "-m", "hbfl_pyro", "fit", "models/normal_normal.py"]
@@ -166,6 +167,7 @@ def test_module_entry_point_normal_normal(tmp_path):
     assert f"wrote {out / 'report.md'}" in result.stdout
 
 
+@pytest.mark.slow
 def test_console_script_eight_schools_centered(tmp_path):
     out = tmp_path / "es"
     cmd = [_hbfl_script(), "fit", "models/eight_schools.py:centered", "--rounds", "3"]
@@ -186,6 +188,7 @@ def test_console_script_eight_schools_centered(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]  # --no-report
 
 
+@pytest.mark.slow
 def test_engine_and_pointwise_flags(tmp_path, capsys):
     out = tmp_path / "es"
     argv = ["fit", "models/eight_schools.py", "--rounds", "2", "--local-steps", "1"]
@@ -203,6 +206,7 @@ def test_engine_and_pointwise_flags(tmp_path, capsys):
     assert "| command | hbfl fit models/eight_schools.py" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_bad_model_path_is_one_line_error_subprocess(tmp_path):
     cmd = [sys.executable, "-m", "hbfl_pyro", "fit", "models/no_such_model.py"]
     result = _run(cmd)
@@ -405,6 +409,7 @@ def test_model_file_errors_name_the_file_and_the_fix(tmp_path):
         load_model_file(path)
 
 
+@pytest.mark.slow
 def test_dp_flags_report_epsilon(tmp_path, capsys):
     """--dp-clip/--dp-noise fit with client-level DP and print the run's epsilon, which
     equals the accountant's for the rounds run (3 noisy releases)."""

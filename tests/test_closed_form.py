@@ -54,6 +54,7 @@ def test_normal_normal_detected_with_its_constants():
     assert torch.equal(family.scale, torch.tensor([normal_normal.TAU]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 def test_federated_reaches_the_analytic_mean_field_optimum(fraction):
     data = normal_normal.load_data(num_clients=6)
@@ -147,6 +148,7 @@ def test_scaled_participation_is_unbiased():
     torch.testing.assert_close(server.family_params["loc"], expected["loc"])
 
 
+@pytest.mark.slow
 def test_niw_diag_family_fits_end_to_end():
     """A user-declared NIW family runs federated in closed form and the ELBO improves."""
     import pyro

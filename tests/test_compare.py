@@ -77,6 +77,7 @@ def comparison():
     return result, data
 
 
+@pytest.mark.slow
 def test_table_rows_and_columns(comparison):
     c, data = comparison
     names = list(data)
@@ -100,6 +101,7 @@ def test_table_rows_and_columns(comparison):
     assert "NUTS: " in markdown and "divergent" in markdown
 
 
+@pytest.mark.slow
 def test_methods_agree_with_the_exact_posterior(comparison, report):
     c, data = comparison
     mf = normal_normal.mean_field_optimum(data)
@@ -123,6 +125,7 @@ def test_methods_agree_with_the_exact_posterior(comparison, report):
     assert abs(c.elbo["federated"] - c.elbo["pooled_svi"]) <= 0.5
 
 
+@pytest.mark.slow
 def test_csv_and_forest_plot(comparison, tmp_path):
     c, _ = comparison
     path = c.to_csv(tmp_path / "comparison.csv")
@@ -160,6 +163,7 @@ def test_bad_input_is_refused():
         compare_pooled(fit, svi=False, nuts=False, reference={"x": {"mean": 0.0, "sd": 1.0}})
 
 
+@pytest.mark.slow
 def test_cli_compare_pooled_writes_its_files(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["fit", str(ROOT / "models" / "normal_normal.py"), "--rounds", "3", "--out", str(out)]

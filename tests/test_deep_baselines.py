@@ -341,6 +341,7 @@ def _fit(name, split, seed, rounds=10):
     return fit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_same_seed_same_result_and_beats_chance(name, mnist_split):
     a, b, c = (_fit(name, mnist_split, s, rounds=3) for s in (0, 0, 1))

@@ -153,6 +153,7 @@ def test_partition_is_deterministic_and_seed_dependent(mnist):
     assert not torch.equal(a.clients[0].train_index, c.clients[0].train_index)
 
 
+@pytest.mark.slow
 def test_rotated_clusters(mnist):
     x, y = mnist
     split = partition(x, y, scheme="iid", num_clients=40, num_new_clients=8, rotations=4, seed=0)

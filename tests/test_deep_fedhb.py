@@ -57,6 +57,7 @@ def tiny_net(seed=0, sizes=(49, 12, 10)):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec",
     [
@@ -97,6 +98,7 @@ def test_vmap_equals_loop(small_mnist, spec, report):
     assert float((chunked - fast).abs().max()) < TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["diag", "fedprox"])
 def test_quadratic_penalty_fast_path_equals_autograd(small_mnist, kind):
     """The engines add a QuadraticPenalty's gradient in place; wrapped in a plain function

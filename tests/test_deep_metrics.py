@@ -39,6 +39,7 @@ def test_ece_and_nll_match_direct_computation():
     assert ece(probs, torch.tensor([1, 1, 1, 1])) == pytest.approx(0.75)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_every_metric_and_the_prox_holds_personal_models_near_m0():
     from conftest import SHARED_DATA
 

@@ -42,6 +42,7 @@ def tiny_net(seed=0, sizes=(49, 12, 10)):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "prior,participation,engine",
     [(iso_prior, "scaled", "vmap"), (diag_prior, "stale", "loop"), (iso_prior, "stale", "vmap")],
@@ -81,6 +82,7 @@ def test_one_component_is_fedhb_exactly(small_mnist, prior, participation, engin
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_softmin_prox_and_responsibilities(small_mnist):
     """K = 3: responsibilities sum to one; the in-place gradient the engines use equals
     autograd of -logsumexp (both engines, to round-off); the value is -logsumexp of the
@@ -212,6 +214,7 @@ def two_rotation_mixture(small_mnist, global_test=100, **start):
     return split, fit
 
 
+@pytest.mark.slow
 def test_components_specialise_on_rotated_clusters(small_mnist, report):
     """Two rotation groups (0 and 90 degrees) of 7x7 MNIST, 12 clients, K = 2, a linear
     softmax model (one linear model cannot fit both rotations well, so the clusters matter).
@@ -275,6 +278,7 @@ def test_cluster_directions_groups_by_direction_not_size():
         cluster_directions(rows[:3], 4)
 
 
+@pytest.mark.slow
 def test_cluster_rounds_start_the_components_from_the_clients_groups(small_mnist):
     """Two rotation groups (0 and 90 degrees), 12 clients, K = 2, linear softmax model:
     after ``cluster_rounds`` shared rounds the server's groups are the rotation groups

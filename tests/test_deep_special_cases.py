@@ -29,6 +29,9 @@ from hbfl_pyro.deep import FedHB, FlatNet, LocalSpec, fedavg_family, fedprox_fam
 from hbfl_pyro.deep.baselines import FedProx, reference_fedavg
 from hbfl_pyro.deep.data import load_mnist
 
+# Every test here trains for several rounds against a reference: slow tier.
+pytestmark = pytest.mark.slow
+
 TOL = 1e-10
 ROUNDS, FRACTION, EPOCHS, BATCH, LR, SEED = 4, 0.5, 2, 16, 0.1, 7
 

@@ -141,6 +141,7 @@ def test_noise_on_the_sum_has_standard_deviation_z_times_clip():
     assert float(corr.abs().max()) < 5 / math.sqrt(draws)
 
 
+@pytest.mark.slow
 def test_noise_scale_end_to_end_in_the_normal_server_update():
     """q(mu)'s mean moves by (z C / tau^2) / precision per round's noise, nothing else."""
     z, clip = 0.8, 50.0  # no client reaches the clip: only the noise moves the update
@@ -268,6 +269,7 @@ def test_projection_of_noisy_moments():
     assert float(iso["sum_mm"]) == 4.0
 
 
+@pytest.mark.slow
 def test_niw_full_update_stays_positive_definite_under_heavy_noise(monkeypatch):
     d = 2
     fam = NIWFull(d)

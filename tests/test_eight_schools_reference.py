@@ -27,6 +27,9 @@ import torch
 from hbfl_pyro import FederatedSVI
 from hbfl_pyro.modelfile import load_model_file
 
+# Long fits against an external reference: slow tier.
+pytestmark = pytest.mark.slow
+
 MODEL_FILE = eight_schools.__file__
 
 NUM_DRAWS = 20000  # MC error of a posterior mean: sd / sqrt(20000) < 0.01 sd

@@ -196,6 +196,7 @@ def test_vector_sites_and_per_observation_deterministic():
     )
 
 
+@pytest.mark.slow
 def test_marginal_log_likelihood_is_the_analytic_marginal():
     """log p(y_i | mu) with theta_i integrated out: y_i ~ N(mu 1, SIGMA^2 I + TAU^2 1 1')."""
     data = normal_normal.load_data(num_clients=5)
