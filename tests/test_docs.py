@@ -125,3 +125,22 @@ def test_every_public_class_and_function_is_documented(built):
             if target not in names:
                 missing.append(f"{package}.{name} ({target})")
     assert not missing, f"not in the API reference: {missing}"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_page_examples_run():
+    """The ``>>>`` examples of the documentation's own pages run, as docstring examples do."""
+    import doctest
+
+    pages = sorted(p for p in DOCS.glob("*.rst") if ">>>" in p.read_text())
+    assert pages, "no page has a >>> example"
+    for page in pages:
+        result = doctest.testfile(
+            str(page),
+            module_relative=False,
+            optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+            verbose=False,
+        )
+        assert result.attempted > 0 and result.failed == 0, (
+            f"{page.name}: {result.failed} of {result.attempted} example(s) failed"
+        )
