@@ -74,6 +74,7 @@ def built(tmp_path_factory):
     return out / "html"
 
 
+@pytest.mark.slow  # a full Sphinx build: about a minute on two cores
 def test_docs_build_without_warnings(built):
     for page in (
         "index",
@@ -95,6 +96,7 @@ def test_docs_build_without_warnings(built):
         assert (built / f"{page}.html").is_file(), page
 
 
+@pytest.mark.slow  # a full Sphinx build: about a minute on two cores
 def test_cli_reference_is_generated_from_the_parser(built):
     from hbfl_pyro.cli import build_parser
 
@@ -111,6 +113,7 @@ def test_cli_reference_is_generated_from_the_parser(built):
             assert flag in html, f"hbfl fit {flag} is missing from the CLI reference"
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Flower's imports (typer/click)
 def test_every_public_class_and_function_is_documented(built):
     names = _inventory(built / "objects.inv")
