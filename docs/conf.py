@@ -278,12 +278,12 @@ def notebook_markdown(path, out):
         for figure in record.get("figures", []):
             rel = Path(figure).relative_to(out).as_posix()
             parts.append(f"![{Path(figure).stem}]({rel})")
-    mode = {"": "not executed", "full": "executed (full sizes)"}.get(
-        EXECUTE, "executed (smoke sizes)"
+    mode = {"": "not executed", "full": "executed at full sizes"}.get(
+        EXECUTE, "executed at smoke sizes"
     )
     parts.append(
-        f"---\n\nSource: `notebooks/{path.name}` (a jupytext percent-format script; this page: "
-        f"{mode}). Run it with `python notebooks/{path.name}`."
+        f"---\n\nSource: `notebooks/{path.name}`, a jupytext percent-format script (this "
+        f"page: {mode}). Run it with `python notebooks/{path.name}`."
     )
     return "\n\n".join(parts) + "\n"
 
