@@ -200,7 +200,14 @@ def write_api_pages(app=None):
     wanted = {}
     for modname in public_modules():
         wanted[f"{modname}.rst"] = module_page(modname)
-    for stale in out.glob("*.rst"):
+    rows = [".. list-table::", "   :header-rows: 1", "   :widths: 35 65", ""]
+    rows += ["   * - module", "     - what it holds"]
+    for modname in public_modules():
+        doc = inspect.getdoc(importlib.import_module(modname)) or ""
+        summary = doc.strip().split("\n\n")[0].replace("\n", " ")
+        rows += [f"   * - :doc:`{modname} <generated/{modname}>`", f"     - {summary}"]
+    wanted["overview.txt"] = "\n".join(rows) + "\n"
+    for stale in out.iterdir():
         if stale.name not in wanted:
             stale.unlink()
     for filename, text in wanted.items():
