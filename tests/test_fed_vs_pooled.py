@@ -21,6 +21,9 @@ from hbfl_pyro import FederatedData, FederatedSVI
 from hbfl_pyro.guides import private_params
 from hbfl_pyro.pooled import fit_pooled_svi, joint_guide_of, pooled_elbo
 
+# Long federated and pooled fits, compared: slow tier.
+pytestmark = pytest.mark.slow
+
 MEAN_TOL_SD = 0.05
 SD_TOL = 0.05
 ELBO_TOL = 0.5

@@ -150,6 +150,7 @@ def test_missing_flower_names_the_extra(monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------- simulation
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model, options, rounds",
     [
@@ -171,6 +172,7 @@ def test_simulation_equals_in_process(flwr, model, options, rounds):
         assert max(t["bytes_down"] + t["bytes_up"]) < 2000
 
 
+@pytest.mark.slow
 def test_cli_flower_sim_writes_the_in_process_summary(flwr, tmp_path):
     from hbfl_pyro.cli import build_parser, main
 
@@ -407,6 +409,7 @@ def _run_config(out, rounds, options, **extra):
     return config
 
 
+@pytest.mark.slow
 def test_deployment_on_loopback(flwr, tmp_path):
     import normal_normal
 
@@ -432,6 +435,7 @@ def test_deployment_on_loopback(flwr, tmp_path):
     assert abs(float(q["scale"]) / float(sd) - 1) < 1e-3
 
 
+@pytest.mark.slow
 def test_deployment_survives_a_killed_supernode(flwr, tmp_path):
     out = tmp_path / "out"
     options = {**DEPLOY_OPTIONS, "min_clients": 2}

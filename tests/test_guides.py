@@ -8,6 +8,7 @@ library copies guide modules without those caches (:func:`hbfl_pyro.guides.copy_
 import functools
 
 import normal_normal
+import pytest
 import torch
 from pyro.infer.autoguide import AutoIAFNormal
 
@@ -15,6 +16,7 @@ from hbfl_pyro import FederatedSVI
 from hbfl_pyro.guides import copy_module
 
 
+@pytest.mark.slow
 def test_flow_global_guide_runs_federated_and_copies_cleanly():
     torch.set_default_dtype(torch.float64)
     fit = FederatedSVI(

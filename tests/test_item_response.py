@@ -44,6 +44,7 @@ def test_load_data_is_a_seeded_choice_of_students():
         item_response.load_data(num_students=1001)
 
 
+@pytest.mark.slow
 def test_structure_is_gradient_mode_with_local_abilities():
     fit = FederatedSVI(
         item_response.model,
@@ -65,6 +66,7 @@ def _loc_scale(guide, sites):
         }
 
 
+@pytest.mark.slow
 def test_federated_vectorised_recovers_pooled_item_parameters(report):
     """Item difficulties and (log) discriminations: federated within 0.3 pooled sd, sds
     within 10% (see ``MEAN_TOL_SD``)."""

@@ -13,6 +13,7 @@ from functools import partial
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import sleepstudy
 import surgical
 import torch
@@ -121,6 +122,7 @@ def test_positive_local_site_mode_curvature_and_density():
     assert torch.allclose(got, expected, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_vectorised_engine_equals_loop():
     """Newton's method batched over the round's clients gives each client's own modes and
     curvatures, hence the loop's gradients: surgical (Binomial-logit, a non-Gaussian
@@ -168,6 +170,7 @@ def test_vectorised_engine_equals_loop():
     )
 
 
+@pytest.mark.slow
 def test_new_client_draws_follow_its_exact_conditional():
     """``personalise`` rebuilds the Laplace factor for a new client from its own data, and
     ``Personalised.sample`` pairs each draw of ``q(phi)`` with a draw of

@@ -142,6 +142,7 @@ CHECKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_notebook_runs_in_smoke_mode(name, tmp_path):
     numbers = _run(name, tmp_path)

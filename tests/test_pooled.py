@@ -10,6 +10,7 @@ and the bounds below leave about twice that.
 """
 
 import normal_normal
+import pytest
 import torch
 from pyro.infer.autoguide import AutoMultivariateNormal
 
@@ -17,6 +18,7 @@ from hbfl_pyro import FederatedData
 from hbfl_pyro.pooled import fit_pooled_svi
 
 
+@pytest.mark.slow
 def test_full_rank_pooled_svi_recovers_the_exact_gaussian_posterior(report):
     torch.set_default_dtype(torch.float64)
     # One observation per client: the data pin each theta_i down only loosely, so the

@@ -40,6 +40,7 @@ def _fit(model, data, **kwargs):
     return fit
 
 
+@pytest.mark.slow
 def test_normal_normal_first_newton_step_is_the_exact_posterior():
     data = normal_normal.load_data()
     mean, cov = normal_normal.exact_posterior(data)
@@ -127,6 +128,7 @@ def _pooled_objective(model, data, z, layout):
     return float(laplace + prior + layout.log_abs_det_jacobian(z))
 
 
+@pytest.mark.slow
 def test_federated_equals_the_same_objective_pooled():
     data = _glmm_data()
     fit = _fit(_glmm, data)
@@ -144,6 +146,7 @@ def test_federated_equals_the_same_objective_pooled():
         assert abs((up - down) / (2 * eps)) < 1e-4
 
 
+@pytest.mark.slow
 def test_vectorised_equals_inprocess():
     data = _glmm_data()
     loop = _fit(_glmm, data, engine="inprocess")
@@ -239,6 +242,7 @@ def test_auto_chooses_second_order_and_says_why():
         FederatedSVI(_glmm, data, server="second_order", global_guide="auto", local_guide=dict)
 
 
+@pytest.mark.slow
 def test_max_rounds_is_reported_loudly():
     fit = FederatedSVI(_glmm, _glmm_data(3), seed=0)
     with pytest.warns(ConvergenceWarning, match="did not converge"):
@@ -247,6 +251,7 @@ def test_max_rounds_is_reported_loudly():
     assert "k_hat" in fit.verdict  # the PSIS round still ran and checked the result
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_continues_exactly(tmp_path):
     data = _glmm_data(4)
     whole = _fit(_glmm, data)
@@ -262,6 +267,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     assert resumed.verdict == whole.verdict
 
 
+@pytest.mark.slow
 def test_a_failing_client_is_named():
     data = _glmm_data(3)
     data["c1"]["y"] = data["c1"]["y"] - 100.0  # negative counts: outside the Poisson support
@@ -270,6 +276,7 @@ def test_a_failing_client_is_named():
         fit.run(progress=False)
 
 
+@pytest.mark.slow
 def test_eight_schools_defaults_match_posteriordb(shared_data):
     """The README's main job with defaults: every mean within 0.25 reference sd and every
     sd ratio in [0.8, 1.2] (issue 20's targets). Measured: max |z| 0.045, sd ratios
@@ -289,6 +296,7 @@ def test_eight_schools_defaults_match_posteriordb(shared_data):
         assert 0.8 <= value.std().item() / ref["sd"] <= 1.2, name
 
 
+@pytest.mark.slow
 def test_cli_prints_the_server_the_verdict_and_a_banner(tmp_path, capsys):
     from hbfl_pyro.cli import main
 
@@ -306,6 +314,7 @@ def test_cli_prints_the_server_the_verdict_and_a_banner(tmp_path, capsys):
     assert "verdict: converged in" in out and "WARNING" not in out
 
 
+@pytest.mark.slow
 def test_compare_pooled_uses_nuts_as_the_reference():
     from hbfl_pyro.compare import compare_pooled
 

@@ -106,6 +106,7 @@ def _fit_by_maximum_likelihood(guide, data, steps=400):
             return guide.get_posterior()
 
 
+@pytest.mark.slow
 def test_learns_a_skewed_marginal_a_gaussian_cannot(report):
     """Gumbel(0, 1) (skewness 1.14): its entropy, 1 + Euler's gamma = 1.577 nats, is the
     best mean negative log-likelihood possible; the best Gaussian's is

@@ -107,6 +107,7 @@ def test_vector_local_site_and_cholesky_global(sleepstudy_clients):
     assert torch.allclose(got, expected, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_structured_sleepstudy_fits_federated(sleepstudy_clients):
     """The whole path on sleepstudy (it used to fail on the vector site): a few rounds,
     vectorised engine, gradient server; the ELBO rises from the start."""

@@ -161,6 +161,7 @@ def test_reference_twin_is_current(name):
     assert _reference(name)["twin_sha256"] == twin_sha256(name), "twin changed: rerun reference.py"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_numpyro_twin_matches_model(name, benchmarks):
     pytest.importorskip("numpyro")

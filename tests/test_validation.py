@@ -405,6 +405,7 @@ def test_guide_that_crashes_is_a_guide_error(no_training):
     _assert_message(info, "local guide", "KeyError", "'no_such_key'")
 
 
+@pytest.mark.slow
 def test_user_guide_modules_train_and_are_left_untouched():
     """A user's PyroModule guides (built outside any Pyro setting) work, and are copied."""
     local, global_ = _LocalGuide(), _GlobalGuide()

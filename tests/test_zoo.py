@@ -156,6 +156,7 @@ def _label(site, index):
     return site if index is None else f"{site}[{index + 1}]"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, variant", list(BOUNDS))
 def test_zoo_against_reference(name, variant, shared_data, report):
     summary = json.loads(
@@ -189,6 +190,7 @@ def test_zoo_against_reference(name, variant, shared_data, report):
                 assert abs(z) <= bounds[site], f"{_label(site, index)}: z = {z:+.3f}"
 
 
+@pytest.mark.slow
 def test_surgical_laplace_family_meets_the_fidelity_targets(shared_data, report):
     """The best family offered for surgical, ``laplace`` (``LaplaceLocalNormal``: each
     hospital's conditional by Newton's method), with the model file's settings for it
@@ -233,6 +235,7 @@ def _loc_scale(guide, sites):
         }
 
 
+@pytest.mark.slow
 def test_radon_federated_equals_pooled(report):
     """Same model, same mean-field family (AutoNormal), fitted federated and pooled.
 
@@ -277,6 +280,7 @@ def test_radon_federated_equals_pooled(report):
 LME4 = {"intercept": (251.405, 6.825), "slope": (10.467, 1.546)}
 
 
+@pytest.mark.slow
 def test_sleepstudy_lkj_gradient_mode_against_lme4(report):
     """A non-conjugate prior (LKJ) on a global site: gradient mode, lme4's fixed effects.
 
