@@ -102,6 +102,7 @@ def test_secagg_rejects_what_it_cannot_do():
 
 
 # ---------------------------------------------------------------------- simulation
+@pytest.mark.slow
 def test_secagg_simulation_gives_the_in_process_posterior(flwr):
     import normal_normal
 
