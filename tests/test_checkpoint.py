@@ -416,6 +416,7 @@ def _hbfl_fit(out, *flags):
     ]
 
 
+@pytest.mark.slow
 def test_cli_fit_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     popen = dict(cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
