@@ -4,7 +4,7 @@ Test tiers. Tests that take more than a few seconds (fits against external refer
 long federated fits, Flower processes, notebooks, the benchmarks' smoke runs, CLI
 subprocesses) are marked ``@pytest.mark.slow`` (the marker is registered in
 pyproject.toml). During development run the fast tier, identities, validation and units
-(a few minutes on 2 cores)::
+(under 2 minutes on 2 busy cores, against ~16 minutes for everything)::
 
     pytest -m "not slow"
 
