@@ -76,6 +76,9 @@ class LaplaceMarginal:
     #: Draws (PSIS, local draws) stop at this move: the error it leaves in ``L`` is of the
     #: order of the curvature times its square, far below a PSIS weight's noise.
     draw_tol = 1e-6
+    #: Importance-sampling proposals in the locals are centred within this of the mode:
+    #: an unbiased estimate needs no exact mode, and the weights absorb the offset.
+    proposal_tol = 1e-2
     #: Newton moves shorter than this are taken without checking the log joint.
     LOCAL_QUADRATIC = 1e-3
     #: Largest Newton move (unconstrained units): a trust region for conditionals that
@@ -83,6 +86,8 @@ class LaplaceMarginal:
     max_move = 3.0
     #: Draws of ``z`` evaluated together (memory: draws x clients x observations).
     chunk = 256
+    #: Data values per pass when the log joint is mapped over draws of the locals too.
+    max_elements = 2**22
     #: How the k x k curvature in the locals is formed: forward over reverse mode (the
     #: fastest measured), switched to reverse over reverse where an op lacks the rule.
     _inner_jacobian = staticmethod(jacfwd)
@@ -124,6 +129,8 @@ class LaplaceMarginal:
                 f"{size} x {size} curvature per client, at most {MAX_LOCAL_SIZE}"
             )
         self.size = size
+        #: data values of one client (the largest key): sizes a pass's slices of draws
+        self.values_per_client = max(v[0].numel() for v in batch.values())
 
     def initial_locals(self) -> torch.Tensor:
         """Where the first Newton search starts: zeros, shape ``(C, k)``."""
@@ -185,10 +192,23 @@ class LaplaceMarginal:
         :param tol: stop when no value moves more than this (default :attr:`tol`).
         :returns: ``(C, k)``, or ``(S, C, k)``.
         """
+        return self._search(z, start, tol)[0]
+
+    @torch.no_grad()
+    def _search(self, z, start, tol=None):
+        """:meth:`modes`, and the negative Hessian in the locals at the last iterate (within
+        ``tol`` of the mode): ``(t, precision)``.
+
+        Each (draw, client) stops on its own: once its move is within ``tol`` its result is
+        kept, so what it gets never depends on the rest of the batch (a batched engine
+        returns what each client computes alone).
+        """
         tol = self.tol if tol is None else tol
         t = start.expand(z.shape[:-1] + start.shape[-2:]).clone()
         if self.size == 0:
-            return t
+            return t, t.new_zeros(t.shape + (0,))
+        done = torch.zeros(t.shape[:-1], dtype=torch.bool)
+        found_t, found_precision = t.clone(), None
         for _ in range(self.max_newton):
             value, gradient, precision = self._map(self._newton_parts, z, t)
             move = torch.linalg.solve(_positive_definite(precision), gradient.unsqueeze(-1))
@@ -197,26 +217,32 @@ class LaplaceMarginal:
             squared = move.pow(2).sum(-1, keepdim=True).clamp(min=self.max_move**2)
             move = move * (self.max_move * squared.rsqrt())
             size = move.abs().amax(-1)
-            if float(size.max()) <= tol:
-                return t + move
+            newly = ~done & (size <= tol)
+            found_t = torch.where(newly.unsqueeze(-1), t + move, found_t)
+            if found_precision is None:
+                found_precision = precision.clone()
+            found_precision = torch.where(newly[..., None, None], precision, found_precision)
+            done = done | newly
+            if bool(done.all()):
+                return found_t, found_precision
             # Halve a long move where it does not increase the log joint (a conditional
-            # that is not log-concave there); keep the best of a few halvings. A short
+            # that is not log-concave there), taking the first halving that does. A short
             # move (within LOCAL_QUADRATIC) is Newton's in its quadratic region: taken.
-            checked = size > self.LOCAL_QUADRATIC
-            best_t = torch.where(checked.unsqueeze(-1), t, t + move)
-            if bool(checked.any()):
-                best_value, step = value, move
-                for _ in range(6):
-                    trial = t + step
-                    trial_value = self._map(self.log_joint, z, trial)
-                    better = checked & (trial_value > best_value)
-                    best_t = torch.where(better.unsqueeze(-1), trial, best_t)
-                    best_value = torch.where(better, trial_value, best_value)
-                    if not bool((checked & (best_value == value)).any()):
-                        break
-                    step = step / 2
+            pending = ~done & (size > self.LOCAL_QUADRATIC)
+            best_t = torch.where(pending.unsqueeze(-1), t, t + move)
+            step = move
+            for _ in range(6):
+                if not bool(pending.any()):
+                    break
+                trial = t + step
+                better = pending & (self._map(self.log_joint, z, trial) > value)
+                best_t = torch.where(better.unsqueeze(-1), trial, best_t)
+                pending = pending & ~better
+                step = step / 2
             t = best_t
-        return t
+        precision = self._map(self._newton_parts, z, t)[2]
+        found_t = torch.where(done.unsqueeze(-1), found_t, t)
+        return found_t, torch.where(done[..., None, None], found_precision, precision)
 
     def derivatives(self, z: torch.Tensor, modes: torch.Tensor):
         """Each client's ``L_i(z)``, gradient and Hessian in ``z``: shapes ``(C,)``,
@@ -251,53 +277,75 @@ class LaplaceMarginal:
         return torch.linalg.solve(precision, mixed).detach()
 
     def _predicted_start(self, z, start, centre, slope):
-        """Newton's start at draws ``z``: the modes at ``centre`` moved along ``slope``."""
+        """Newton's start at draws ``z`` ``(S, d)``: the modes at ``centre`` moved along
+        ``slope`` (else ``start`` itself), shape ``(S, C, k)``."""
         if centre is None or slope is None:
-            return start
+            return start.expand(z.shape[:-1] + start.shape[-2:])
         return start + torch.einsum("ckd,sd->sck", slope, z - centre)
 
-    def _value_at_mode(self, z, mode, data):
-        """``L`` at a converged mode (no derivative in ``z`` needed)."""
-        value, _, precision = self._newton_parts(z, mode, data)
+    def _parts_at_modes(self, z, modes):
+        """The log joint and its negative Hessian in ``t`` at converged ``modes``."""
+        value, _, precision = self._map(self._newton_parts, z, modes)
+        return value, precision
+
+    def _laplace_value(self, value, precision):
+        """``L`` from the log joint and its curvature at the mode."""
         if self.size == 0:
             return value
         log_det = torch.linalg.slogdet(precision)[1]
         return value + 0.5 * self.size * math.log(2 * math.pi) - 0.5 * log_det
 
     @torch.no_grad()
-    def values(self, z: torch.Tensor, start: torch.Tensor, centre=None, slope=None):
-        """``L_i(z_s)`` for draws ``z`` ``(S, d)``: shape ``(S, C)``, in chunks of draws.
+    def values(self, z: torch.Tensor, start: torch.Tensor, centre=None, slope=None, noise=None):
+        """Each client's log-likelihood of the globals at draws ``z`` ``(S, d)``: shape
+        ``(S, C)``, in chunks of draws. Without ``noise``, the Laplace marginal
+        ``L_i(z_s)``; with standard normal ``noise`` ``(K, S, C, k)``, the
+        importance-sampled ``log p(D_i | z_s)`` from ``K`` draws of a Gaussian in the locals.
 
         :param centre: where ``start`` are the modes (``(d,)``), and ``slope`` their
             derivative (:meth:`mode_slope`): each draw's search starts at the modes
             predicted to first order, a Newton step or two from its own.
+
+        The importance-sampled estimate of ``p(D_i | z_s)`` is unbiased whatever Gaussian
+        proposes the locals, so PSIS weights built from it target the exact marginal
+        posterior of the globals however poor a Laplace factor would be; a poor proposal
+        only adds weight variance, which k-hat sees. So the proposal needs no exact mode:
+        the Newton search from the mode predicted at ``z_s`` stops within
+        :attr:`proposal_tol` (usually after its first step). With a Gaussian conditional
+        every local draw has the same weight and the estimate is ``L_i`` exactly.
         """
         out = []
-        for zs in z.split(self.chunk):
-            modes = self.modes(zs, self._predicted_start(zs, start, centre, slope), self.draw_tol)
-            out.append(self._map(self._value_at_mode, zs, modes))
+        for zs, part in zip(z.split(self.chunk), _split_draws(noise, self.chunk, len(z))):
+            first = self._predicted_start(zs, start, centre, slope)
+            if part is None:
+                modes = self.modes(zs, first, self.draw_tol)
+                out.append(self._laplace_value(*self._parts_at_modes(zs, modes)))
+            elif self.size == 0:
+                out.append(self._map(self.log_joint, zs, first))
+            else:
+                proposal, precision = self._search(zs, first, self.proposal_tol)
+                locals_, log_q = self._draws_from(proposal, precision, part)
+                log_p = self._log_joints(zs, locals_)
+                out.append(torch.logsumexp(log_p - log_q, 0) - math.log(len(part)))
         return torch.cat(out)
 
-    @torch.no_grad()
-    def nested_values(
-        self, z: torch.Tensor, start: torch.Tensor, draws: int, generator: torch.Generator
-    ) -> torch.Tensor:
-        """Importance-sampled ``log p(D_i | z_s)`` with ``draws`` draws of each client's
-        Laplace factor (unbiased in ``p``, not in ``log p``): shape ``(S, C)``."""
-        out = []
-        for zs in z.split(self.chunk):
-            modes = self.modes(zs, start, self.draw_tol)
-            locals_, log_q = self._draw_locals(zs, modes, draws, generator)
-            log_p = vmap(self._map, in_dims=(None, None, 0))(self.log_joint, zs, locals_)
-            out.append(torch.logsumexp(log_p - log_q, 0) - math.log(draws))
-        return torch.cat(out)
+    def _log_joints(self, z, locals_):
+        """The log joint at ``K`` draws of the locals per draw of ``z`` (``(S, d)``):
+        ``locals_`` ``(K, S, C, k)`` gives ``(K, S, C)``, mapped over the ``K`` draws too,
+        in slices of draws that keep each pass within :attr:`max_elements` data values."""
+        per_draw = len(locals_) * self.num_clients * self.values_per_client
+        rows = max(1, self.max_elements // max(per_draw, 1))
+        over_draws = vmap(self._map, in_dims=(None, None, 0))
+        parts = [
+            over_draws(self.log_joint, z[i : i + rows], locals_[:, i : i + rows])
+            for i in range(0, len(z), rows)
+        ]
+        return torch.cat(parts, 1)
 
-    def _draw_locals(self, z, modes, draws: int, generator: torch.Generator):
-        """``draws`` draws of ``t ~ N(mode, P^-1)`` per (draw of z, client) and their log
-        densities: ``(draws, S, C, k)`` and ``(draws, S, C)``."""
-        _, _, precision = self._map(self._newton_parts, z, modes)
+    def _draws_from(self, modes, precision, noise):
+        """``t = mode + P^-1/2 noise`` (``N(mode, P^-1)``) and its log density:
+        ``(K, S, C, k)`` and ``(K, S, C)`` from ``noise`` ``(K, S, C, k)``."""
         cholesky = torch.linalg.cholesky(_positive_definite(precision))
-        noise = torch.randn((draws,) + modes.shape, generator=generator, dtype=modes.dtype)
         offset = torch.linalg.solve_triangular(
             cholesky.mT, noise.unsqueeze(-1), upper=True
         ).squeeze(-1)
@@ -313,18 +361,47 @@ class LaplaceMarginal:
         generator: torch.Generator,
         centre=None,
         slope=None,
+        local_draws: int = 1,
     ) -> Dict[str, torch.Tensor]:
-        """One draw of every local site per draw of ``z`` (``(S, d)``) from each client's
-        Laplace factor at it: ``{site: (S, C, *shape)}`` (the site's one-client shape
-        without its clients axis)."""
-        out = {name: [] for name, *_ in self.locals}
-        for zs in z.split(self.chunk):
+        """One draw of every local site per draw of ``z`` (``(S, d)``): ``{site: (S, C,
+        *shape)}`` (the site's one-client shape without its clients axis).
+
+        With ``local_draws = 1`` the draw is from each client's Laplace factor at ``z_s``;
+        with ``K > 1`` it is resampled from ``K`` draws of a Gaussian in the locals by their
+        importance weights ``p(t, D_i | z_s) / q(t)`` (sampling importance resampling:
+        exact as ``K`` grows). Repeated rows of ``z`` (a resampled posterior repeats draws)
+        are evaluated once: their draws are independent picks from the same ``K``.
+        """
+        unique, inverse = torch.unique(z, dim=0, return_inverse=True)
+        centres, precisions, candidates, log_weights = [], [], [], []
+        for zs in unique.split(self.chunk):
             first = self._predicted_start(zs, start, centre, slope)
-            modes = self.modes(zs, first, self.draw_tol)
-            drawn, _ = self._draw_locals(zs, modes, 1, generator)
-            for name, value in self.constrain_locals(drawn[0]).items():
-                out[name].append(value)
-        return {name: torch.cat(parts) for name, parts in out.items()}
+            if local_draws <= 1:
+                modes = self.modes(zs, first, self.draw_tol)
+                centres.append(modes)
+                precisions.append(self._parts_at_modes(zs, modes)[1])
+                continue
+            # Resampled: the proposal needs no exact mode.
+            proposal, precision = self._search(zs, first, self.proposal_tol)
+            noise = torch.randn(
+                (local_draws,) + proposal.shape, generator=generator, dtype=proposal.dtype
+            )
+            drawn, log_q = self._draws_from(proposal, precision, noise)
+            log_p = self._log_joints(zs, drawn)
+            candidates.append(drawn)
+            log_weights.append(log_p - log_q)
+        if local_draws <= 1:
+            modes, precision = torch.cat(centres)[inverse], torch.cat(precisions)[inverse]
+            noise = torch.randn((1,) + modes.shape, generator=generator, dtype=modes.dtype)
+            chosen = self._draws_from(modes, precision, noise)[0][0]
+        else:
+            log_w = torch.cat(log_weights, 1)[:, inverse]  # (K, S, C)
+            # Gumbel-max: one index per (draw, client) with probability ~ its weight.
+            uniform = torch.rand(log_w.shape, generator=generator, dtype=log_w.dtype)
+            pick = (log_w - torch.log(-torch.log(uniform.clamp(min=1e-300)))).argmax(0)
+            clients = torch.arange(self.num_clients)
+            chosen = torch.cat(candidates, 1)[pick, inverse.unsqueeze(-1), clients]
+        return self.constrain_locals(chosen)
 
     def constrain_locals(self, t: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Constrained local values from ``t`` ``(..., C, k)``: ``{site: (..., C, *inner)}``
@@ -340,6 +417,23 @@ class LaplaceMarginal:
             free = t[..., start:stop].reshape(tuple(lead) + tuple(inner))
             out[name] = biject_to(support)(free)
         return out
+
+
+def psis_noise(message: Dict, size: int) -> torch.Tensor:
+    """A client's standard normal noise ``(K, S, 1, k)`` for its importance-sampled PSIS
+    values, from its own message's seed (so a batched engine draws what it would alone)."""
+    draws = message["draws"]
+    gen = torch.Generator().manual_seed(message["seed"])
+    shape = (message["local_draws"], len(draws), 1, size)
+    return torch.randn(shape, generator=gen, dtype=draws.dtype)
+
+
+def _split_draws(noise, chunk: int, total: int):
+    """``noise`` ``(K, S, ...)`` in chunks of ``chunk`` draws along ``S`` (``None``s when
+    there is no noise)."""
+    if noise is None:
+        return [None] * len(range(0, total, chunk))
+    return noise.split(chunk, dim=1)
 
 
 def _positive_definite(precision: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
@@ -385,8 +479,7 @@ class MarginalClient:
         """Answer one round's message (see the class docstring)."""
         reply = {"client": self.name, "round": message["round"], "num_examples": self.num_examples}
         if message["task"] == "psis":
-            reply["log_lik"] = self.psis_values(message)[:, 0]
-            reply["elbo"] = 0.0
+            reply.update(log_lik=self.psis_values(message)[:, 0], elbo=0.0)
             return reply
         z = message["globals"]
         modes = self.marginal.modes(z, self.start)
@@ -397,12 +490,11 @@ class MarginalClient:
         return reply
 
     def psis_values(self, message: Dict) -> torch.Tensor:
-        """The PSIS task's per-draw values, shape ``(S, 1)``."""
+        """The PSIS task's per-draw values ``(S, 1)``: the Laplace marginal, or the
+        importance-sampled likelihood when the message asks for ``local_draws``."""
         draws, local_draws = message["draws"], message.get("local_draws", 0)
-        if local_draws:
-            gen = torch.Generator().manual_seed(message["seed"])
-            return self.marginal.nested_values(draws, self.start, local_draws, gen)
-        return self.marginal.values(draws, self.start, self.centre, self._slope())
+        noise = psis_noise(message, self.marginal.size) if local_draws else None
+        return self.marginal.values(draws, self.start, self.centre, self._slope(), noise)
 
     def _slope(self):
         """Where this client's modes move with the globals, at its last Newton round's
@@ -411,10 +503,15 @@ class MarginalClient:
             self.slope = self.marginal.mode_slope(self.centre, self.start)
         return self.slope
 
-    def sample_locals(self, z: torch.Tensor, seed: int) -> Dict[str, torch.Tensor]:
-        """Draws of this client's local sites, one per row of ``z``: ``{site: (S, 1, ...)}``."""
+    def sample_locals(
+        self, z: torch.Tensor, seed: int, local_draws: int = 1
+    ) -> Dict[str, torch.Tensor]:
+        """Draws of this client's local sites, one per row of ``z``: ``{site: (S, 1, ...)}``
+        (see :meth:`LaplaceMarginal.sample_locals`)."""
         gen = torch.Generator().manual_seed(seed)
-        return self.marginal.sample_locals(z, self.start, gen, self.centre, self._slope())
+        return self.marginal.sample_locals(
+            z, self.start, gen, self.centre, self._slope(), local_draws
+        )
 
     def state_dict(self) -> Dict:
         centre = None if self.centre is None else self.centre.clone()

@@ -34,7 +34,7 @@ from .guides import build_global_guide, private_params
 from .laplace_marginal import MarginalClient
 from .seeding import derive_seed, seeded
 from .server import Server
-from .servers.second_order import ConvergenceWarning, SecondOrderServer
+from .servers.second_order import DEFAULT_LOCAL_DRAWS, ConvergenceWarning, SecondOrderServer
 from .structure import ModelStructure, ModelStructureError, discover_structure
 from .unconstrained import GlobalLayout
 
@@ -171,9 +171,10 @@ class FederatedSVI:
     :param tol: second-order server: stop when a full Newton step would raise the
         objective by less than ``tol`` nats.
     :param psis_draws: second-order server: draws of each proposal in the PSIS round.
-    :param local_draws: second-order server: ``0`` (clients return their Laplace
-        marginal at each PSIS draw) or ``K``, an importance-sampled likelihood from ``K``
-        draws of each client's Laplace factor.
+    :param local_draws: second-order server: ``K`` draws of each client's Laplace factor
+        per PSIS draw give an importance-sampled likelihood, the PSIS target (unbiased, so
+        the check also corrects the Laplace factors' error), and the reported locals are
+        resampled from ``K`` such draws; ``0``: the Laplace marginal itself is the target.
     :param seed: the run's seed; every random choice derives from it.
     :param plate: the clients plate's name.
     :param engine: ``"inprocess"`` (a loop over client objects, the reference; the
@@ -223,7 +224,7 @@ class FederatedSVI:
         moment_matched: Optional[bool] = None,
         tol: float = 1e-3,
         psis_draws: int = 1000,
-        local_draws: int = 0,
+        local_draws: int = DEFAULT_LOCAL_DRAWS,
         seed: int = 0,
         plate: str = "clients",
         per_client=(),
@@ -596,9 +597,11 @@ class FederatedSVI:
         draws = self.global_samples(num_samples) if global_draws is None else global_draws
         z = self.layout.unconstrain({name: draws[name] for name in self.layout.names})
         if isinstance(self.engine, BatchedMarginalEngine):
-            return batched_local_draws(self.engine, z, derive_seed(self.seed, "locals"))
+            return batched_local_draws(
+                self.engine, z, derive_seed(self.seed, "locals"), self.server.local_draws or 1
+            )
         per_client = [
-            c.sample_locals(z, derive_seed(self.seed, "locals", name))
+            c.sample_locals(z, derive_seed(self.seed, "locals", name), self.server.local_draws or 1)
             for name, c in self.clients.items()
         ]
         return {s: torch.cat([d[s] for d in per_client], dim=1) for s in self.structure.local_sites}

@@ -19,7 +19,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..data import collate
-from ..laplace_marginal import LaplaceMarginal, MarginalClient
+from ..laplace_marginal import LaplaceMarginal, MarginalClient, psis_noise
 from .inprocess import InProcessEngine
 
 
@@ -63,13 +63,16 @@ class BatchedMarginalEngine(InProcessEngine):
             start = torch.cat([self.clients[n].start for n in names])
             replies = {}
             if first["task"] == "psis":
-                if first.get("local_draws", 0):
-                    return {n: self.clients[n].update(messages[n]) for n in names}
                 clients = [self.clients[n] for n in names]
                 centre, slope = _shared_centre(clients, marginal, start)
-                values = marginal.values(first["draws"], start, centre, slope)
+                noise = None
+                if first.get("local_draws", 0):  # each client's own noise, from its seed
+                    noise = torch.cat([psis_noise(messages[n], marginal.size) for n in names], 2)
+                values = marginal.values(first["draws"], start, centre, slope, noise)
                 for i, n in enumerate(names):
-                    replies[n] = _reply(self.clients[n], first, log_lik=values[:, i], elbo=0.0)
+                    replies[n] = _reply(
+                        self.clients[n], messages[n], log_lik=values[:, i], elbo=0.0
+                    )
                 return replies
             z = first["globals"]
             modes = marginal.modes(z, start)
@@ -91,14 +94,16 @@ class BatchedMarginalEngine(InProcessEngine):
             marginal.batch = saved
 
 
-def batched_local_draws(engine, z: torch.Tensor, seed: int) -> Dict[str, torch.Tensor]:
+def batched_local_draws(
+    engine, z: torch.Tensor, seed: int, local_draws: int = 1
+) -> Dict[str, torch.Tensor]:
     """Every client's local draws at each row of ``z`` in one batched pass (one generator
     for the batch: equal in distribution to the per-client draws, not draw for draw)."""
     clients = list(engine.clients.values())
     start = torch.cat([c.start for c in clients])
     gen = torch.Generator().manual_seed(seed)
     centre, slope = _shared_centre(clients, engine._marginal, start)
-    return engine._marginal.sample_locals(z, start, gen, centre, slope)
+    return engine._marginal.sample_locals(z, start, gen, centre, slope, local_draws)
 
 
 def _shared_centre(clients, marginal: LaplaceMarginal, start: torch.Tensor):
