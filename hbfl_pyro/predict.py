@@ -10,7 +10,10 @@ Two tasks, both using the learned global factor ``q(phi)`` as the population's k
 - :func:`personalise`: a new client fits its own ``q(theta_new)`` on its own data with
   ``q(phi)`` as the prior, exactly as a federated client does in a round (the same
   :class:`~hbfl_pyro.client.Client` objective), but on a fresh client object. Nothing is
-  sent back: the server's state and every existing client are left unchanged.
+  sent back: the server's state and every existing client are left unchanged. After a
+  second-order fit the new client is a :class:`~hbfl_pyro.MarginalClient`, as the
+  federation's are: its locals are drawn from their conditional posterior given its data
+  at each posterior draw of the globals (nothing is optimised).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .client import Client
 from .data import FederatedData, collate
 from .elbo import with_particles
 from .guides import private_params
+from .laplace_marginal import MarginalClient, psis_noise
 from .seeding import derive_seed, seeded
 from .structure import ModelStructure
 from .summary import _pad_batch, deterministic_samples
@@ -136,17 +140,24 @@ def new_client_predictive(
 
 @dataclasses.dataclass
 class Personalised:
-    """A new client's own fit: its :class:`~hbfl_pyro.client.Client` and what it learned.
+    """A new client's own fit: its client object and what it learned.
 
     :ivar name: the new client's name.
-    :ivar client: the client (its ``local_guide`` is ``q(theta_new)``).
+    :ivar client: the client: a :class:`~hbfl_pyro.client.Client` (its ``local_guide`` is
+        ``q(theta_new)``) after a first-order fit, a :class:`~hbfl_pyro.MarginalClient`
+        (its locals' conditional modes found at the posterior mean of the globals) after
+        a second-order one.
     :ivar structure: the model's site roles.
-    :ivar elbo: the client's ELBO term after fitting (a Monte Carlo estimate).
+    :ivar elbo: the client's ELBO term after fitting (a Monte Carlo estimate). Second
+        order: ``E[log p(D_new | phi)]`` over the fit's posterior draws of the globals,
+        each term importance-sampled in the locals (the Laplace marginal when the server
+        has ``local_draws=0``): the ELBO term whose ``q(theta_new | phi)`` is the exact
+        conditional posterior.
     :ivar fit: the federation whose ``q(phi)`` the draws are paired with.
     """
 
     name: str
-    client: Client
+    client: Any  # Client, or MarginalClient after a second-order fit
     structure: ModelStructure
     elbo: float
     fit: Any = None
@@ -158,11 +169,35 @@ class Personalised:
         (clients axis removed). A structured ``q(theta_new | phi)`` draws conditionally on
         the paired ``phi``.
 
+        After a second-order fit the globals are the fit's own draws
+        (:meth:`~hbfl_pyro.FederatedSVI.global_samples`: PSIS-resampled once its PSIS round
+        has run, the same for the same ``num_samples``), and each draw's locals come from
+        the new client's conditional posterior given its data at that draw (its Laplace
+        factor, resampled by importance weights from the server's ``local_draws``, as
+        :meth:`~hbfl_pyro.FederatedSVI.local_samples` draws the federation's clients);
+        ``seed`` seeds the locals' draws.
+
         Example::
 
             >>> personal.sample(500)["theta"].shape  # doctest: +SKIP
             torch.Size([500])
         """
+        if isinstance(self.client, MarginalClient):
+            global_draws, draws = self._second_order_draws(num_samples, seed)
+        else:
+            global_draws, draws = self._first_order_draws(num_samples, seed)
+        if self.structure.deterministic_sites:
+            local = {site: v.unsqueeze(1) for site, v in draws.items()}
+            found = deterministic_samples(
+                self.fit.model, {self.name: self.client._batch}, global_draws, local, self.structure
+            )
+            for site, per_client in found.items():
+                if self.name in per_client:  # sites inside the clients plate only
+                    draws[site] = per_client[self.name]
+        return draws
+
+    def _first_order_draws(self, num_samples: int, seed: int):
+        """Draws of ``q(phi)`` and of the new client's ``q(theta_new)`` paired with them."""
         from .svi import _draw, _particle_shaped
 
         guide = self.client.local_guide
@@ -176,15 +211,18 @@ class Personalised:
             draws = _draw(
                 guide, self.client._batch, self.structure, num_samples, self.structure.plate
             )
-        if self.structure.deterministic_sites:
-            local = {site: v.unsqueeze(1) for site, v in draws.items()}
-            found = deterministic_samples(
-                self.fit.model, {self.name: self.client._batch}, global_draws, local, self.structure
-            )
-            for site, per_client in found.items():
-                if self.name in per_client:  # sites inside the clients plate only
-                    draws[site] = per_client[self.name]
-        return draws
+        return global_draws, draws
+
+    def _second_order_draws(self, num_samples: int, seed: int):
+        """The fit's draws of the globals, and the new client's locals drawn at each."""
+        fit = self.fit
+        global_draws = fit.global_samples(num_samples)
+        z = fit.layout.unconstrain({name: global_draws[name] for name in fit.layout.names})
+        found = self.client.sample_locals(
+            z, derive_seed(seed, "personalise-locals", self.name), fit.server.local_draws or 1
+        )
+        # {site: (S, 1, *shape)} -> (S, *shape): the clients axis removed.
+        return global_draws, {site: value[:, 0] for site, value in found.items()}
 
 
 def personalise(
@@ -222,6 +260,15 @@ def personalise(
         The federation's ``moment_matched`` setting is kept.
     :returns: a :class:`Personalised`.
 
+    After a second-order fit (:class:`~hbfl_pyro.SecondOrderServer`) there is no local
+    guide to optimise: the new client is a :class:`~hbfl_pyro.MarginalClient` on its own
+    data, as the federation's clients are, whose locals' conditional modes are found at
+    the posterior mean of the globals; :meth:`Personalised.sample` then draws, for each
+    posterior draw of the globals, the new client's locals from their conditional
+    posterior given its data. ``steps``, ``lr`` and ``seed`` play no part there
+    (``Personalised.sample``'s seed seeds the draws); ``local_guide`` and
+    ``num_particles`` are refused.
+
     Example::
 
         >>> import torch, pyro, pyro.distributions as dist
@@ -246,6 +293,8 @@ def personalise(
         raise ValueError(
             f"{name!r} is already a client of the federation; give the new client another name"
         )
+    if fit.server.mode == "second_order":
+        return _personalise_second_order(fit, client_data, seed, name, local_guide, num_particles)
     template = next(iter(fit.clients.values()))
     if local_guide is None:
         # Autoguides and guide classes with a for_client constructor (the structured and
@@ -287,6 +336,55 @@ def personalise(
     with seeded(derive_seed(seed, "personalise-elbo", name)):
         elbo = client.elbo(message, num_particles=256)
     return Personalised(name, client, fit.structure, elbo, fit)
+
+
+#: Draws of the globals behind a second-order :attr:`Personalised.elbo`.
+ELBO_DRAWS = 256
+
+
+def _personalise_second_order(fit, client_data, seed, name, local_guide, num_particles):
+    """:func:`personalise` after a second-order fit (see its docstring)."""
+    for given, option in ((local_guide, "local_guide"), (num_particles, "num_particles")):
+        if given is not None:
+            raise ValueError(
+                f"{option}= is for first-order fits: after a second-order fit the new "
+                "client's locals are drawn from their conditional posterior given its data "
+                "(a Laplace factor, importance-resampled), with no local guide to optimise; "
+                f"drop {option}=, or fit the federation with a first-order server "
+                "(server='gradient') to personalise a guide"
+            )
+    post = fit.server.posterior
+    if post is None:
+        raise ValueError(
+            "the second-order fit has no posterior yet: run it (fit.run()) before personalising"
+        )
+    own_data = _new_client_data(fit, client_data)
+    client = MarginalClient(
+        name, own_data, fit.model, fit.structure, fit.layout, fit.data.per_client
+    )
+    # Its locals' conditional modes at the posterior mean of the globals, where later
+    # draws start their Newton searches (moved along the modes' slope), as a federation
+    # client keeps them from its last Newton round.
+    centre = post["mean"].detach().clone()
+    client.start = client.marginal.modes(centre, client.start)
+    if not bool(torch.isfinite(client.start).all()):
+        raise ValueError(
+            f"the new client's conditional mode of its local sites is not finite at the "
+            f"posterior mean of the globals; check its data ({sorted(own_data)})"
+        )
+    client.centre = centre
+    # E[log p(D_new | phi)] over the fit's posterior draws of the globals.
+    draws = fit.global_samples(ELBO_DRAWS)
+    z = fit.layout.unconstrain({n: draws[n] for n in fit.layout.names})
+    local_draws = fit.server.local_draws
+    message = {
+        "draws": z,
+        "local_draws": local_draws,
+        "seed": derive_seed(seed, "personalise-elbo", name),
+    }
+    noise = psis_noise(message, client.marginal.size) if local_draws else None
+    log_lik = client.marginal.values(z, client.start, client.centre, client._slope(), noise)
+    return Personalised(name, client, fit.structure, float(log_lik.mean()), fit)
 
 
 __all__ = ["Personalised", "new_client_predictive", "personalise"]
