@@ -58,6 +58,8 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
+from .options import DP_CONFIG
+from .options import check as check_options
 from .seeding import derive_seed
 
 #: Summary keys that are the same constant for every client (carry no data): not privatised.
@@ -270,17 +272,10 @@ class DPConfig:
     reproducible_noise: bool = False
 
     def __post_init__(self):
-        if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError(
-                f"DPConfig: clip must be a finite number > 0 (the L2 bound of one client's "
-                f"message), got {self.clip!r}; pick it near a typical message norm (see "
-                "dp.message_norm)"
-            )
-        if not 0.0 < self.delta < 1.0:
-            raise ValueError(
-                f"DPConfig: delta must be in (0, 1), got {self.delta!r}; use e.g. 1e-5, "
-                "below 1 / (number of clients)"
-            )
+        # Kinds and ranges first (the table in hbfl_pyro.options), then the combinations.
+        fields = {name: getattr(self, name) for name in DP_CONFIG}
+        for name, value in check_options("DPConfig", fields, DP_CONFIG).items():
+            object.__setattr__(self, name, value)
         _check_accountant(self.accountant)
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(
@@ -292,10 +287,6 @@ class DPConfig:
                 raise ValueError(
                     f"DPConfig: target_epsilon needs rounds= (the planned number of rounds, "
                     f"an int >= 1), got rounds={self.rounds!r}"
-                )
-            if not self.target_epsilon > 0:
-                raise ValueError(
-                    f"DPConfig: target_epsilon must be > 0, got {self.target_epsilon!r}"
                 )
             z = noise_multiplier_for(self.target_epsilon, self.delta, self.rounds, self.accountant)
             object.__setattr__(self, "noise_multiplier", z)

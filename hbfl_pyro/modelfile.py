@@ -38,6 +38,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
+from .options import FEDERATED_SVI, closest
+from .options import check as check_options
+
 DEFAULT_ATTRIBUTE = "model"
 #: Module attributes passed to FederatedSVI under the same keyword.
 SVI_ATTRIBUTES = ("global_guide", "local_guide", "server", "per_client")
@@ -210,15 +213,31 @@ def _checked_fit_options(path: Path, raw, what: str, fallback_rounds: Optional[i
     allowed = _svi_keywords()
     unknown = sorted(set(fit_options) - set(allowed))
     if unknown:
+        known = ("rounds", *_OVER_RUN, *allowed)
         raise ModelFileError(
-            f"{path}: unknown {what} {unknown}; allowed: 'rounds', "
-            + ", ".join(repr(k) for k in allowed)
+            f"{path}: unknown {what} {unknown}{_suggestions(unknown, known)}; allowed: "
+            "'rounds', " + ", ".join(repr(k) for k in (*_OVER_RUN, *allowed))
         )
+    try:
+        fit_options = check_options(what, fit_options, FEDERATED_SVI)
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: {exc}") from exc
     if rounds is not None and (
         isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0
     ):
         raise ModelFileError(f"{path}: {what}['rounds'] must be an integer >= 0")
     return fit_options, rounds, over_run
+
+
+def _suggestions(unknown, known) -> str:
+    """`` (did you mean 'rounds'?)`` for the unknown keys that resemble a known one."""
+    pairs = [(key, closest(key, known)) for key in unknown]
+    pairs = [(key, guess) for key, guess in pairs if guess]
+    if not pairs:
+        return ""
+    if len(unknown) == 1:
+        return f" (did you mean {pairs[0][1]!r}?)"
+    return " (did you mean " + ", ".join(f"{g!r} for {k!r}" for k, g in pairs) + "?)"
 
 
 def _family_options(path: Path, guide: str) -> Dict[str, Any]:
@@ -233,11 +252,20 @@ def _family_options(path: Path, guide: str) -> Dict[str, Any]:
 
 def _guide_options(path: Path, module: ModuleType) -> Mapping:
     """The file's ``guide_options`` (``{}`` if it has none), checked to be a mapping."""
+    from .guides import GUIDE_FAMILIES
+
     by_guide = getattr(module, "guide_options", None) or {}
     if not isinstance(by_guide, Mapping):
         raise ModelFileError(
             f"{path}: guide_options must be a dict {{family: fit_options}}, "
             f"got {type(by_guide).__name__}"
+        )
+    unknown = sorted(str(family) for family in set(by_guide) - set(GUIDE_FAMILIES))
+    if unknown:
+        raise ModelFileError(
+            f"{path}: guide_options names unknown guide famil{'y' if len(unknown) == 1 else 'ies'}"
+            f" {unknown}{_suggestions(unknown, GUIDE_FAMILIES)}; known: "
+            + ", ".join(repr(f) for f in GUIDE_FAMILIES)
         )
     return by_guide
 
@@ -318,10 +346,15 @@ def load_model_file(
         path, getattr(module, "fit_options", None), "fit_options"
     )
     options.update(fit_options)
+    # Every family's settings are checked, whichever is chosen: a misspelled key under a
+    # family not run today is still a mistake.
+    by_guide = _guide_options(path, module)
+    for family, raw in by_guide.items():
+        _checked_fit_options(path, raw, f"guide_options[{family!r}]", rounds)
     if guide is not None:
         options.update(_family_options(path, guide))
         extra, extra_rounds, extra_over_run = _checked_fit_options(
-            path, _guide_options(path, module).get(guide), f"guide_options[{guide!r}]", rounds
+            path, by_guide.get(guide), f"guide_options[{guide!r}]", rounds
         )
         # The family's settings replace the file's: a decay given per round there drops
         # the file's decay over the run, and the other way round.

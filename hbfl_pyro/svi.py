@@ -32,6 +32,9 @@ from .families.base import ClosedFormFamily
 from .families.normal import NormalNormal
 from .guides import build_global_guide, private_params
 from .laplace_marginal import MarginalClient
+from .options import FEDERATED_SVI as OPTIONS
+from .options import RUN as RUN_OPTIONS
+from .options import check as check_options
 from .seeding import derive_seed, seeded
 from .server import Server
 from .servers.second_order import DEFAULT_LOCAL_DRAWS, ConvergenceWarning, SecondOrderServer
@@ -175,7 +178,8 @@ class FederatedSVI:
         per PSIS draw give an importance-sampled likelihood, the PSIS target (unbiased, so
         the check also corrects the Laplace factors' error), and the reported locals are
         resampled from ``K`` such draws; ``0``: the Laplace marginal itself is the target.
-    :param seed: the run's seed; every random choice derives from it.
+    :param seed: the run's seed, an int >= 0 (``None`` is refused); every random choice
+        derives from it.
     :param plate: the clients plate's name.
     :param engine: ``"inprocess"`` (a loop over client objects, the reference; the
         default of first-order servers) or ``"vectorised"`` (a round's clients in one
@@ -184,6 +188,12 @@ class FederatedSVI:
     :param dp: a :class:`~hbfl_pyro.dp.DPConfig` for client-level differential privacy:
         clients clip their replies and send no ELBO, the server adds Gaussian noise to each
         round's sum; :attr:`privacy` and each history record report ``epsilon, delta``.
+    :raises TypeError, ValueError: an option of the wrong kind or out of its range (the
+        table in :mod:`hbfl_pyro.options`), naming the option, the value and the range.
+    :raises ~hbfl_pyro.data.DataValidationError: data that cannot be fitted, e.g. an
+        observation outside its likelihood's support (naming the client, site and index).
+    :raises ~hbfl_pyro.structure.ModelStructureError: a model that cannot be split into
+        server and client blocks, or that fits ragged clients' padding (no ``poutine.mask``).
 
     Example::
 
@@ -232,7 +242,52 @@ class FederatedSVI:
         on_message=None,
         dp=None,
     ):
+        # Every option with a fixed range first (hbfl_pyro.options is the table).
+        checked = check_options(
+            "FederatedSVI",
+            dict(
+                fraction=fraction,
+                participation=participation,
+                min_clients=min_clients,
+                local_steps=local_steps,
+                local_lr=local_lr,
+                local_lr_decay=local_lr_decay,
+                num_particles=num_particles,
+                grad_particles=grad_particles,
+                server_lr=server_lr,
+                lr_decay=lr_decay,
+                server_particles=server_particles,
+                moment_matched=moment_matched,
+                tol=tol,
+                psis_draws=psis_draws,
+                local_draws=local_draws,
+                seed=seed,
+                plate=plate,
+                on_message=on_message,
+            ),
+            OPTIONS,
+        )
+        fraction, participation, min_clients = (
+            checked["fraction"],
+            checked["participation"],
+            checked["min_clients"],
+        )
+        local_steps, local_lr, local_lr_decay = (
+            checked["local_steps"],
+            checked["local_lr"],
+            checked["local_lr_decay"],
+        )
+        num_particles, grad_particles = checked["num_particles"], checked["grad_particles"]
+        server_lr, lr_decay = checked["server_lr"], checked["lr_decay"]
+        server_particles, moment_matched = checked["server_particles"], checked["moment_matched"]
+        tol, psis_draws, local_draws = checked["tol"], checked["psis_draws"], checked["local_draws"]
+        seed = checked["seed"]
         self.model = model
+        if not callable(model):
+            raise TypeError(
+                f"FederatedSVI: model must be a callable Pyro model model(data), got "
+                f"{type(model).__name__}"
+            )
         if dp is not None and not isinstance(dp, DPConfig):
             raise TypeError(
                 f"dp must be a hbfl_pyro.dp.DPConfig (e.g. DPConfig(clip=1.0, "
@@ -466,11 +521,15 @@ class FederatedSVI:
         With the second-order server, ``rounds`` caps the Newton rounds (default
         :data:`MAX_ROUNDS`): the fit stops when converged, then runs its PSIS round, and
         :attr:`verdict` says how it ended. With a first-order server it runs exactly
-        ``rounds`` rounds (required).
+        ``rounds`` rounds (required). ``rounds`` is an int >= 0 (``0`` runs none, e.g. a
+        resumed fit that is already complete).
 
         :param on_round: called with each round's record once the round is complete,
             e.g. to write a checkpoint (``lambda record: fit.checkpoint(path)``).
         """
+        rounds = check_options(
+            "run()", dict(rounds=rounds, progress=progress, on_round=on_round), RUN_OPTIONS
+        )["rounds"]
         if self.server.mode != "second_order":
             if rounds is None:
                 raise ValueError(
