@@ -17,6 +17,7 @@ collating one client gives what that client feeds its own block of the ELBO.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -44,6 +45,11 @@ def _as_tensor(value, client: str, key: str) -> torch.Tensor:
             raise DataValidationError(
                 f"client {client!r}, key {key!r}: values are ragged or not numeric; "
                 "give a numeric array or tensor"
+            )
+        if array.dtype.kind not in "biufc":  # strings, bytes, dates
+            raise DataValidationError(
+                f"client {client!r}, key {key!r}: values of dtype {array.dtype} are not "
+                "numbers; convert them (e.g. encode categories as integer codes)"
             )
         tensor = torch.as_tensor(array)
     if tensor.is_floating_point():
@@ -142,6 +148,19 @@ class FederatedData:
                     raise DataValidationError(
                         f"client {name!r}, key {key!r}: {int(bad.sum())} value(s) are NaN "
                         f"or Inf (first at index {first}); clean or impute them before fitting"
+                    )
+            if t.is_floating_point():
+                # A value whose square overflows cannot be scored by any likelihood with a
+                # quadratic term: the client would fail every round.
+                limit = math.sqrt(torch.finfo(t.dtype).max)
+                huge = t.abs() >= limit
+                if huge.any():
+                    first = tuple(int(i) for i in huge.nonzero()[0])
+                    raise DataValidationError(
+                        f"client {name!r}, key {key!r}: {int(huge.sum())} value(s) of "
+                        f"magnitude >= {limit:.3g} (first at index {first}: "
+                        f"{float(t[first]):.3g}), whose square overflows {t.dtype}; rescale "
+                        "the data (e.g. to thousands or millions) before fitting"
                     )
         return tensors
 

@@ -9,14 +9,14 @@ training, and every error names the site (and the client) and says how to fix it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from .data import FederatedData
+from .data import MASK_KEY, DataValidationError, FederatedData
 
 
 class ModelStructureError(ValueError):
@@ -119,7 +119,8 @@ def discover_structure(
         [-f.dim for s in sites.values() for f in s["cond_indep_stack"] if f.dim is not None] + [0]
     )
     _check_globals_are_global(model, data, one, globals_, plate)
-    likelihood_globals = _likelihood_globals(model, data, one, globals_, observed)
+    likelihood_globals = _likelihood_globals(model, data, one, globals_, observed, plate_dim)
+    _check_mask_is_used(model, data, observed)
     return ModelStructure(
         plate=plate,
         plate_dim=plate_dim,
@@ -140,18 +141,6 @@ def _check_globals_are_global(model, data, one, globals_, plate) -> None:
     the server runs the model on (so a single client, or clients that happen to share a
     value the prior uses, are checked too).
     """
-    if len(data) > 1:
-        two = _trace(model, data.collate([0, 1]), f"clients {data.names[:2]}")
-        for name in globals_:
-            a, b = one.nodes[name]["value"], two.nodes[name]["value"]
-            if a.shape != b.shape:
-                raise ModelStructureError(
-                    f"site {name!r} has a value per client (shape {tuple(a.shape)} with one "
-                    f"client, {tuple(b.shape)} with two) but is outside the {plate!r} plate; "
-                    f"sample it inside `with pyro.plate({plate!r}, num_clients):`"
-                )
-    if not globals_:
-        return
     values = {name: one.nodes[name]["value"] for name in globals_}
     conditioned = poutine.condition(model, data=values)
 
@@ -168,10 +157,25 @@ def _check_globals_are_global(model, data, one, globals_, plate) -> None:
                     f"quantities inside the {plate!r} plate"
                 )
 
-    ref = global_log_probs(_trace(conditioned, data.collate([0]), f"client {data.names[0]!r}"))
-    for i in range(1, len(data)):
-        trace = _trace(conditioned, data.collate([i]), f"client {data.names[i]!r}")
-        compare(global_log_probs(trace), ref, f"client {data.names[i]!r}")
+    # Each client alone first (a model that fails on one client's data names it), then two
+    # clients together (a global's shape must not depend on how many clients there are).
+    if globals_:
+        ref = global_log_probs(_trace(conditioned, data.collate([0]), f"client {data.names[0]!r}"))
+        for i in range(1, len(data)):
+            trace = _trace(conditioned, data.collate([i]), f"client {data.names[i]!r}")
+            compare(global_log_probs(trace), ref, f"client {data.names[i]!r}")
+    if len(data) > 1:
+        two = _trace(model, data.collate([0, 1]), f"clients {data.names[:2]}")
+        for name in globals_:
+            a, b = one.nodes[name]["value"], two.nodes[name]["value"]
+            if a.shape != b.shape:
+                raise ModelStructureError(
+                    f"site {name!r} has a value per client (shape {tuple(a.shape)} with one "
+                    f"client, {tuple(b.shape)} with two) but is outside the {plate!r} plate; "
+                    f"sample it inside `with pyro.plate({plate!r}, num_clients):`"
+                )
+    if not globals_:
+        return
     # The placeholder's values need not lie in the likelihood's support, and a model may
     # not run on it at all (e.g. it indexes with data): then there is nothing to compare.
     try:
@@ -183,8 +187,11 @@ def _check_globals_are_global(model, data, one, globals_, plate) -> None:
     compare(placeholder, ref, "the data-free placeholder input the server uses")
 
 
-def _likelihood_globals(model, data, one, globals_, observed) -> Tuple[str, ...]:
+def _likelihood_globals(model, data, one, globals_, observed, plate_dim) -> Tuple[str, ...]:
     """Globals that the observed sites' densities depend on, with the locals held fixed.
+
+    The same one trace per client, run with Pyro's validation on, also checks that
+    client's observations lie in their likelihoods' supports (:func:`_check_observations`).
 
     Found structurally: the model is run with every latent value given, the globals as
     leaves that require grad, and a global counts when the observed log density has a
@@ -196,8 +203,11 @@ def _likelihood_globals(model, data, one, globals_, observed) -> Tuple[str, ...]
     found = set()
     for i in range(len(data)):
         batch = data.collate([i])
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), pyro.validation_enabled(True):
             trace = _trace(model, batch, f"client {data.names[i]!r}")
+            _check_observations(trace, batch, plate_dim, data.names[i])
+        if len(found) == len(globals_):
+            continue  # every global found: the remaining clients' traces only check data
         values = {
             n: s["value"].detach() for n, s in _sample_sites(trace).items() if not s["is_observed"]
         }
@@ -214,6 +224,145 @@ def _likelihood_globals(model, data, one, globals_, observed) -> Tuple[str, ...]
             continue
         grads = torch.autograd.grad(log_p, leaves, allow_unused=True)
         found |= {name for name, grad in zip(globals_, grads) if grad is not None}
-        if len(found) == len(globals_):
-            break
     return tuple(name for name in globals_ if name in found)
+
+
+def _data_key(batch, value) -> Optional[str]:
+    """The data key whose collated tensor is an observed site's value, if any."""
+    for key, tensor in batch.items():
+        if tensor is value:
+            return key
+    for key, tensor in batch.items():
+        if (
+            key != MASK_KEY
+            and tensor.shape == value.shape
+            and tensor.dtype == value.dtype
+            and torch.equal(tensor, value)
+        ):
+            return key
+    return None
+
+
+def _check_observations(trace, batch, plate_dim: int, client: str) -> None:
+    """Refuse observed values a likelihood cannot score (one client's trace).
+
+    A value outside the likelihood's support (a negative value into a Gamma, a count of
+    2.5 into a Poisson), a bool or complex observation, or (where the support cannot be
+    checked elementwise) a log-likelihood that cannot be evaluated raises
+    :class:`~hbfl_pyro.data.DataValidationError` naming the client, the site (and data
+    key) and the first offending index within the client's data. Entries the site masks
+    out (``poutine.mask``) are not checked.
+    """
+    for name, site in _sample_sites(trace).items():
+        if not site["is_observed"] or site["infer"].get("_deterministic"):
+            continue
+        value, fn = site["value"], site["fn"]
+        if not isinstance(value, torch.Tensor):
+            continue
+        key = _data_key(batch, value)
+        where = f"client {client!r}, observed site {name!r}" + (
+            f" (data key {key!r})" if key else ""
+        )
+        if value.dtype == torch.bool or value.is_complex():
+            raise DataValidationError(
+                f"{where}: the observations have dtype {value.dtype}; a likelihood scores "
+                "real numbers: convert them before fitting (e.g. y.float() for 0/1 outcomes)"
+            )
+        mask = site["mask"] if isinstance(site.get("mask"), torch.Tensor) else None
+        try:
+            bad = ~fn.support.check(value)
+        except Exception:  # a support that cannot be checked elementwise
+            bad = None
+        if bad is not None:
+            if mask is not None:
+                bad, mask_b = torch.broadcast_tensors(bad, mask.bool())
+                bad = bad & mask_b
+            if bool(bad.any()):
+                first = tuple(int(j) for j in bad.nonzero()[0])
+                full = first
+                axis = len(first) + plate_dim
+                if 0 <= axis < len(first):  # the clients axis: one client here
+                    first = first[:axis] + first[axis + 1 :]
+                try:
+                    shown = value[full[-value.dim() :] if value.dim() else ()]
+                    shown = shown.tolist()
+                except Exception:
+                    shown = "?"
+                base = fn
+                while hasattr(base, "base_dist"):
+                    base = base.base_dist
+                raise DataValidationError(
+                    f"{where}: {int(bad.sum())} value(s) outside the support of its "
+                    f"{type(base).__name__} likelihood ({fn.support}); first at index "
+                    f"{first} (value {shown}). Fix or drop those observations, or use a "
+                    "likelihood whose support contains them"
+                )
+        if bad is not None:
+            continue  # checked elementwise; scoring them all would cost a pass per client
+        try:
+            fn.log_prob(value)
+        except Exception as exc:
+            raise DataValidationError(
+                f"{where}: the likelihood cannot score the observations "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+
+
+def _observed_log_prob(trace, observed) -> torch.Tensor:
+    trace.compute_log_prob(site_filter=lambda name, site: name in observed)
+    return sum(trace.nodes[name]["log_prob"].sum() for name in observed)
+
+
+def _check_mask_is_used(model, data: FederatedData, observed) -> None:
+    """Refuse a model whose likelihood scores ragged clients' padding rows.
+
+    On the shortest client collated with the longest (so its rows are padded), the padded
+    entries of every per-observation key are replaced by other real rows (the longest
+    client's, then the short client's own last row) with every latent value held fixed;
+    the observed sites' log-likelihood must not move. If it does, the padding is fitted
+    as data, and a :class:`ModelStructureError` says how to mask it.
+    """
+    counts = [data.num_observations(i) for i in range(len(data))]
+    if len(set(counts)) < 2:
+        return
+    short = min(range(len(data)), key=counts.__getitem__)
+    long_ = max(range(len(data)), key=counts.__getitem__)
+    batch = data.collate([short, long_])
+    if MASK_KEY not in batch:
+        return
+    pad = ~batch[MASK_KEY][0]
+    n_short = counts[short]
+    keys = [
+        k for k, t in data[short].items() if t.dim() > 0 and k not in data.per_client and k in batch
+    ]
+    alternatives = [lambda t: t[1, pad]]
+    if n_short > 1:
+        alternatives.append(lambda t: t[0, n_short - 1].expand_as(t[0, pad]))
+    with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+        try:
+            base = poutine.trace(model).get_trace(batch)
+            ref = _observed_log_prob(base, observed).detach()
+        except Exception:
+            return  # the model's own failures are reported elsewhere
+        for alternative in alternatives:
+            perturbed = dict(batch)
+            for key in keys:
+                tensor = batch[key].clone()
+                tensor[0, pad] = alternative(batch[key])
+                perturbed[key] = tensor
+            try:
+                trace = poutine.trace(poutine.replay(model, trace=base)).get_trace(perturbed)
+                moved = _observed_log_prob(trace, observed).detach()
+            except Exception:
+                continue
+            if not torch.isclose(moved, ref, rtol=1e-6, atol=1e-6):
+                raise ModelStructureError(
+                    f"the model's likelihood depends on the padding of ragged clients: client "
+                    f"{data.names[short]!r} has {n_short} observations, padded to "
+                    f"{counts[long_]} with {data.names[long_]!r}, and changing only its padded "
+                    f"rows changed the log-likelihood of {list(observed)} (from {float(ref):.6g} "
+                    f"to {float(moved):.6g}), so the padding would be fitted as data. Wrap the "
+                    "observation in poutine.mask(mask=data['mask']) (see "
+                    "models/normal_normal.py): `with pyro.plate('obs', n, dim=-1), "
+                    "poutine.mask(mask=data['mask']): pyro.sample(..., obs=data['y'])`"
+                )
