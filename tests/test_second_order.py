@@ -281,7 +281,9 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
 @pytest.mark.slow
 def test_a_failing_client_is_named():
     data = _glmm_data(3)
-    data["c1"]["y"] = data["c1"]["y"] - 100.0  # negative counts: outside the Poisson support
+    # Data outside the likelihood's support are refused before training (issue 14); a
+    # client whose rate overflows (exp(800)) passes that check and fails every round.
+    data["c1"]["log_exposure"] = data["c1"]["log_exposure"] + 800.0
     fit = FederatedSVI(_glmm, data, seed=0)
     with pytest.raises(RuntimeError, match="'c1'"):
         fit.run(progress=False)

@@ -398,6 +398,10 @@ class SecondOrderServer(ServerStrategy):
         with torch.no_grad():
             log_prior = vmap(self.log_prior)(draws)
         n = self.psis_draws
+        # Every inflation is tried, not only when c = 1 looks bad: a proposal narrower than
+        # the posterior can pass k-hat and still shrink sds (measured on the skewed-local
+        # test: c = 1 alone, k-hat 0.29, gave a 0.85 sd ratio; the lowest k-hat of the
+        # three, 0.95).
         best = None
         k_hats = {}
         for i, c in enumerate(self.psis_scales):
