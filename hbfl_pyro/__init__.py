@@ -6,6 +6,18 @@ variational factor from what clients send (never data). See Kim & Hospedales, "F
 Hierarchical Bayesian Federated Learning", arXiv:2305.04979.
 """
 
+import warnings as _warnings
+from importlib import metadata as _metadata
+
+with _warnings.catch_warnings():
+    # ArviZ 0.23 announces its 1.x rewrite (a FutureWarning about ArviZ's own API) once a
+    # day on import; hbfl_pyro imports ArviZ for its users, who need not see that notice
+    # (issue 16). Scoped to this import: the global warning filters are left as they were.
+    _warnings.filterwarnings(
+        "ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning
+    )
+    import arviz as _arviz  # noqa: F401
+
 from .client import Client, LocalConfig
 from .data import DataValidationError, FederatedData, collate, num_clients
 from .dp import DPConfig
@@ -22,7 +34,10 @@ from .structure import ModelStructure, ModelStructureError, discover_structure
 from .structured import StructuredLocalNormal
 from .svi import FederatedSVI
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("hbfl_pyro")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AutoSplineMultivariateNormal",

@@ -21,6 +21,64 @@ from typing import Any, Dict, List, Optional, Sequence
 
 DESCRIPTION = "Hierarchical Bayesian federated learning (FedHB) in Pyro."
 
+# A list that reads as plain text (--help) and as reStructuredText (docs/cli.rst).
+EXIT_STATUS = """\
+exit status:
+
+- 0: success
+- 1: error: a bad model file, data, option value or checkpoint (one line on stderr,
+  "hbfl: error: ...", no traceback)
+- 2: usage error: an unknown flag, a missing or malformed argument (argparse's message)
+- 3: with --strict only: the fit ran and wrote its files, but its verdict says the
+  posterior is not trustworthy or not checked (the banner it prints)
+- 130: interrupted (Ctrl-C)
+- 141: stdout closed early (a broken pipe, e.g. piped into head)
+"""
+
+#: Exit status of ``hbfl fit --strict`` when the verdict's banner is shown.
+EXIT_UNTRUSTWORTHY = 3
+
+#: Third-party warnings the command line does not show (issue 16): each concerns a
+#: dependency's own API, not the user's model or fit. Narrow on purpose, by category and
+#: the warning's module or message; hbfl_pyro's own warnings (ConvergenceWarning,
+#: ClientFailureWarning) and any UserWarning stay visible. Not installed when the user
+#: chose warning filters (python -W or PYTHONWARNINGS). The ArviZ 1.x announcement on
+#: import is silenced by the package's import itself (hbfl_pyro/__init__.py), which runs
+#: before main(); the module filter below also covers an import of ArviZ after it.
+THIRD_PARTY_WARNINGS = (
+    # ArviZ 0.23's FutureWarnings (its 1.x rewrite).
+    {"category": FutureWarning, "module": r"arviz(\.|$)"},
+    # torch 2.13 deprecates torch.jit.script, which a dependency still calls on import
+    # (attributed to the caller's module, hence matched by message).
+    {"category": DeprecationWarning, "message": r"`torch\.jit\.script` is deprecated"},
+    # Deprecation notices raised inside torch, Pyro, ArviZ or xarray themselves.
+    {"category": DeprecationWarning, "module": r"(torch|pyro|arviz|xarray)(\.|$)"},
+    {"category": FutureWarning, "module": r"(torch|pyro|xarray)(\.|$)"},
+)
+
+
+def quiet_third_party_warnings() -> None:
+    """Install the :data:`THIRD_PARTY_WARNINGS` filters (unless the user set ``-W`` or
+    ``PYTHONWARNINGS``). :func:`main` calls it inside ``warnings.catch_warnings()``, so an
+    in-process caller's filters are restored afterwards."""
+    if sys.warnoptions:
+        return
+    for spec in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", **spec)
+
+
+def _version() -> str:
+    """The installed distribution's version (importlib.metadata)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("hbfl_pyro")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        from . import __version__
+
+        return __version__
+
+
 FIT_DESCRIPTION = """\
 Fit the model of MODEL_FILE to the clients of its load_data() by federated SVI (in one
 process, each client on its own data), print the posterior summary of every site
@@ -102,18 +160,28 @@ def _svi_defaults() -> Dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hbfl`` argument parser (one sub-command, ``fit``)."""
-    from . import __version__
     from .guides import GUIDE_FAMILIES
 
     d = _svi_defaults()
 
-    parser = argparse.ArgumentParser(prog="hbfl", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser = argparse.ArgumentParser(
+        prog="hbfl",
+        description=DESCRIPTION,
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {_version()}",
+        help="print the version of hbfl_pyro and exit",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fit = commands.add_parser(
         "fit",
         help="fit a model file by federated SVI and summarise its posterior",
         description=FIT_DESCRIPTION,
+        epilog=EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fit.add_argument(
@@ -348,6 +416,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not show the progress bar (on stderr)",
     )
+    loudness = fit.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only the verdict (with its warning banner, if any) and the paths "
+        "written, besides errors; no progress bar",
+    )
+    loudness.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print one line per round (its objective, clients and the server's "
+        "step), in place of the progress bar",
+    )
+    fit.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit with status {EXIT_UNTRUSTWORTHY} (after writing every file) when the "
+        "verdict says the posterior is not trustworthy or not checked: a failed convergence "
+        "or PSIS check, and any first-order fit (no stopping rule)",
+    )
     return parser
 
 
@@ -478,10 +568,21 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
         header.append(("resumed", f"{args.resume} (after round {fit.round})"))
     if args.checkpoint is not None:
         header.append(("checkpoint", f"{args.checkpoint} (after every round)"))
+    quiet = getattr(args, "quiet", False)
+    verbose = getattr(args, "verbose", False)
+
+    def say(text: str) -> None:
+        """Print ``text``, unless --quiet (which keeps the verdict and the paths)."""
+        if not quiet:
+            print(text, file=out)
+
     width = max(len(k) for k, _ in header)
     for key, value in header:
-        print(f"{key.ljust(width)}  {value}", file=out)
+        say(f"{key.ljust(width)}  {value}")
     out.flush()
+    # --quiet and --verbose replace the progress bar (nothing, or one line per round).
+    progress = not (args.no_progress or quiet or verbose)
+    under_dp = dp is not None
 
     start = time.perf_counter()
     if flower_sim:
@@ -508,45 +609,95 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
             )
         except ValueError as exc:  # e.g. SecAgg+ with a gradient-mode server
             raise UsageError(f"{spec.label}: {_one_line(exc)}") from exc
+        if verbose:  # Flower ran the rounds: their lines once it is done
+            for record in fit.history:
+                print(_round_line(record, under_dp), file=out)
     else:
         on_round = _checkpoint_writer(fit, args.checkpoint, fingerprint)
+        if verbose:
+            on_round = _with_round_lines(on_round, out, under_dp)
         # A resumed fit runs only the rounds still missing (its round count goes on).
         if second_order:
             with warnings.catch_warnings():
                 # The verdict below says it once, in words, with the banner.
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 newton_rounds = max(0, cap - fit.round) if fit.round else given_rounds
-                fit.run(newton_rounds, progress=not args.no_progress, on_round=on_round)
+                fit.run(newton_rounds, progress=progress, on_round=on_round)
         else:
-            fit.run(max(0, rounds - fit.round), progress=not args.no_progress, on_round=on_round)
+            fit.run(max(0, rounds - fit.round), progress=progress, on_round=on_round)
     timings = {"fit": time.perf_counter() - start}
     verdict_line, banner = verdict_lines(fit.verdict)
-    print(f"\nverdict: {verdict_line}", file=out)
+    gap = "" if quiet else "\n"
+    print(f"{gap}verdict: {verdict_line}", file=out)
     if banner is not None:
         print("\n".join(banner), file=out)
     if fit.privacy is not None:
         p = fit.privacy
-        print(
+        say(
             f"\nprivacy: epsilon {p['epsilon']:.4g} at delta {p['delta']:g} (client level, "
             f"{p['rounds']} rounds, clip {p['clip']:g}, "
             f"noise multiplier {p['noise_multiplier']:.4g}); "
-            "no ELBO is released under DP",
-            file=out,
+            "no ELBO is released under DP"
         )
     elif second_order:
-        print(f"\nELBO estimate (PSIS draws of q): {fit.elbo():.6g}", file=out)
+        say(f"\nELBO estimate (PSIS draws of q): {fit.elbo():.6g}")
     elif fit.history:
-        print(f"\nfinal ELBO estimate (round {fit.round}): {fit.history[-1]['elbo']:.6g}", file=out)
+        say(f"\nfinal ELBO estimate (round {fit.round}): {fit.history[-1]['elbo']:.6g}")
     start = time.perf_counter()
     rows = posterior_summary(fit, num_samples=args.num_samples, seed=args.seed)
     timings["summary"] = time.perf_counter() - start
-    print("\n" + format_table(rows), file=out)
+    say("\n" + format_table(rows))
     path = write_csv(rows, out_dir / "summary.csv")
-    print(f"\nwrote {path}", file=out)
+    print(f"{gap}wrote {path}", file=out)
     comparison = _compare(fit, args, out_dir, timings, out) if args.compare_pooled else None
     if not args.no_report:
         _write_report(fit, args, out_dir, rows, header, options, timings, out, comparison)
+    if getattr(args, "strict", False) and banner is not None:
+        what = banner[1].removeprefix("WARNING: ")
+        print(
+            f"hbfl: --strict: {what} (exit status {EXIT_UNTRUSTWORTHY}; files written)",
+            file=sys.stderr,
+        )
+        return EXIT_UNTRUSTWORTHY
     return 0
+
+
+def _round_line(record: Dict[str, Any], under_dp: bool = False) -> str:
+    """--verbose: one line describing a round's record (no ELBO under DP)."""
+    import math
+
+    parts = [f"round {record['round']:>3}"]
+    if "phase" in record:
+        parts.append(f"{record['phase']:<6}")
+    value = record.get("elbo")
+    if not under_dp and isinstance(value, (int, float)) and math.isfinite(value):
+        parts.append(f"{'objective' if 'phase' in record else 'ELBO'} {value:.6g}")
+    parts.append(f"clients {len(record.get('clients', ()))}")
+    if record.get("failed"):
+        parts.append(f"failed {len(record['failed'])}")
+    if "accepted" in record:
+        parts.append("step accepted" if record["accepted"] else "step rejected")
+    if record.get("radius") is not None:
+        parts.append(f"radius {record['radius']:.3g}")
+    if record.get("decrement") is not None:
+        parts.append(f"decrement {record['decrement']:.3g}")
+    if record.get("k_hat") is not None:
+        parts.append(f"k-hat {record['k_hat']:.2f}")
+    if record.get("seconds") is not None:
+        parts.append(f"{record['seconds']:.2f} s")
+    return "  ".join(parts)
+
+
+def _with_round_lines(on_round, out, under_dp: bool):
+    """--verbose: ``on_round`` (or nothing) followed by printing the round's line."""
+
+    def callback(record):
+        if on_round is not None:
+            on_round(record)
+        print(_round_line(record, under_dp), file=out)
+        out.flush()
+
+    return callback
 
 
 def _checkpoints(fit, args, options, flower_sim, label) -> Optional[Dict[str, Any]]:
@@ -608,8 +759,10 @@ def _compare(fit, args, out_dir, timings, out):
             "--compare-pooled with --pooled-steps 0 and --nuts-samples 0 has nothing to "
             "compare with; give a budget to one of them, or a --reference"
         )
-    print("\ncomparing with pooled fits (plain Pyro on the pooled data) ...", file=out)
-    out.flush()
+    quiet = getattr(args, "quiet", False)
+    if not quiet:
+        print("\ncomparing with pooled fits (plain Pyro on the pooled data) ...", file=out)
+        out.flush()
     start = time.perf_counter()
     try:
         comparison = compare_pooled(
@@ -631,12 +784,13 @@ def _compare(fit, args, out_dir, timings, out):
             reference=args.reference,
             num_samples=args.num_samples,
             seed=args.seed,
-            progress=not args.no_progress,
+            progress=not (args.no_progress or quiet or getattr(args, "verbose", False)),
         )
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--compare-pooled: {_one_line(exc)}") from exc
     timings["comparison (pooled SVI, NUTS, draws)"] = time.perf_counter() - start
-    print("\n" + comparison.to_markdown(max_clients=20), file=out)
+    if not quiet:
+        print("\n" + comparison.to_markdown(max_clients=20), file=out)
     paths = [comparison.to_csv(out_dir / "comparison.csv")]
     paths.append(out_dir / "comparison.png")
     comparison.plot_forest(paths[-1])
@@ -716,8 +870,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     :param argv: the arguments (default: ``sys.argv[1:]``).
     :returns: the exit status: 0 on success, 1 on a user error (reported on stderr as
-        one line ``hbfl: error: ...``), 2 on bad usage, 130 when interrupted, 141 when
-        stdout is closed early (a broken pipe).
+        one line ``hbfl: error: ...``), 2 on bad usage, 3 with ``--strict`` when the
+        verdict says the posterior is not trustworthy or not checked, 130 when
+        interrupted, 141 when stdout is closed early (a broken pipe); see
+        :data:`EXIT_STATUS`. Third-party warnings about the dependencies' own APIs are
+        not shown (:data:`THIRD_PARTY_WARNINGS`); the caller's warning filters are
+        restored on return.
 
     Example::
 
@@ -725,6 +883,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ... # doctest: +SKIP
         0
     """
+    with warnings.catch_warnings():
+        quiet_third_party_warnings()
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -748,4 +912,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0  # pragma: no cover
 
 
-__all__: List[str] = ["build_parser", "fit_command", "main"]
+__all__: List[str] = ["build_parser", "fit_command", "main", "quiet_third_party_warnings"]

@@ -1,10 +1,13 @@
 """The ``hbfl`` command line, model-file loading, and posterior summaries."""
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
+from importlib import metadata
 from pathlib import Path
 
 import arviz as az
@@ -12,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from hbfl_pyro import FederatedSVI
-from hbfl_pyro.cli import build_parser, main
+from hbfl_pyro import ClientFailureWarning, ConvergenceWarning, FederatedSVI
+from hbfl_pyro.cli import EXIT_UNTRUSTWORTHY, build_parser, main, quiet_third_party_warnings
 from hbfl_pyro.modelfile import ModelFileError, load_model_file, parse_model_spec
 from hbfl_pyro.summary import (
     COLUMNS,
@@ -58,6 +61,11 @@ FLAGS = [
     "--dp-epsilon",
     "--dp-delta",
     "--secagg",
+    "-q",
+    "--quiet",
+    "-v",
+    "--verbose",
+    "--strict",
 ]
 REPORT_FILES = ("posterior.nc", "forest.png", "elbo.png", "report.md")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -514,3 +522,147 @@ def test_guide_family_uses_the_files_guide_options(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| rounds | 3 |" in report
     assert "StructuredLocalNormal" in report
+
+
+# ---------------------------------------------------------------- a quiet, conventional CLI
+def _fresh_env(tmp_path):
+    """The environment of a subprocess whose ArviZ has not warned today (its once-a-day
+    stamp lives in the user cache directory) and with no user warning filters."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    return env
+
+
+def test_version_from_the_installed_metadata(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"hbfl {metadata.version('hbfl_pyro')}"
+
+
+@pytest.mark.slow
+def test_import_prints_no_arviz_future_warning(tmp_path):
+    # Without the package's scoped filter, importing it prints ArviZ's FutureWarning
+    # (once a day, on a fresh cache directory, as here).
+    result = subprocess.run(
+        [sys.executable, "-m", "hbfl_pyro", "--version"],
+        cwd=ROOT,
+        env=_fresh_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout.startswith("hbfl ")
+    assert result.stderr == ""
+
+
+def test_help_documents_the_exit_status(capsys):
+    for argv in (["--help"], ["fit", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        assert "exit status:" in text
+        for code in ("0", "1", "2", str(EXIT_UNTRUSTWORTHY), "130", "141"):
+            assert f"\n- {code}: " in text, code
+
+
+def test_third_party_warning_filters_are_narrow(monkeypatch):
+    """Dependencies' API notices are filtered by category and module or message; the
+    library's own warnings, and a UserWarning of Pyro, still show."""
+    monkeypatch.setattr(sys, "warnoptions", [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party_warnings()
+
+        def emit(message, category, module):
+            warnings.warn_explicit(message, category, f"{module}.py", 1, module=module)
+
+        emit("ArviZ is undergoing a major refactor", FutureWarning, "arviz")
+        emit("`torch.jit.script` is deprecated. Please switch", DeprecationWarning, "some_dep")
+        emit("old API", DeprecationWarning, "pyro.infer.svi")
+        emit("old API", FutureWarning, "torch.nn.modules")
+        assert caught == []
+        emit("not converged", ConvergenceWarning, "hbfl_pyro.servers.second_order")
+        emit("client failed", ClientFailureWarning, "hbfl_pyro.server")
+        emit("Found plate statements in guide but not model", UserWarning, "pyro.util")
+        emit("a deprecation of the user's own", DeprecationWarning, "arvizzz_fork")
+    assert [w.category for w in caught] == [
+        ConvergenceWarning,
+        ClientFailureWarning,
+        UserWarning,
+        DeprecationWarning,
+    ]
+    # python -W / PYTHONWARNINGS: the user's choice, nothing installed.
+    monkeypatch.setattr(sys, "warnoptions", ["default"])
+    before = list(warnings.filters)
+    quiet_third_party_warnings()
+    assert warnings.filters == before
+
+
+def test_main_restores_the_callers_warning_filters(tmp_path, capsys):
+    before = list(warnings.filters)
+    assert main(["fit", str(tmp_path / "missing.py"), "--out", str(tmp_path)]) == 1
+    assert warnings.filters == before
+    assert capsys.readouterr().err.startswith("hbfl: error: ")
+
+
+def test_quiet_verbose_and_strict(tmp_path, capsys):
+    """-q keeps the verdict (banner included) and the paths; -v adds a line per round;
+    --strict exits 3 when the banner shows (a first-order fit is never checked)."""
+    argv = ["fit", "models/normal_normal.py", "--rounds", "2", "--local-steps", "2"]
+    argv += ["--no-report", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    default = capsys.readouterr().out
+    assert main(argv + ["-q"]) == 0
+    quiet = capsys.readouterr()
+    assert main(argv + ["--verbose"]) == 0
+    verbose = capsys.readouterr().out
+    assert main(argv + ["--quiet", "--strict"]) == EXIT_UNTRUSTWORTHY
+    strict = capsys.readouterr()
+
+    assert len(quiet.out) < len(default) / 2
+    assert quiet.err == ""
+    lines = quiet.out.splitlines()
+    assert lines[0].startswith("verdict: 2 rounds run")
+    assert "WARNING: this posterior is not checked" in quiet.out  # the banner
+    assert lines[-1] == f"wrote {tmp_path / 'summary.csv'}"
+    assert "clients" not in quiet.out and "theta" not in quiet.out  # header, table
+    # -v: the default output with one line per round.
+    rounds = [line for line in verbose.splitlines() if line.startswith("round ")]
+    assert [line.split()[:2] for line in rounds] == [["round", "1"], ["round", "2"]]
+    assert "ELBO" in rounds[0] and "clients 10" in rounds[0]
+    assert [line for line in verbose.splitlines() if not line.startswith("round ")] == (
+        default.splitlines()
+    )
+    assert strict.out == quiet.out
+    assert strict.err.strip() == (
+        f"hbfl: --strict: this posterior is not checked (exit status {EXIT_UNTRUSTWORTHY}; "
+        "files written)"
+    )
+    # -q and -v exclude each other: a usage error, status 2.
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["-q", "-v"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+def test_quiet_fit_prints_no_third_party_warning(tmp_path):
+    """A whole default (second-order) fit in a fresh process, where ArviZ would announce
+    its rewrite: stderr is empty with -q, and stdout the verdict and the paths."""
+    out = tmp_path / "es"
+    result = subprocess.run(
+        [_hbfl_script(), "fit", "models/eight_schools.py", "-q", "--strict", "--out", str(out)],
+        cwd=ROOT,
+        env=_fresh_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr  # reliable: --strict passes
+    assert result.stderr == ""
+    assert "FutureWarning" not in result.stdout and "ArviZ" not in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("verdict: converged in")
+    assert lines[1:] == [f"wrote {out / name}" for name in ("summary.csv",) + REPORT_FILES]
