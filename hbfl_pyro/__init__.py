@@ -22,6 +22,7 @@ from .client import Client, LocalConfig
 from .data import DataValidationError, FederatedData, collate, num_clients
 from .dp import DPConfig
 from .export import compare_clients_loo, to_inference_data
+from .failures import ClientFailureError
 from .families import ClosedFormFamily, InverseWishart, NIWDiag, NIWFull, NIWIso, NormalNormal
 from .guides import GuideError
 from .laplace import LaplaceLocalNormal
@@ -42,6 +43,7 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
 __all__ = [
     "AutoSplineMultivariateNormal",
     "Client",
+    "ClientFailureError",
     "ClientFailureWarning",
     "ClosedFormFamily",
     "ConvergenceWarning",

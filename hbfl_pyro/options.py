@@ -186,6 +186,7 @@ FEDERATED_SVI: Dict[str, Rule] = {
     "seed": integer(0, hint="every random choice derives from it; give e.g. seed=0"),
     "plate": Rule("text"),
     "on_message": Rule("callable", optional=True),
+    "on_client_failure": choice("raise", "drop"),
 }
 
 #: :meth:`~hbfl_pyro.FederatedSVI.run`'s options. ``rounds=0`` runs no round (a resumed

@@ -28,6 +28,7 @@ from .dp import DPConfig
 from .elbo import server_term, with_particles
 from .engines import ENGINES, SECOND_ORDER_ENGINES, BatchedMarginalEngine
 from .engines.batched_marginal import batched_local_draws
+from .failures import ClientFailureError, failing_clients, failure_message
 from .families.base import ClosedFormFamily
 from .families.normal import NormalNormal
 from .guides import build_global_guide, private_params
@@ -96,10 +97,14 @@ def _choose_family(
     return family
 
 
-def _second_order_obstacle(model, structure, data, given, dp, fraction) -> Optional[str]:
+def _second_order_obstacle(
+    model, structure, data, given, dp, fraction, drop=False
+) -> Optional[str]:
     """Why the second-order server does not apply, or ``None`` when it does."""
     if given:
         return f"first-order options were given ({', '.join(sorted(given))})"
+    if drop:
+        return "on_client_failure='drop': it needs every client's reply every round"
     if dp is not None:
         return "differential privacy needs clipped first-order replies"
     if fraction != 1.0:
@@ -185,6 +190,11 @@ class FederatedSVI:
         default of first-order servers) or ``"vectorised"`` (a round's clients in one
         batched computation, for simulations; the default of the second-order server).
     :param on_message: hook ``(direction, client, message)`` called on every message.
+    :param on_client_failure: ``"raise"`` (default): a client whose replies fail
+        :data:`~hbfl_pyro.failures.MAX_FAILED_ROUNDS` rounds in a row, or that never sends
+        a usable reply, stops the fit with :class:`~hbfl_pyro.failures.ClientFailureError`
+        naming it; ``"drop"``: the fit goes on without it and :attr:`verdict` names the
+        clients whose data are not in the posterior (first-order servers only).
     :param dp: a :class:`~hbfl_pyro.dp.DPConfig` for client-level differential privacy:
         clients clip their replies and send no ELBO, the server adds Gaussian noise to each
         round's sum; :attr:`privacy` and each history record report ``epsilon, delta``.
@@ -241,6 +251,7 @@ class FederatedSVI:
         engine: Optional[str] = None,
         on_message=None,
         dp=None,
+        on_client_failure: str = "raise",
     ):
         # Every option with a fixed range first (hbfl_pyro.options is the table).
         checked = check_options(
@@ -264,6 +275,7 @@ class FederatedSVI:
                 seed=seed,
                 plate=plate,
                 on_message=on_message,
+                on_client_failure=on_client_failure,
             ),
             OPTIONS,
         )
@@ -282,6 +294,7 @@ class FederatedSVI:
         server_particles, moment_matched = checked["server_particles"], checked["moment_matched"]
         tol, psis_draws, local_draws = checked["tol"], checked["psis_draws"], checked["local_draws"]
         seed = checked["seed"]
+        self.on_client_failure = checked["on_client_failure"]
         self.model = model
         if not callable(model):
             raise TypeError(
@@ -370,7 +383,7 @@ class FederatedSVI:
                     f"(got {sorted(given)}); drop them, or use server='gradient'"
                 )
             obstacle = _second_order_obstacle(
-                self.model, self.structure, self.data, {}, dp, fraction
+                self.model, self.structure, self.data, {}, dp, fraction, self._drops
             )
             if obstacle is not None:
                 raise ModelStructureError(
@@ -386,7 +399,7 @@ class FederatedSVI:
         ):
             return {"server": "first_order", "reason": "a conjugate family solves the server"}
         obstacle = _second_order_obstacle(
-            self.model, self.structure, self.data, given, dp, fraction
+            self.model, self.structure, self.data, given, dp, fraction, self._drops
         )
         if obstacle is None:
             return {
@@ -508,7 +521,14 @@ class FederatedSVI:
         record["seconds"] = time.perf_counter() - start
         self.round = server_round
         self.history.append(record)
+        stuck = failing_clients(self.history)
+        if stuck and not self._drops:
+            raise ClientFailureError(failure_message(server_round, stuck))
         return record
+
+    @property
+    def _drops(self) -> bool:
+        return self.on_client_failure == "drop"
 
     def run(
         self,
@@ -541,6 +561,9 @@ class FederatedSVI:
                 bar.set_postfix(elbo=f"{record['elbo']:.3f}", clients=len(record["clients"]))
                 if on_round is not None:
                     on_round(record)
+            never = failing_clients(self.history, final=True)
+            if never and not self._drops:
+                raise ClientFailureError(failure_message(self.round, never, final=True))
             return self.history
         cap = MAX_ROUNDS if rounds is None else rounds
         first = self.round
@@ -573,7 +596,11 @@ class FederatedSVI:
         their status is ``"not checked"``."""
         if self.server.mode == "second_order":
             return dict(self.server.verdict)
-        return {"status": "not checked", "rounds": self.round}
+        verdict = {"status": "not checked", "rounds": self.round}
+        dropped = failing_clients(self.history, final=True)
+        if dropped:  # only with on_client_failure="drop": otherwise the fit stopped
+            verdict["dropped_clients"] = dropped
+        return verdict
 
     @property
     def privacy(self) -> Optional[Dict]:

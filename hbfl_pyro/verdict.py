@@ -70,6 +70,12 @@ def verdict_problems(verdict: Dict) -> List[str]:
             "close to this posterior. Do not use it as it stands: reparametrise the model, "
             "or fit with --server gradient --guide spline+laplace and compare."
         )
+    dropped = verdict.get("dropped_clients")
+    if dropped:
+        problems.append(
+            f"client(s) {dropped} kept failing and were dropped (on_client_failure='drop'): "
+            "their data are NOT in this posterior."
+        )
     unevaluated = verdict.get("unevaluated_draws", 0.0)
     if unevaluated > 0.01:
         problems.append(

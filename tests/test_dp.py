@@ -379,7 +379,17 @@ def test_a_reply_with_a_wrong_public_count_is_left_out():
 
     data = normal_normal.load_data(num_clients=3)
     dp = DPConfig(clip=5.0, noise_multiplier=1.0)
-    fit = FederatedSVI(normal_normal.model, data, local_steps=1, dp=dp, on_message=tamper)
+    # Opted in to dropping it: otherwise a client that never sends a usable reply stops
+    # the fit (tests/test_client_failures.py).
+    fit = FederatedSVI(
+        normal_normal.model,
+        data,
+        local_steps=1,
+        dp=dp,
+        on_message=tamper,
+        on_client_failure="drop",
+    )
     with pytest.warns(ClientFailureWarning, match="client01.*public 'count' is not 1"):
         fit.run(1, progress=False)
     assert "client01" not in fit.server.stale and len(fit.server.stale) == 2
+    assert fit.verdict["dropped_clients"] == ["client01"]

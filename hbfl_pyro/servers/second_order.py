@@ -44,6 +44,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_mean
 from torch.func import grad_and_value, hessian, vmap
 
 from ..elbo import site_log_prob
+from ..failures import ClientFailureError
 from ..seeding import derive_seed, seeded
 from ..structure import ModelStructure
 from ..unconstrained import GlobalLayout
@@ -291,7 +292,7 @@ class SecondOrderServer(ServerStrategy):
                 self.failures[name] = self.failures.get(name, 0) + 1
         stuck = sorted(n for n, k in self.failures.items() if k >= self.max_failures)
         if stuck:
-            raise RuntimeError(
+            raise ClientFailureError(
                 f"round {server_round}: client(s) {stuck} failed {self.max_failures} rounds in "
                 "a row; every client's data must be in a second-order fit (the server sums "
                 "over all of them). Check those clients' data against the model"

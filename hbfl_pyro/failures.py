@@ -1,0 +1,74 @@
+"""Clients that keep failing: found from a fit's history, then refused or reported.
+
+A client whose replies keep failing (its data outside what the model can evaluate, a
+crash in its code) would otherwise be left out of round after round, and the fit would
+end "successfully" without its data. :func:`failing_clients` reads the history records'
+``clients`` (good replies) and ``failed`` lists, so checkpoints need no extra state; the
+fit raises :class:`ClientFailureError` naming them, unless the user opted in to dropping
+them (``on_client_failure="drop"``), and then the verdict names them.
+
+Example::
+
+    >>> history = [
+    ...     {"clients": ["a", "b"], "failed": ["c"]},
+    ...     {"clients": ["a"], "failed": ["b", "c"]},
+    ...     {"clients": ["a", "b"], "failed": ["c"]},
+    ... ]
+    >>> failing_clients(history)
+    ['c']
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+#: A client whose replies fail this many rounds in a row (rounds it took part in) stops
+#: the fit, or is dropped with ``on_client_failure="drop"``.
+MAX_FAILED_ROUNDS = 3
+
+
+class ClientFailureError(RuntimeError):
+    """Some clients kept failing: their data would be missing from the posterior."""
+
+
+def failing_clients(
+    history: Sequence[Dict], rounds_in_a_row: int = MAX_FAILED_ROUNDS, final: bool = False
+) -> List[str]:
+    """Clients whose last ``rounds_in_a_row`` rounds (among those they took part in) all
+    failed; with ``final``, also every client that took part and never succeeded (the
+    fit is over: their data are in no round)."""
+    streak: Dict[str, int] = {}
+    succeeded = set()
+    for record in history:
+        for name in record.get("clients", ()):
+            streak[name] = 0
+            succeeded.add(name)
+        for name in record.get("failed", ()):
+            streak[name] = streak.get(name, 0) + 1
+    stuck = {name for name, count in streak.items() if count >= rounds_in_a_row}
+    if final:
+        stuck |= set(streak) - succeeded
+    return sorted(stuck)
+
+
+def failure_message(server_round: int, clients: Sequence[str], final: bool = False) -> str:
+    """Why the fit stopped, naming the clients and the two ways on."""
+    what = (
+        "took part and never sent a usable reply"
+        if final
+        else f"failed {MAX_FAILED_ROUNDS} rounds in a row"
+    )
+    return (
+        f"round {server_round}: client(s) {list(clients)} {what}; their data would be "
+        "missing from the posterior. Check those clients' data against the model (the "
+        "ClientFailureWarnings above give each error), or pass on_client_failure='drop' "
+        "to fit without them (the verdict then names them)"
+    )
+
+
+__all__ = [
+    "MAX_FAILED_ROUNDS",
+    "ClientFailureError",
+    "failing_clients",
+    "failure_message",
+]
