@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"exit with status {EXIT_UNTRUSTWORTHY} (after writing every file) when the "
         "verdict says the posterior is not trustworthy or not checked: a failed convergence "
-        "or PSIS check, and any first-order fit (no stopping rule)",
+        "or PSIS check, or a first-order fit no PSIS check covers (closed form)",
     )
     return parser
 

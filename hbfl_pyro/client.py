@@ -205,6 +205,27 @@ class Client:
             self._load_global(message)
             return float(self._terms(message, num_particles).sum())
 
+    def psis_log_ratios(self, message, global_values, num_draws: int) -> torch.Tensor:
+        """This client's share of the PSIS check of a gradient-mode fit: for each of the
+        server's draws ``phi_s`` (``global_values``), one draw ``theta ~ q_i(theta | phi_s)``
+        and ``log p(theta, D_i | phi_s) - log q_i(theta | phi_s)``: shape ``(num_draws,)``,
+        one number per draw (an unbiased estimate of ``p(D_i | phi_s)`` once exponentiated).
+        """
+        with private_params(), torch.no_grad(), seeded(message["seed"]):
+            self._load_global(message)
+            terms = client_terms(
+                self._model,
+                self.global_guide,
+                self.local_guide,
+                self._batch,
+                self._structure,
+                1,
+                num_draws,
+                global_values=global_values,
+                per_particle=True,
+            )
+        return terms[:, 0]
+
     def _load_global(self, message) -> None:
         if self._family is None:
             self.global_guide.load_state_dict(message["global_params"])

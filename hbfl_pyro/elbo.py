@@ -76,15 +76,30 @@ def _axis(log_p: torch.Tensor, site, plate: str) -> Optional[int]:
     return None
 
 
-def _reduce(log_p: torch.Tensor, site, plate: Optional[str], num_clients: int) -> torch.Tensor:
-    """Sum ``log_p`` over every dim but the clients plate; average over particles."""
+def _reduce(
+    log_p: torch.Tensor, site, plate: Optional[str], num_clients: int, per_particle=False
+) -> torch.Tensor:
+    """Sum ``log_p`` over every dim but the clients plate; average over particles (or, with
+    ``per_particle``, keep them as the first axis)."""
     p_axis = _axis(log_p, site, PARTICLE_PLATE)
     c_axis = _axis(log_p, site, plate) if plate is not None else None
     keep = [a for a in (p_axis, c_axis) if a is not None]
     drop = [d for d in range(log_p.dim()) if d not in keep]
     summed = log_p.sum(drop) if drop else log_p  # (torch sums everything for dim=[])
-    if p_axis is not None:
+    if p_axis is not None and not per_particle:
         summed = summed.mean(0)
+    if per_particle:
+        if p_axis is None:  # a site without the particle axis: the same in every particle
+            summed = summed.unsqueeze(0)
+        if plate is None:
+            return summed
+        summed = summed.reshape(summed.shape[0], -1)
+        if summed.shape[1] != num_clients:
+            raise ValueError(
+                f"site {site['name']!r}: expected {num_clients} client values, got shape "
+                f"{tuple(summed.shape)}"
+            )
+        return summed
     if plate is None:
         return summed
     if c_axis is None:
@@ -119,6 +134,8 @@ def client_terms(
     family: Optional[ClosedFormFamily] = None,
     family_params=None,
     moment_matched: bool = False,
+    global_values: Optional[Dict[str, torch.Tensor]] = None,
+    per_particle: bool = False,
 ) -> torch.Tensor:
     """The clients' ELBO terms, a vector of length ``num_clients``.
 
@@ -130,12 +147,24 @@ def client_terms(
         towards ``log q_i``.
     :param batch: the collated data of these clients.
     :param moment_matched: use moment-matched guide noise (see :mod:`hbfl_pyro.noise`).
+    :param global_values: the global sites' values, one per particle (as
+        :func:`server_log_ratios` draws them): the global guide is held at them.
+    :param per_particle: return ``(num_particles, num_clients)``, one log-ratio
+        ``log p(theta_i, D_i | phi) - log q_i(theta_i | phi)`` per particle, instead of
+        their average.
     """
     nesting = structure.max_plate_nesting
     guide_trace = Trace()
     if global_guide is not None:
+        if global_values is not None:
+            global_guide = poutine.condition(global_guide, data=global_values)
         global_guide = with_particles(global_guide, num_particles, nesting, moment_matched)
         guide_trace = poutine.trace(global_guide).get_trace(batch)
+        if global_values is not None:
+            # Held values are draws of q(phi) made by the server, not data: replay needs
+            # them as sampled sites.
+            for name in global_values:
+                guide_trace.nodes[name]["is_observed"] = False
     if getattr(local_guide, "needs_globals", False):
         # A structured factor q_i(theta_i | phi) reads this draw of the global sites.
         values = {name: guide_trace.nodes[name]["value"] for name in structure.global_sites}
@@ -148,12 +177,13 @@ def client_terms(
     model = with_particles(model, num_particles, nesting)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
     total = 0.0
+    reduce = partial(_reduce, plate=structure.plate, num_clients=num_clients)
     for name in structure.local_sites + structure.observed_sites:
         site = model_trace.nodes[name]
         log_p = site_log_prob(site, family, family_params)
-        total = total + _reduce(log_p, site, structure.plate, num_clients)
+        total = total + reduce(log_p, site, per_particle=per_particle)
     for site in _guide_sites(local_trace):
-        total = total - _reduce(site_log_prob(site), site, structure.plate, num_clients)
+        total = total - reduce(site_log_prob(site), site, per_particle=per_particle)
     return total
 
 
@@ -170,6 +200,23 @@ def server_term(
     The model runs on a data-free placeholder input (validation has shown the global
     sites' priors do not depend on client data); only the global sites are read.
     """
+    ratios, _ = server_log_ratios(
+        model, global_guide, placeholder, structure, num_particles, moment_matched
+    )
+    return ratios.mean(0)
+
+
+def server_log_ratios(
+    model: Callable,
+    global_guide: Callable,
+    placeholder: Dict[str, torch.Tensor],
+    structure: ModelStructure,
+    num_particles: int = 1,
+    moment_matched: bool = False,
+):
+    """``num_particles`` draws ``phi_s ~ q(phi)`` and their ``log p(phi_s) - log q(phi_s)``:
+    ``((num_particles,), {global site: value})``, the values shaped as inside the particle
+    plate (what :func:`client_terms`'s ``global_values`` takes)."""
     guide = with_particles(global_guide, num_particles, structure.max_plate_nesting, moment_matched)
     model = with_particles(model, num_particles, structure.max_plate_nesting)
     guide_trace = poutine.trace(guide).get_trace(placeholder)
@@ -179,7 +226,8 @@ def server_term(
     total = 0.0
     for name in structure.global_sites:
         site = model_trace.nodes[name]
-        total = total + _reduce(site_log_prob(site), site, None, 0)
+        total = total + _reduce(site_log_prob(site), site, None, 0, per_particle=True)
     for site in _guide_sites(guide_trace):
-        total = total - _reduce(site_log_prob(site), site, None, 0)
-    return total
+        total = total - _reduce(site_log_prob(site), site, None, 0, per_particle=True)
+    values = {name: guide_trace.nodes[name]["value"] for name in structure.global_sites}
+    return total, values

@@ -36,11 +36,13 @@ from .laplace_marginal import MarginalClient
 from .options import FEDERATED_SVI as OPTIONS
 from .options import RUN as RUN_OPTIONS
 from .options import check as check_options
+from .psis_check import psis_check
 from .seeding import derive_seed, seeded
 from .server import Server
 from .servers.second_order import DEFAULT_LOCAL_DRAWS, ConvergenceWarning, SecondOrderServer
 from .structure import ModelStructure, ModelStructureError, discover_structure
 from .unconstrained import GlobalLayout
+from .verdict import K_HAT_GOOD
 
 #: The options of the first-order servers (local SVI steps, Adam step sizes, particles)
 #: and their defaults. Giving any of them asks for a first-order server; the
@@ -593,14 +595,30 @@ class FederatedSVI:
         """How the fit ended: ``status`` (``"converged"``, ``"max rounds reached"``,
         ``"diverged"`` or ``"running"``), ``rounds``, and after the PSIS round ``k_hat``
         and ``reliable`` (k-hat < 0.7). First-order servers have no stopping rule yet:
-        their status is ``"not checked"``."""
+        their status is ``"not checked"``; in gradient mode the verdict still carries the
+        PSIS check of the joint approximation at the current round (``k_hat``,
+        ``reliable``; :mod:`hbfl_pyro.psis_check`, computed once per round when asked).
+        ``dropped_clients`` names clients left out with ``on_client_failure="drop"``."""
         if self.server.mode == "second_order":
             return dict(self.server.verdict)
         verdict = {"status": "not checked", "rounds": self.round}
+        if self.server.mode == "gradient" and self.round > 0:
+            verdict.update(self._joint_check())
         dropped = failing_clients(self.history, final=True)
         if dropped:  # only with on_client_failure="drop": otherwise the fit stopped
             verdict["dropped_clients"] = dropped
         return verdict
+
+    def _joint_check(self) -> Dict:
+        """The PSIS check of a gradient-mode fit at its current round (computed once per
+        round: :func:`~hbfl_pyro.psis_check.psis_check`)."""
+        cached = getattr(self, "_checked", None)
+        if cached is None or cached[0] != self.round:
+            check = psis_check(self)
+            # q's own moments are what a first-order fit reports: "good" k-hat needed.
+            check["reliable"] = check["k_hat"] < K_HAT_GOOD and check["unevaluated_draws"] <= 0.01
+            self._checked = (self.round, check)
+        return dict(self._checked[1])
 
     @property
     def privacy(self) -> Optional[Dict]:
