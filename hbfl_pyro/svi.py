@@ -614,9 +614,15 @@ class FederatedSVI:
         round: :func:`~hbfl_pyro.psis_check.psis_check`)."""
         cached = getattr(self, "_checked", None)
         if cached is None or cached[0] != self.round:
-            check = psis_check(self)
-            # q's own moments are what a first-order fit reports: "good" k-hat needed.
-            check["reliable"] = check["k_hat"] < K_HAT_GOOD and check["unevaluated_draws"] <= 0.01
+            try:
+                check = psis_check(self)
+            except Exception as exc:  # a guide the check cannot hold at given globals
+                check = {"check_error": f"{type(exc).__name__}: {exc}"[:300]}
+            else:
+                # q's own moments are what a first-order fit reports: a "good" k-hat.
+                check["reliable"] = (
+                    check["k_hat"] < K_HAT_GOOD and check["unevaluated_draws"] <= 0.01
+                )
             self._checked = (self.round, check)
         return dict(self._checked[1])
 

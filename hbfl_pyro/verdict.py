@@ -72,6 +72,12 @@ def verdict_problems(verdict: Dict) -> List[str]:
                 "rounds, try a richer --guide, or drop the first-order options so that the "
                 "second-order server runs where it applies."
             )
+    elif status == "not checked" and verdict.get("check_error"):
+        problems.append(
+            "the PSIS check of this first-order fit could not run "
+            f"({verdict['check_error']}), and there is no stopping rule: compare it with "
+            "--compare-pooled before use."
+        )
     elif status == "not checked":
         problems.append(
             "no convergence check ran: first-order servers have no stopping rule yet, so "
