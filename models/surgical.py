@@ -78,11 +78,11 @@ def noncentered(data):
 # within 0.22 reference sd, while on the non-centred model it understates sigma (z ~ -0.4).
 model = centered
 
-#: Defaults for ``hbfl fit``, the settings of ``tests/test_zoo.py``: measured to reach the
-#: pooled-SVI (mean-field) optimum of the non-centred model, which needs more rounds than
+#: The mean-field settings (``hbfl fit --guide mean-field``, ``tests/test_zoo.py``), measured to
+#: reach the pooled-SVI (mean-field) optimum of the non-centred model, which needs more rounds than
 #: the centred one (the location ``mu`` and the 12 ``b_raw`` move together along a ridge).
 ROUNDS = 500
-fit_options = {
+MEAN_FIELD = {
     "rounds": ROUNDS,
     "local_steps": 2,
     "local_lr": 0.2,
@@ -95,7 +95,7 @@ fit_options = {
     "engine": "vectorised",
 }
 
-#: Settings per guide family (``hbfl fit --guide FAMILY``), overriding ``fit_options``: the
+#: Settings per guide family (``hbfl fit --guide FAMILY``), over the mean-field settings: the
 #: richer families have more parameters per client and a flatter ELBO near the optimum, so
 #: they run longer, settle with a 100-fold decay of both step sizes and average over 32
 #: particles. Measured (``benchmarks/zoo_fidelity.py``, seed 0, centred model):
@@ -116,8 +116,18 @@ _RICH = {
 #: max |z| 0.07 with sd ratios 0.93-1.01, federated vs pooled VI 0.025 pooled sd;
 #: full+laplace 0.04 with 0.87-0.88.
 _LAPLACE = {**_RICH, "rounds": 300}
+#: No ``fit_options``: ``hbfl fit models/surgical.py`` runs the library's defaults (the second-
+#: order server, nothing to tune). Measured with defaults only
+#: (``benchmarks/results/tuning_free.md``): surgical centred and non-centred: 8 Newton rounds,
+#: every mean within 0.06 NUTS sd, sd ratios 0.90-1.05. The first-order families keep the settings
+#: above (``--guide FAMILY``): first-order servers need step sizes, and these were measured to
+#: reach the pooled-SVI optimum.
 guide_options = {
-    **{family: _RICH for family in ("structured", "full-rank", "low-rank", "full+struct")},
-    "laplace": _LAPLACE,
-    "full+laplace": _LAPLACE,
+    "mean-field": MEAN_FIELD,
+    **{
+        family: {**MEAN_FIELD, **_RICH}
+        for family in ("structured", "full-rank", "low-rank", "full+struct")
+    },
+    "laplace": {**MEAN_FIELD, **_LAPLACE},
+    "full+laplace": {**MEAN_FIELD, **_LAPLACE},
 }

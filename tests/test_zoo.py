@@ -3,9 +3,9 @@
 - Structure: every zoo model splits into the expected global, local, observed (and
   deterministic) sites, with the expected globals inside the likelihood, and runs in the
   expected server mode.
-- Surgical and seeds (external references, evaluation.md §A.4): each file's
-  ``fit_options`` fit, both parametrisations, against the NumPyro NUTS summaries in
-  ``../shared/data/reference_posteriors``. Every parameter's
+- Surgical and seeds (external references, evaluation.md §A.4): each file's mean-field
+  fit (``guide_options["mean-field"]``), both parametrisations, against the NumPyro NUTS
+  summaries in ``../shared/data/reference_posteriors``. Every parameter's
   ``z = (mean_VI - mean_ref) / sd_ref`` and ``sd_VI / sd_ref`` goes to the fidelity report,
   with max and median ``|z|`` over the global and over the local parameters. The asserted
   bounds are what the mean-field family reaches here (measured against long pooled-SVI
@@ -17,7 +17,9 @@
 - Sleepstudy: correlated random effects with an LKJ prior run in gradient mode, and the
   fixed effects land within 2 standard errors of lme4's estimates.
 
-Every fit uses the model file's own ``fit_options`` (what ``hbfl fit`` runs).
+Every fit uses the model file's own first-order settings (``fit_options``, or
+``guide_options["mean-field"]`` where the file's default is the second-order server,
+whose fits are in ``benchmarks/tuning_free.py`` and ``tests/test_second_order.py``).
 """
 
 import json
@@ -42,8 +44,11 @@ SEEDS_GLOBALS = ALPHAS + ("sigma",)
 
 
 def _fit(module, variant="model", **overrides):
-    """The model file's ``fit_options`` fit (seed 0); returns the fit and its seconds."""
-    options, rounds = fit_settings(module.fit_options)
+    """The model file's mean-field fit (seed 0): its ``fit_options``, or where the file has
+    none (its default is the second-order server) its ``guide_options["mean-field"]``;
+    returns the fit and its seconds."""
+    settings = getattr(module, "fit_options", None) or module.guide_options["mean-field"]
+    options, rounds = fit_settings(settings)
     options.update(overrides)
     fit = FederatedSVI(getattr(module, variant), module.load_data(), seed=0, **options)
     start = time.perf_counter()
