@@ -112,6 +112,7 @@ _SVI_FLAGS = {
     "server": "server",
     "num_particles": "num_particles",
     "engine": "engine",
+    "on_client_failure": "on_client_failure",
 }
 DEFAULT_ROUNDS = 100
 
@@ -284,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how simulated clients run: inprocess (one after another, the reference), "
         "vectorised (a round's clients in one batched computation) or flower-sim (Flower's "
         f"simulation engine; needs hbfl_pyro[flower]) (default: {d['engine']})",
+    )
+    fit.add_argument(
+        "--on-client-failure",
+        choices=("raise", "drop"),
+        help="a client whose replies fail 3 rounds in a row, or never succeed: raise (stop "
+        "with an error naming it) or drop (go on without it; the verdict and report name the "
+        "clients whose data are not in the posterior; first-order servers only) "
+        "(default: raise)",
     )
     fit.add_argument(
         "--pointwise",

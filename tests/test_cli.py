@@ -42,6 +42,7 @@ FLAGS = [
     "--num-particles",
     "--num-samples",
     "--engine",
+    "--on-client-failure",
     "--pointwise",
     "--marginal-draws",
     "--no-report",
@@ -666,3 +667,29 @@ def test_quiet_fit_prints_no_third_party_warning(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("verdict: converged in")
     assert lines[1:] == [f"wrote {out / name}" for name in ("summary.csv",) + REPORT_FILES]
+
+
+def test_on_client_failure_reaches_the_fit(tmp_path, capsys, monkeypatch):
+    """--on-client-failure drop goes to FederatedSVI (first-order servers only: with the
+    second-order server it is refused, naming the option); a bad value is a usage error."""
+    import functools
+
+    from hbfl_pyro import FederatedSVI
+
+    seen = {}
+    original = FederatedSVI.__init__
+
+    @functools.wraps(original)  # (the CLI's --help reads the signature's defaults)
+    def init(self, model, data, **options):
+        seen.update(options)
+        original(self, model, data, **options)
+
+    monkeypatch.setattr(FederatedSVI, "__init__", init)
+    argv = ["fit", "models/normal_normal.py", "--rounds", "1", "--local-steps", "1"]
+    argv += ["--no-report", "--no-progress", "-q", "--out", str(tmp_path)]
+    assert main(argv + ["--on-client-failure", "drop"]) == 0
+    assert seen["on_client_failure"] == "drop"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--on-client-failure", "ignore"])
+    assert exit_info.value.code == 2
