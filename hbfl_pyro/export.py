@@ -441,15 +441,26 @@ def _build(fit, num_samples: int, seed: int, pointwise: bool, marginal_draws: in
             "seconds": np.array([r.get("seconds", np.nan) for r in history], dtype=np.float64),
         }
     from . import __version__
+    from .verdict import verdict_lines
 
+    verdict = fit.verdict
+    draws = (
+        "PSIS-resampled draws of the globals' posterior (the second-order server's corrected "
+        "q(z)), each client's locals resampled from importance draws at each"
+        if fit.server.mode == "second_order"
+        else "independent draws of the variational posterior q(phi) prod_i q_i(theta_i)"
+    )
     attrs = {
         "inference_library": "hbfl_pyro",
         "inference_library_version": __version__,
         "pyro_version": str(pyro.__version__),
         "torch_version": str(torch.__version__),  # a str subclass h5py rejects
         "inference_method": "federated SVI (FedHB)",
-        "draws": "independent draws of the variational posterior q(phi) prod_i q_i(theta_i)",
+        "draws": draws,
         "server_mode": fit.server.mode,
+        # How the fit ended, as the CLI and report.md say it (issue 13): status and k-hat.
+        "verdict": verdict_lines(verdict)[0],
+        "verdict_status": str(verdict.get("status")),
         "rounds": int(fit.round),
         "fit_seed": int(fit.seed),
         "draws_seed": int(seed),
@@ -461,6 +472,9 @@ def _build(fit, num_samples: int, seed: int, pointwise: bool, marginal_draws: in
             else "per_client_sum"
         ),
     }
+    if verdict.get("k_hat") is not None:
+        attrs["verdict_k_hat"] = float(verdict["k_hat"])
+        attrs["verdict_reliable"] = int(bool(verdict.get("reliable")))  # netCDF: no bools
     return _Export(groups, {CLIENT_DIM: names}, attrs, elbo_history)
 
 

@@ -104,6 +104,15 @@ def test_eight_schools_groups_dims_and_client_values(eight_schools_fit):
     np.testing.assert_array_equal(again.posterior_predictive["y"], pp)
 
 
+def test_the_verdict_and_its_k_hat_are_exported(eight_schools_fit):
+    idata = to_inference_data(eight_schools_fit, num_samples=N, seed=3)
+    attrs = idata.posterior.attrs
+    verdict = eight_schools_fit.verdict  # gradient mode: its PSIS check
+    assert attrs["verdict_k_hat"] == pytest.approx(verdict["k_hat"])
+    assert attrs["verdict_reliable"] == int(verdict["reliable"])
+    assert "k-hat" in attrs["verdict"]
+
+
 def test_arviz_functions_work(eight_schools_fit):
     idata = to_inference_data(eight_schools_fit, num_samples=N)
     table = az.summary(idata, kind="stats")
@@ -163,6 +172,9 @@ def test_netcdf_round_trip(normal_normal_fit, tmp_path):
     )
     np.testing.assert_array_equal(back.elbo_history["elbo"], idata.elbo_history["elbo"])
     assert back.posterior.attrs["inference_library"] == "hbfl_pyro"
+    # The verdict travels with the draws (closed form: no check ran, and it says so).
+    assert back.posterior.attrs["verdict_status"] == "not checked"
+    assert back.posterior.attrs["verdict"].startswith("2 rounds run")
     back.close()
 
 
