@@ -44,10 +44,10 @@ from hbfl_pyro.modelfile import fit_settings  # noqa: E402
 from hbfl_pyro.pooled import joint_guide_of, pooled_elbo  # noqa: E402
 from hbfl_pyro.seeding import seeded  # noqa: E402
 
-# Federated configurations: the model file's fit_options, and honest variations of them
+# Federated configurations: the model file's mean-field settings, and honest variations of them
 # (rounds, local steps, step sizes), each with its decay spread over its own rounds.
 CONFIGS = {
-    "default": {},  # radon.fit_options: 250 rounds, 3 local steps
+    "default": {},  # radon.guide_options["mean-field"]: 250 rounds, 3 local steps
     "150 rounds": {"rounds": 150},
     "100 rounds, 5 local": {"rounds": 100, "local_steps": 5},
     "100 rounds, lr 0.3": {"rounds": 100, "server_lr": 0.3, "local_lr": 0.15},
@@ -62,7 +62,7 @@ CONFIGS = {
 
 def _options(config):
     # The file states its decays over the run: fit_settings spreads them over `rounds`.
-    options, rounds = fit_settings({**radon.fit_options, **config})
+    options, rounds = fit_settings({**radon.guide_options["mean-field"], **config})
     options["engine"] = "vectorised"
     return options, rounds
 
