@@ -24,15 +24,17 @@ from .dp import DPConfig
 from .export import compare_clients_loo, to_inference_data
 from .failures import ClientFailureError
 from .families import ClosedFormFamily, InverseWishart, NIWDiag, NIWFull, NIWIso, NormalNormal
-from .guides import GuideError
-from .laplace import LaplaceLocalNormal
+from .guides import (
+    AutoSplineMultivariateNormal,
+    GuideError,
+    LaplaceLocalNormal,
+    StructuredLocalNormal,
+)
 from .laplace_marginal import LaplaceMarginal, MarginalClient
 from .predict import new_client_predictive, personalise
 from .server import ClientFailureWarning, Server
 from .servers import ConvergenceWarning, SecondOrderServer, ServerStrategy
-from .spline_guide import AutoSplineMultivariateNormal
 from .structure import ModelStructure, ModelStructureError, discover_structure
-from .structured import StructuredLocalNormal
 from .svi import FederatedSVI
 
 try:

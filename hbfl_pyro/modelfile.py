@@ -15,7 +15,7 @@ The protocol (what ``hbfl fit`` reads):
   ``local_lr_decay_over_run``: the factor by which the step size falls over the whole run,
   spread over however many rounds are run (``hbfl fit --rounds`` keeps the schedule's shape).
 * ``guide_options`` -- optional: ``{family: dict}``, settings for a named guide family
-  (:data:`~hbfl_pyro.guides.GUIDE_FAMILIES`: ``"structured"``, ``"full-rank"``, ...) that
+  (:data:`~hbfl_pyro.guides.build.GUIDE_FAMILIES`: ``"structured"``, ``"full-rank"``, ...) that
   override entries of ``fit_options`` when that family is chosen (``hbfl fit --guide
   structured``; ``load_model_file(..., guide="structured")``). Richer guides usually need
   more rounds or smaller server steps than the mean-field settings.
@@ -284,7 +284,7 @@ def load_model_file(
 
     :param spec: the file's path, optionally with a ``:NAME`` suffix choosing the model.
     :param attribute: the model's name in the file; overrides a suffix of ``spec``.
-    :param guide: a guide family's name (:func:`~hbfl_pyro.guides.guide_family`): its
+    :param guide: a guide family's name (:func:`~hbfl_pyro.guides.build.guide_family`): its
         guides replace the file's, and the file's ``guide_options[guide]`` (if any) its
         ``fit_options``.
     :returns: a :class:`ModelFile`.

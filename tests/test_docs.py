@@ -31,6 +31,7 @@ PUBLIC_PACKAGES = (
     "hbfl_pyro.engines",
     "hbfl_pyro.families",
     "hbfl_pyro.flower",
+    "hbfl_pyro.guides",
     "hbfl_pyro.servers",
 )
 

@@ -13,7 +13,7 @@ Both apps read the same *run config* (Flower's ``context.run_config``, overridde
     federated rounds (-1: the file's ``fit_options["rounds"]``, else 100).
 ``guide``
     a guide family's name (``"structured"``, ``"full-rank"``, ...; see
-    :func:`~hbfl_pyro.guides.guide_family`) with the file's ``guide_options`` for it;
+    :func:`~hbfl_pyro.guides.build.guide_family`) with the file's ``guide_options`` for it;
     ``""`` keeps the file's own guides.
 ``secagg``
     route the clients' closed-form summaries through Flower's SecAgg+ protocol, so the

@@ -55,8 +55,8 @@ from pyro.nn import PyroModule
 from torch.distributions import biject_to
 from torch.distributions.utils import _sum_rightmost
 
-from .elbo import site_log_prob
-from .structure import ModelStructure
+from ..elbo import site_log_prob
+from ..structure import ModelStructure
 
 #: Above this many local values per client the D x D curvature is too costly to form.
 MAX_LOCAL_SIZE = 32

@@ -20,7 +20,7 @@ location within its bound (a plain spline flow on eight schools left ``mu`` 1 sd
 Example::
 
     >>> import torch, pyro, pyro.distributions as dist
-    >>> from hbfl_pyro.spline_guide import AutoSplineMultivariateNormal
+    >>> from hbfl_pyro.guides import AutoSplineMultivariateNormal
     >>> def model():
     ...     pyro.sample("scale", dist.LogNormal(0.0, 1.0))
     >>> with pyro.settings.context(module_local_params=True):

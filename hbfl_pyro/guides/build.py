@@ -34,10 +34,10 @@ from pyro.infer.autoguide.initialization import init_to_feasible
 from pyro.nn import PyroModule
 from pyro.poutine.util import site_is_subsample
 
-from .data import num_clients
+from ..data import num_clients
+from ..structure import ModelStructure
 from .laplace import LaplaceLocalNormal
-from .spline_guide import AutoSplineMultivariateNormal
-from .structure import ModelStructure
+from .spline import AutoSplineMultivariateNormal
 from .structured import StructuredLocalNormal
 
 # Every family starts where AutoNormal starts (init_to_feasible): the correlated autoguides'

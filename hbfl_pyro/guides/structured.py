@@ -39,7 +39,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch.distributions import biject_to
 from torch.distributions.utils import _sum_rightmost
 
-from .structure import ModelStructure
+from ..structure import ModelStructure
 
 
 class StructuredLocalNormal(PyroModule):
