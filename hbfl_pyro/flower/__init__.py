@@ -31,7 +31,7 @@ _LAZY = {
     "HBFLStrategy": "apps",
     "client_app": "apps",
     "server_app": "apps",
-    "RUN_CONFIG_DEFAULTS": "apps",
+    "RUN_CONFIG_DEFAULTS": "config",
     "simulate": "simulation",
     "load_result": "simulation",
 }

@@ -1,7 +1,7 @@
 """The Flower ``ServerApp`` and ``ClientApp`` of a model file.
 
 Both apps read the same *run config* (Flower's ``context.run_config``, overridden by the
-``run_config`` given to the factory; keys in :data:`RUN_CONFIG_DEFAULTS`):
+``run_config`` given to the factory; keys in :data:`~hbfl_pyro.flower.config.RUN_CONFIG_DEFAULTS`):
 
 ``model-file``
     ``FILE[:NAME]`` of a model file (:mod:`hbfl_pyro.modelfile`); an absolute path in a
@@ -42,60 +42,20 @@ simulation engine numbers its nodes ``0..N-1``).
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..server import ClientFailureWarning
-from .records import decode, has_tree, num_bytes, record_dict
-from .secagg import SECAGG_CONFIG_DEFAULTS, flag
+from .config import RUN_CONFIG_DEFAULTS, AppSpec, client_options, flag, load_spec, merged_config
+from .messaging import discover_clients, error_text, logger, send_and_receive
+from .records import decode, encode, has_tree, num_bytes, record_dict
+from .run import build_server, finish_run, run_result, write_history, write_result
+from .secagg import client_train, is_secagg_message, run_secagg_server
 
-# A child of Flower's logger: shown by `flwr run --stream` and `flwr log`.
-logger = logging.getLogger("flwr.hbfl_pyro")
-
-#: Run-config keys read by both apps, with their defaults.
-RUN_CONFIG_DEFAULTS: Dict[str, Any] = {
-    "model-file": "",
-    "options": "{}",
-    "rounds": -1,
-    "guide": "",
-    # Nodes to wait for before the first round (0: every node connected once the
-    # count has been stable for a second).
-    "num-clients": 0,
-    "wait-timeout": 120.0,
-    # Seconds a round waits for replies; a node that has not answered by then failed.
-    "round-timeout": 600.0,
-    "poll-interval": 0.05,
-    # Where the ServerApp writes result.pt and history.json ("" : nowhere).
-    "out-dir": "",
-    # Clients send their local state at the end (for simulation summaries only): the
-    # ServerApp asks, and a ClientApp answers only if its own config says so too.
-    "collect-local": False,
-    # Secure aggregation (closed-form server): see hbfl_pyro.flower.secagg.
-    **SECAGG_CONFIG_DEFAULTS,
-}
-#: Keywords a node's client ignores: they belong to the server.
-_CLIENT_SIDE = {"fraction": 1.0, "min_clients": 1, "engine": "inprocess", "on_message": None}
-_SERVER_SIDE = {"engine": "inprocess", "on_message": None}
-
-
-def _flower_server(options: Dict) -> Dict:
-    """The options with ``server="auto"`` narrowed to the first-order servers: the
-    second-order server does not run through these apps yet, and a node must build the
-    same server as the ServerApp, whatever options only the ServerApp sees."""
-    if options.get("server", "auto") == "auto":
-        options["server"] = "first_order"
-    return options
-
-
-DEFAULT_ROUNDS = 100
 #: Record prefix of the client's state in the Flower context.
 STATE_PREFIX = "hbfl.client"
 
@@ -104,59 +64,6 @@ def _flwr():
     from . import require_flower
 
     return require_flower()
-
-
-# ---------------------------------------------------------------------- configuration
-@dataclass
-class AppSpec:
-    """The model file and options both apps derive from the run config."""
-
-    config: Dict[str, Any]
-    model_file: Any  # hbfl_pyro.modelfile.ModelFile
-    options: Dict[str, Any]
-    rounds: int
-
-
-def merged_config(context_config: Optional[Mapping], overrides: Optional[Mapping]) -> Dict:
-    """:data:`RUN_CONFIG_DEFAULTS`, then the context's run config, then ``overrides``."""
-    config = dict(RUN_CONFIG_DEFAULTS)
-    for source in (context_config or {}), (overrides or {}):
-        config.update({k: v for k, v in dict(source).items()})
-    return config
-
-
-_MODEL_FILES: Dict[Tuple[str, float, Optional[str]], Any] = {}
-
-
-def load_spec(config: Mapping) -> AppSpec:
-    """Import the model file named by the run config (cached per process); float64."""
-    from ..modelfile import load_model_file, parse_model_spec
-
-    # As `hbfl fit`: before the model file is imported, so its constants are float64.
-    torch.set_default_dtype(torch.float64)
-    spec = str(config["model-file"])
-    if not spec:
-        raise ValueError(
-            "the run config has no 'model-file': pass --run-config \"model-file='/abs/"
-            "path/model.py'\" to flwr run, or run_config={'model-file': ...}"
-        )
-    path = parse_model_spec(spec)[0]
-    guide = str(config.get("guide", "")) or None
-    key = (spec, path.stat().st_mtime if path.exists() else 0.0, guide)
-    if key not in _MODEL_FILES:
-        _MODEL_FILES[key] = load_model_file(spec, guide=guide)
-    mf = _MODEL_FILES[key]
-    raw = config["options"]
-    overrides = json.loads(raw) if isinstance(raw, str) else dict(raw)
-    if not isinstance(overrides, dict):
-        raise ValueError(f"run config 'options' must be a JSON object, got {raw!r}")
-    rounds = int(config["rounds"])
-    if rounds < 0:
-        rounds = mf.rounds if mf.rounds is not None else DEFAULT_ROUNDS
-    # Decays the file states over the whole run are spread over the rounds run here.
-    options = mf.options_for(rounds)
-    options.update(overrides)
-    return AppSpec(dict(config), mf, options, rounds)
 
 
 # ---------------------------------------------------------------------- client side
@@ -211,8 +118,7 @@ class NodeClient:
         from ..svi import FederatedSVI
 
         self.name, data, self.partition = load_node_data(spec.model_file, node_config)
-        options = _flower_server(dict(spec.options))
-        options.update(_CLIENT_SIDE)
+        options = client_options(spec)
         fit = FederatedSVI(spec.model_file.model, {self.name: data}, **options)
         self.client = fit.clients[self.name]
         self.schema = schema_of(self.client.data, fit.data.per_client)
@@ -246,9 +152,6 @@ def client_app(run_config: Optional[Mapping] = None):
     _flwr()
     from flwr.app import Message
     from flwr.clientapp import ClientApp
-
-    from .records import encode
-    from .secagg import client_train, is_secagg_message
 
     overrides = dict(run_config or {})
     app = ClientApp()
@@ -305,35 +208,6 @@ def client_app(run_config: Optional[Mapping] = None):
 
 
 # ---------------------------------------------------------------------- server side
-def _error_text(msg) -> str:
-    from flwr.common.constant import ErrorCode
-
-    names = {v: k for k, v in vars(ErrorCode).items() if isinstance(v, int)}
-    code = msg.error.code
-    return f"{names.get(code, code)}: {' '.join(str(msg.error.reason).split())}"
-
-
-def send_and_receive(grid, messages: List, timeout: float, poll: float = 0.05) -> List:
-    """Push ``messages`` and pull their replies until all are in or ``timeout`` passes.
-
-    As ``grid.send_and_receive``, but polling every ``poll`` seconds (a deployment's grid
-    sleeps 3 s between pulls).
-    """
-    if not messages:
-        return []
-    pending = {i for i in grid.push_messages(messages) if i}
-    replies: List = []
-    end = time.monotonic() + timeout
-    while pending:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not pending or time.monotonic() >= end:
-            break
-        time.sleep(poll)
-    return replies
-
-
 class HBFLStrategy:
     """The Flower strategy of federated SVI: the library's :class:`~hbfl_pyro.Server`.
 
@@ -387,7 +261,7 @@ class HBFLStrategy:
             if name is None:
                 continue
             if reply.has_error():
-                errors[name] = _error_text(reply)
+                errors[name] = error_text(reply)
                 continue
             good[name] = decode(reply.content)
             up.append(num_bytes(reply.content))
@@ -430,88 +304,6 @@ class HBFLStrategy:
         return record
 
 
-def _wait_for_nodes(grid, wanted: int, timeout: float) -> List[int]:
-    end = time.monotonic() + timeout
-    last, stable_since = None, time.monotonic()
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if wanted and len(nodes) >= wanted:
-            return nodes
-        if nodes != last:
-            last, stable_since = nodes, time.monotonic()
-        if not wanted and nodes and time.monotonic() - stable_since >= 1.0:
-            return nodes
-        if time.monotonic() >= end:
-            raise TimeoutError(
-                f"only {len(nodes)} Flower node(s) connected within {timeout:g} s "
-                f"(num-clients={wanted}); start more SuperNodes or lower num-clients"
-            )
-        time.sleep(0.1)
-
-
-def _query(grid, node_ids: List[int], action: str, timeout: float, poll: float):
-    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-
-    messages = {
-        nid: Message(
-            RecordDict({"hbfl.query": ConfigRecord({"action": action})}),
-            dst_node_id=nid,
-            message_type=MessageType.QUERY,
-        )
-        for nid in node_ids
-    }
-    replies = send_and_receive(grid, list(messages.values()), timeout, poll)
-    node_of = {m.metadata.message_id: nid for nid, m in messages.items()}
-    answers, errors = {}, {}
-    for reply in replies:
-        nid = node_of.get(reply.metadata.reply_to_message_id)
-        if reply.has_error():
-            errors[nid] = _error_text(reply)
-        else:
-            answers[nid] = decode(reply.content)
-    for nid in node_ids:
-        if nid not in answers and nid not in errors:
-            errors[nid] = "no reply within the timeout"
-    return answers, errors
-
-
-def discover_clients(grid, config: Mapping) -> Tuple[List[str], Dict[str, int], Dict]:
-    """Ask every node for its client: ``(names in partition order, {name: node}, schemas)``."""
-    node_ids = _wait_for_nodes(grid, int(config["num-clients"]), float(config["wait-timeout"]))
-    # A connected node answers "hello" only once its ClientApp has imported torch, Pyro and
-    # the model file and loaded its partition: client set-up work, timed like a round
-    # (wait-timeout, for nodes to connect, ran out on a loaded 2-core machine).
-    answers, errors = _query(
-        grid, node_ids, "hello", float(config["round-timeout"]), float(config["poll-interval"])
-    )
-    if errors:
-        detail = "; ".join(f"node {nid}: {why}" for nid, why in sorted(errors.items()))
-        raise RuntimeError(f"{len(errors)} node(s) could not set up their client: {detail}")
-    order = sorted(answers, key=lambda nid: (answers[nid]["partition-id"], answers[nid]["name"]))
-    names = [answers[nid]["name"] for nid in order]
-    if len(set(names)) != len(names):
-        raise RuntimeError(
-            f"two nodes hold the same client name ({names}); give each SuperNode its own "
-            "partition-id"
-        )
-    nodes = {answers[nid]["name"]: nid for nid in order}
-    schemas = {answers[nid]["name"]: answers[nid]["schema"] for nid in order}
-    return names, nodes, schemas
-
-
-def build_server(spec: AppSpec, names: List[str], schemas: Dict[str, Dict]):
-    """The server side of :class:`~hbfl_pyro.FederatedSVI` from the clients' schemas.
-
-    Returns a ``FederatedSVI`` whose clients hold the schemas (ones), never trained: only
-    its ``server``, ``structure`` and ``family`` are used.
-    """
-    from ..svi import FederatedSVI
-
-    options = _flower_server(dict(spec.options))
-    options.update(_SERVER_SIDE)
-    return FederatedSVI(spec.model_file.model, {n: schemas[n] for n in names}, **options)
-
-
 def run_server(grid, config: Mapping) -> Dict:
     """The ServerApp's work: discover the clients, run the rounds, collect the result."""
     spec = load_spec(config)
@@ -531,7 +323,7 @@ def run_server(grid, config: Mapping) -> Dict:
         record["seconds"] = time.perf_counter() - t0
         strategy.history.append(record)
         if out:  # progress, for whoever watches a deployment
-            _write_history(_result(spec, fit, names, nodes, strategy, setup), out)
+            write_history(run_result(spec, fit, names, nodes, strategy, setup), out)
         logger.info(
             "hbfl round %d: elbo %.6g, clients %s, failed %s",
             server_round,
@@ -539,83 +331,15 @@ def run_server(grid, config: Mapping) -> Dict:
             record["clients"],
             record["failed"],
         )
-    result = _result(spec, fit, names, nodes, strategy, setup)
+    result = run_result(spec, fit, names, nodes, strategy, setup)
     return finish_run(grid, spec, fit, nodes, result)
-
-
-def finish_run(grid, spec: AppSpec, fit, nodes: Dict[str, int], result: Dict) -> Dict:
-    """The end of a server run (plain or SecAgg+): collect the clients' local states when
-    the run config asks (``collect-local``), summarise ``q(phi)``, write ``out-dir``."""
-    config = spec.config
-    if flag(config["collect-local"]):
-        timeout, poll = float(config["round-timeout"]), float(config["poll-interval"])
-        answers, errors = _query(grid, list(nodes.values()), "report", timeout, poll)
-        for why in errors.values():
-            logger.warning("hbfl: a client did not report its local state: %s", why)
-        result["clients"] = {a["name"]: a["state"] for a in answers.values()}
-    result["global"] = _global_summary(fit)
-    out = str(config["out-dir"])
-    if out:
-        write_result(result, out)
-    return result
-
-
-def _result(spec, fit, names, nodes, strategy, setup) -> Dict:
-    return {
-        "round": len(strategy.history),
-        "seed": fit.seed,
-        "model_file": str(spec.config["model-file"]),
-        "names": names,
-        "nodes": nodes,
-        "server": fit.server.state_dict(),
-        "history": strategy.history,
-        "traffic": strategy.traffic,
-        "setup_seconds": setup,
-        "clients": {},
-        "global": {},
-    }
-
-
-def _global_summary(fit) -> Dict[str, Dict[str, float]]:
-    """Mean and sd of each scalar global element, from 4000 seeded draws of ``q(phi)``."""
-    from ..seeding import derive_seed, seeded
-
-    with seeded(derive_seed(fit.seed, "flower-summary")), torch.no_grad():
-        draws = fit.global_samples(4000)
-    out = {}
-    for site, value in draws.items():
-        flat = value.reshape(value.shape[0], -1)
-        for j in range(flat.shape[1]):
-            key = site if flat.shape[1] == 1 else f"{site}[{j}]"
-            out[key] = {"mean": float(flat[:, j].mean()), "sd": float(flat[:, j].std())}
-    return out
-
-
-def write_result(result: Dict, out_dir) -> Path:
-    """Write ``result.pt`` (``torch.save``) and ``history.json`` to ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(result, out / "result.pt")
-    _write_history(result, out)
-    return out / "result.pt"
-
-
-def _write_history(result: Dict, out_dir) -> None:
-    """``history.json``: rounds, failures, traffic and the global summary (no tensors)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    keys = ("round", "seed", "model_file", "names", "nodes", "history", "traffic", "global")
-    text = json.dumps({k: result[k] for k in keys}, indent=1, default=str)
-    tmp = out / "history.json.tmp"
-    tmp.write_text(text + "\n")
-    tmp.replace(out / "history.json")
 
 
 def server_app(run_config: Optional[Mapping] = None, on_result: Optional[Callable] = None):
     """A Flower ``ServerApp`` that fits the model file's model by federated SVI.
 
     :param run_config: run-config entries overriding the context's (see the module
-        docstring and :data:`RUN_CONFIG_DEFAULTS`).
+        docstring and :data:`~hbfl_pyro.flower.config.RUN_CONFIG_DEFAULTS`).
     :param on_result: called with the result dict when the run ends (the simulation
         engine runs the ServerApp in this process); a deployment sets ``out-dir``.
 
@@ -634,8 +358,6 @@ def server_app(run_config: Optional[Mapping] = None, on_result: Optional[Callabl
     def main(grid, context) -> None:
         config = merged_config(context.run_config, overrides)
         if flag(config["secagg"]):
-            from .secagg import run_secagg_server
-
             result = run_secagg_server(grid, config, context)
         else:
             result = run_server(grid, config)

@@ -17,7 +17,8 @@ source):
   ``share keys``: encrypted Shamir shares; ``collect masked vectors``: the ClientApp runs
   here and its ``FitRes`` is masked; ``unmask``: shares to remove the masks). We call the
   workflow once per round (what ``DefaultWorkflow(fit_workflow=...)`` does), so that the
-  client discovery, history and result of :mod:`hbfl_pyro.flower.apps` are kept.
+  client discovery (:mod:`hbfl_pyro.flower.messaging`), history and result
+  (:mod:`hbfl_pyro.flower.run`) of the plain ServerApp are kept.
 * **Client** (``_collect_masked_vectors``): with ``w = num_examples`` of its ``FitRes``,
   ``q_ratio = round(w / max_weight * Q)``, the parameters are multiplied by
   ``q_ratio / Q``, **clipped** to ``[-c, c]`` (``c = clipping_range``), mapped to
@@ -73,6 +74,12 @@ family ``loc = (mu0/s0^2 + S/tau^2) / (1/s0^2 + N/tau^2)``, with ``S`` the sum s
 the ``N`` clients (``N/n`` times the secure sum of the round's ``n`` clients), so the error
 of ``loc`` is at most ``|dS| / N`` in the scaled sum, i.e. ``|dS_secure| / n``, and that of
 ``scale`` is zero.
+
+One module, longer than most (about 700 lines, half of them this note and the docstrings):
+the error analysis above and the packing, strategy and round loop it is about are read
+together. What it shares with the plain apps is imported from
+:mod:`hbfl_pyro.flower.config`, :mod:`hbfl_pyro.flower.messaging` and
+:mod:`hbfl_pyro.flower.run`, never from :mod:`hbfl_pyro.flower.apps`.
 """
 
 from __future__ import annotations
@@ -87,37 +94,16 @@ import numpy as np
 import torch
 
 from ..server import ClientFailureWarning
+from .config import SECAGG_CONFIG_DEFAULTS, flag, load_spec
+from .messaging import discover_clients, error_text, logger, send_and_receive
 from .records import flatten, unflatten
-
-#: Run-config keys of secure aggregation (merged into ``RUN_CONFIG_DEFAULTS``).
-SECAGG_CONFIG_DEFAULTS: Dict[str, Any] = {
-    # Route the clients' closed-form summaries through SecAgg+ (both apps read it; a
-    # ClientApp whose run config sets it refuses plain train messages).
-    "secagg": False,
-    # Public bound on |every element of a client's summary| (the family's client_summary).
-    "secagg-bound": 1000.0,
-    # Public bound on |a client's ELBO term|.
-    "secagg-elbo-bound": 1.0e6,
-    # SecAgg+ neighbourhood size and Shamir threshold (int, or float: a fraction); the
-    # defaults are those of Flower's secure-aggregation example.
-    "secagg-num-shares": 3,
-    "secagg-threshold": 2,
-    # Modulus of the masks (a power of 2); Flower's default and documented maximum.
-    "secagg-modulus": 2**32,
-}
+from .run import build_server, finish_run, run_result, write_history
 
 #: Relative slack for float64 rounding in the protocol's dequantisation (see module doc).
 FLOAT_SLACK = 1e-6
 _INT32_MAX = 2**31 - 1
 _MESSAGE_KEY = "hbfl.message"
 _LAYOUT_KEY = "hbfl.layout"
-
-
-def flag(value) -> bool:
-    """A run-config boolean (``flwr run`` may give ``"true"``/``"false"`` strings)."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 # ---------------------------------------------------------------------- quantisation
@@ -355,7 +341,7 @@ def _array_bytes(msg) -> int:
 class RecordingGrid:
     """A Flower grid that polls fast and records what the server sends and receives.
 
-    ``send_and_receive`` is :func:`hbfl_pyro.flower.apps.send_and_receive` (a deployment's
+    ``send_and_receive`` is :func:`hbfl_pyro.flower.messaging.send_and_receive` (a deployment's
     grid sleeps 3 s between pulls; SecAgg+ makes four exchanges a round). Every message
     is logged in :attr:`log`: direction, node, serialized content bytes, the bytes of its
     array records, and for a reply its error text; everything else goes to the grid.
@@ -369,8 +355,6 @@ class RecordingGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages, *, timeout: Optional[float] = None):
-        from .apps import _error_text, send_and_receive
-
         messages = list(messages)
         for m in messages:
             self.log.append(
@@ -384,7 +368,7 @@ class RecordingGrid:
                 "node": r.metadata.src_node_id,
                 "bytes": content_bytes(r),
                 "array_bytes": _array_bytes(r),
-                "error": _short_error(_error_text(r)) if r.has_error() else None,
+                "error": _short_error(error_text(r)) if r.has_error() else None,
             }
             if r.has_content():
                 metrics = r.content.config_records.get("fitres.metrics")
@@ -572,16 +556,6 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow import SecAggPlusWorkflow
 
-    from .apps import (
-        _result,
-        _write_history,
-        build_server,
-        discover_clients,
-        finish_run,
-        load_spec,
-        logger,
-    )
-
     spec = load_spec(config)
     cfg = spec.config
     start = time.perf_counter()
@@ -693,7 +667,7 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
             }
         )
         if out:
-            _write_history(_result(spec, fit, names, nodes, holder, setup), out)
+            write_history(run_result(spec, fit, names, nodes, holder, setup), out)
         logger.info(
             "hbfl secagg round %d: elbo %.6g, clients %s, failed %s",
             server_round,
@@ -701,7 +675,7 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
             record["clients"],
             record["failed"],
         )
-    result = _result(spec, fit, names, nodes, holder, setup)
+    result = run_result(spec, fit, names, nodes, holder, setup)
     result["secagg"] = {
         "quantization_range": quant,
         "modulus": modulus,

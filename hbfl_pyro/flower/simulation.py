@@ -54,7 +54,7 @@ def simulate(
     :param backend_config: Flower's simulation backend config (replaces the default).
     :param out_dir: also write ``result.pt`` and ``history.json`` there.
     :param run_config: further run-config entries
-        (:data:`~hbfl_pyro.flower.apps.RUN_CONFIG_DEFAULTS`).
+        (:data:`~hbfl_pyro.flower.config.RUN_CONFIG_DEFAULTS`).
     :param verbose: keep Flower's INFO log.
     :returns: the ServerApp's result dict (see :func:`~hbfl_pyro.flower.server_app`).
     """
