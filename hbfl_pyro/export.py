@@ -10,7 +10,8 @@ The groups follow ArviZ's schema, with named dims and coords (the client names):
   uses for the same ``seed`` and ``num_samples``.
 - ``posterior_predictive``: replicated observations, drawn on each client from its own
   likelihood given the draws above.
-- ``log_likelihood``: computed on each client, on its own data (:func:`evaluate_client`).
+- ``log_likelihood``: computed on each client, on its own data
+  (:func:`~hbfl_pyro.client_export.evaluate_client`, :mod:`hbfl_pyro.client_export`).
   By default a client reports one number per draw, the **sum** over its observations
   of each observed site's log density: dims ``(chain, draw, client)``, so ``az.loo``
   leaves one *client* out. With ``pointwise=True`` it reports one value per observation
@@ -19,7 +20,8 @@ The groups follow ArviZ's schema, with named dims and coords (the client names):
   deployment each client decides whether to send them. Here, in simulation, one flag
   decides for all. With ``marginal_draws=K`` a client reports instead
   ``log p(D_i | phi)``, its local sites integrated out by importance sampling
-  (:func:`client_marginal_log_likelihood`): the reliable basis for leave-one-client-out.
+  (:func:`~hbfl_pyro.client_export.client_marginal_log_likelihood`): the reliable basis
+  for leave-one-client-out.
 - ``elbo_history`` (a group outside ArviZ's schema, which ArviZ keeps and writes to
   netCDF): the server's ELBO estimate per round, with the number of clients heard and the
   round's wall time.
@@ -39,22 +41,25 @@ Pareto ``k`` diagnoses also the fit of ``q`` (Yao et al., 2018, "Yes, but did it
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 
-from .elbo import PARTICLE_PLATE, site_log_prob, with_particles
+from .client_export import (
+    client_marginal_log_likelihood,
+    client_values,
+    evaluate_client,
+    inner_plates,
+)
 from .guides import private_params
-from .seeding import derive_seed, seeded
+from .seeding import derive_seed
 from .structure import ModelStructure
-from .summary import _drop_broadcast_dims, _pad_batch, deterministic_samples
+from .summary import _drop_broadcast_dims, deterministic_samples
 
 CHAIN_DRAW = ("chain", "draw")
 CLIENT_DIM = "client"
@@ -68,214 +73,6 @@ def _obs_dim(site: str) -> str:
 
 def _obs_client_coord(site: str) -> str:
     return f"{site}_client"
-
-
-# ---------------------------------------------------------------------------- on a client
-def _client_values(
-    global_draws: Mapping[str, torch.Tensor],
-    own_local_draws: Mapping[str, torch.Tensor],
-    structure: ModelStructure,
-) -> Dict[str, torch.Tensor]:
-    """Conditioning values for one client's model run under a particle plate.
-
-    ``own_local_draws`` are ``(n, *shape)`` with the clients axis removed, as
-    :meth:`FederatedSVI.local_samples` gives them for one client; the axis is put back
-    as a size-1 plate dim (the same layout as :func:`~hbfl_pyro.summary.deterministic_samples`).
-    """
-    nesting = structure.max_plate_nesting
-    event_dims = dict(structure.event_dims)
-    values = {
-        site: _pad_batch(v, v.shape[1:], event_dims.get(site, 0), nesting, site)
-        for site, v in global_draws.items()
-    }
-    for site, own in own_local_draws.items():
-        shape, event_dim = tuple(own.shape[1:]), event_dims.get(site, 0)
-        axis = len(shape) + 1 - event_dim + structure.plate_dim
-        value_shape = shape[:axis] + (1,) + shape[axis:]
-        values[site] = _pad_batch(own, value_shape, event_dim, nesting, site)
-    return values
-
-
-def _inner_plates(site, structure: ModelStructure) -> List[str]:
-    """Plates of a site other than the clients plate and the particle plate."""
-    return [
-        f.name
-        for f in site["cond_indep_stack"]
-        if f.name not in (structure.plate, PARTICLE_PLATE) and f.dim is not None
-    ]
-
-
-def _keep_mask(site, batch_shape, clients_axis: int) -> Optional[torch.Tensor]:
-    """The site's mask for one client as a flat boolean vector, or ``None`` (keep all)."""
-    mask = site["mask"]
-    if mask is None or mask is True:
-        return None
-    mask = torch.as_tensor(mask, dtype=torch.bool).expand(batch_shape)
-    return mask[0].select(clients_axis - 1, 0).reshape(-1)
-
-
-def evaluate_client(
-    model: Callable,
-    structure: ModelStructure,
-    batch: Dict[str, torch.Tensor],
-    global_draws: Mapping[str, torch.Tensor],
-    own_local_draws: Mapping[str, torch.Tensor],
-    seed: int,
-    pointwise: bool = False,
-) -> Dict[str, Dict[str, torch.Tensor]]:
-    """What one client computes, on its own data, for the ArviZ export.
-
-    The model is replayed once on the client's data, vectorised over the draws and
-    conditioned on the draws of the global sites and of this client's local sites.
-    For each observed site it returns the log density of the client's data and a
-    replicated data set drawn from the site's distribution.
-
-    This is the client side of :func:`to_inference_data`: in a deployment the server
-    sends the draws of ``q(phi)`` (or ``q(phi)`` and a seed), the client draws its own
-    local sites and replies with the ``"log_likelihood"`` and ``"posterior_predictive"``
-    entries, and ``"observed"`` only if it opts in to pointwise values.
-
-    :param model: the Pyro model.
-    :param structure: the model's :class:`~hbfl_pyro.ModelStructure`.
-    :param batch: the client's own collated data (one client).
-    :param global_draws: ``{site: (n, *shape)}``, draws of ``q(phi)``.
-    :param own_local_draws: ``{site: (n, *shape)}``, this client's draws of ``q_i``
-        (clients axis removed, as ``FederatedSVI.local_samples(n)[site][:, i]``).
-    :param seed: seed of the replicated data.
-    :param pointwise: return one log density per observation instead of their sum.
-    :returns: ``{"log_likelihood": {site: t}, "posterior_predictive": {site: t},
-        "observed": {site: t}, "per_observation": {site: bool}}``. Per-observation sites
-        (inside a plate nested in the clients plate) have their batch dims flattened to
-        one observation axis: ``log_likelihood`` ``(n,)`` summed, or ``(n, n_obs)``
-        pointwise; replicated data ``(n, n_obs, *event)``. Per-client sites: ``(n,)`` and
-        ``(n, *shape)``.
-
-    Example::
-
-        >>> import torch, pyro, pyro.distributions as dist
-        >>> from hbfl_pyro import FederatedSVI, num_clients
-        >>> def model(data):
-        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
-        ...     with pyro.plate("clients", num_clients(data)):
-        ...         theta = pyro.sample("theta", dist.Normal(mu, 1.0))
-        ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=data["y"])
-        >>> fit = FederatedSVI(model, {"a": {"y": torch.tensor(1.0)},
-        ...                            "b": {"y": torch.tensor(2.0)}})
-        >>> g, loc = fit.global_samples(50), fit.local_samples(50)
-        >>> out = evaluate_client(fit.model, fit.structure, fit.clients["a"]._batch, g,
-        ...                       {s: v[:, 0] for s, v in loc.items()}, seed=0)
-        >>> out["log_likelihood"]["y"].shape, out["posterior_predictive"]["y"].shape
-        (torch.Size([50]), torch.Size([50]))
-    """
-    nesting = structure.max_plate_nesting
-    num_samples = next(iter(list(global_draws.values()) + list(own_local_draws.values())))
-    num_samples = num_samples.shape[0]
-    values = _client_values(global_draws, own_local_draws, structure)
-    run = with_particles(poutine.condition(model, data=values), num_samples, nesting)
-    with private_params(), torch.no_grad(), seeded(seed):
-        with pyro.validation_enabled(False):
-            trace = poutine.trace(run).get_trace(batch)
-        out: Dict[str, Dict[str, Any]] = {
-            "log_likelihood": {},
-            "posterior_predictive": {},
-            "observed": {},
-            "per_observation": {},
-        }
-        # The clients axis among the batch dims (the particle dim is batch dim 0).
-        clients_axis = nesting + 1 + structure.plate_dim
-        for name in structure.observed_sites:
-            site = trace.nodes[name]
-            fn = site["fn"]
-            event_dim = fn.event_dim
-            batch_shape = tuple(fn.batch_shape)
-            full = batch_shape + tuple(fn.event_shape)
-            replicated = fn.sample()
-            observed = site["value"].expand(full)[0]
-            # log densities as the ELBO sees them: the site's scale and mask applied.
-            log_p = site_log_prob(site).expand(batch_shape)
-            log_p = log_p.select(clients_axis, 0)
-            replicated = replicated.select(clients_axis, 0)
-            observed = observed.select(clients_axis - 1, 0)
-            per_obs = bool(_inner_plates(site, structure))
-            out["per_observation"][name] = per_obs
-            if per_obs:
-                event_shape = tuple(fn.event_shape)
-                keep = _keep_mask(site, batch_shape, clients_axis)
-                log_p = log_p.reshape(num_samples, -1)
-                replicated = replicated.reshape((num_samples, -1) + event_shape)
-                observed = observed.reshape((-1,) + event_shape)
-                if keep is not None:
-                    log_p, replicated, observed = (
-                        log_p[:, keep],
-                        replicated[:, keep],
-                        observed[keep],
-                    )
-                log_lik = log_p if pointwise else log_p.sum(-1)
-            else:
-                log_lik = log_p.reshape(num_samples, -1).sum(-1)
-                replicated = _drop_broadcast_dims(replicated, 1, event_dim)
-                observed = _drop_broadcast_dims(observed[None], 1, event_dim)[0]
-            out["log_likelihood"][name] = log_lik
-            out["posterior_predictive"][name] = replicated
-            if pointwise:
-                out["observed"][name] = observed
-    return out
-
-
-def client_marginal_log_likelihood(
-    model: Callable,
-    structure: ModelStructure,
-    batch: Dict[str, torch.Tensor],
-    global_draws: Mapping[str, torch.Tensor],
-    local_guide,
-    num_inner: int,
-    seed: int,
-) -> torch.Tensor:
-    """``log p(D_i | phi)`` per draw of ``phi``, the local sites integrated out, on client i.
-
-    Importance sampling with the client's own ``q_i`` as the proposal::
-
-        log p(D_i | phi) ~= logsumexp_k [log p(theta_k | phi) + log p(D_i | theta_k, phi)
-                                         - log q_i(theta_k)] - log K,   theta_k ~ q_i
-
-    with ``K = num_inner`` draws per draw of ``phi`` (all ``n * K`` in one vectorised
-    run). This is the likelihood for leave-one-*client*-out: leaving client i out
-    changes ``q(phi)`` only a little, so PSIS-LOO on it is usually reliable, while the
-    conditional ``log p(D_i | theta_i, phi)`` has ``theta_i`` informed mostly by ``D_i``
-    itself (Merkle, Furr & Rabe-Hesketh, 2019, "Bayesian comparison of latent variable
-    models: conditional versus marginal likelihoods"). The estimate is biased low by
-    ``O(1/K)`` (Jensen); ``q_i`` close to ``p(theta_i | D_i, phi)`` keeps that small.
-
-    :param local_guide: the client's ``q_i`` (a guide of the local sites on ``batch``).
-    :param num_inner: importance draws ``K`` per draw of ``phi``.
-    :returns: a tensor ``(n,)``.
-    """
-    nesting = structure.max_plate_nesting
-    num_samples = next(iter(global_draws.values())).shape[0]
-    total = num_samples * num_inner
-    # Particle j = i * K + k pairs draw i of phi with inner draw k of theta.
-    repeated = {s: v.repeat_interleave(num_inner, 0) for s, v in global_draws.items()}
-    values = _client_values(repeated, {}, structure)
-    guide = with_particles(local_guide, total, nesting)
-    run = with_particles(poutine.condition(model, data=values), total, nesting)
-    with private_params(), torch.no_grad(), seeded(seed):
-        guide_trace = poutine.trace(guide).get_trace(batch)
-        with pyro.validation_enabled(False):
-            trace = poutine.trace(poutine.replay(run, trace=guide_trace)).get_trace(batch)
-
-    def per_particle(site) -> torch.Tensor:
-        log_p = site_log_prob(site)
-        return log_p.expand(site["fn"].batch_shape).reshape(total, -1).sum(-1)
-
-    log_w = torch.zeros(total, dtype=torch.get_default_dtype())
-    for name in structure.local_sites + structure.observed_sites:
-        log_w = log_w + per_particle(trace.nodes[name])
-    for site in guide_trace.nodes.values():
-        # Every guide sample site, auxiliary ones included (AutoNormal), is part of log q_i.
-        if site["type"] == "sample" and not site_is_subsample(site):
-            log_w = log_w - per_particle(site)
-    log_w = log_w.reshape(num_samples, num_inner)
-    return torch.logsumexp(log_w, -1) - math.log(num_inner)
 
 
 # ---------------------------------------------------------------------------- the dicts
@@ -485,12 +282,12 @@ def _deterministic_layout(fit, batch, global_draws, local_draws) -> Dict[str, bo
         return {}
     first = {s: v[:1] for s, v in global_draws.items()}
     own = {s: v[:1, 0] for s, v in local_draws.items()}
-    values = _client_values(first, own, structure)
+    values = client_values(first, own, structure)
     with private_params(), torch.no_grad(), torch.random.fork_rng(devices=[]):
         with pyro.validation_enabled(False):
             trace = poutine.trace(poutine.condition(fit.model, data=values)).get_trace(batch)
     return {
-        site: bool(_inner_plates(trace.nodes[site], structure))
+        site: bool(inner_plates(trace.nodes[site], structure))
         for site in structure.deterministic_sites
     }
 
@@ -570,7 +367,7 @@ def to_inference_data(
     :param marginal_draws: if ``K > 0``, the ``log_likelihood`` group holds instead one
         variable ``"marginal"``, ``log p(D_i | phi)`` per client and draw with the local
         sites integrated out by ``K`` importance draws from each ``q_i``
-        (:func:`client_marginal_log_likelihood`): the better basis for
+        (:func:`~hbfl_pyro.client_export.client_marginal_log_likelihood`): the better basis for
         leave-one-client-out, whose conditional version ``log p(D_i | theta_i, phi)``
         often has Pareto ``k > 0.7`` because ``theta_i`` is learned from ``D_i`` itself.
     :returns: an ``InferenceData`` with groups ``posterior``, ``posterior_predictive``,
