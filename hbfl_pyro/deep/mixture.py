@@ -63,6 +63,10 @@ does not depend on ``N_k``, and the distances decide.
 prox (:meth:`FedHBMixture.finetune`). Global (no client identity): ``p(y | x) = sum_k
 g_k(x) p(y | x, m0_k)`` with a gating network ``g`` trained by FedAvg
 (:meth:`FedHBMixture.train_gate`); the fallback is the uniform ensemble ``g_k = 1 / K``.
+
+One module, longer than most: the mixture's server update, client start, responsibilities
+and prediction are one method's parts and are read together (the layout of
+``hbfl_pyro.deep`` is to be revisited as a whole, issue 17).
 """
 
 from __future__ import annotations

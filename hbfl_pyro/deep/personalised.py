@@ -23,6 +23,10 @@ Ditto and pFedBayes also keep the *persistent* personal models their papers eval
 Which engine: Ditto runs the shared engines (``engine="vmap"`` or ``"loop"``);
 Per-FedAvg has its own step (two or three minibatches per step), vmapped or looped, tested
 equal; pFedBayes draws fresh weight noise at every step and runs a loop.
+
+One module, a little over 600 lines: the three baselines share their protocol and are
+compared with each other (the layout of ``hbfl_pyro.deep`` is to be revisited as a whole,
+issue 17).
 """
 
 from __future__ import annotations

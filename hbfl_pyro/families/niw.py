@@ -31,6 +31,10 @@ clients when ``d`` is large; the full family cannot escape this for ``d >> N`` b
 proper inverse Wishart needs ``nu0 > d - 1``. Use :class:`NIWDiag` or :class:`NIWIso`
 for neural networks, whose hyper-priors are per coordinate (diag) or per shared variance
 (iso) and do not grow with ``d``.
+
+One module, longer than most: the three families are one conjugate model (the same
+update, prox term and sampling statements, with the covariance full, diagonal or one
+shared variance) and share its helpers; split, each would read the others' maths.
 """
 
 from __future__ import annotations
