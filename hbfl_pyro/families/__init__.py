@@ -1,7 +1,8 @@
 """Closed-form server families (method.md §4)."""
 
 from .base import ClosedFormFamily
-from .niw import InverseWishart, NIWDiag, NIWFull, NIWIso
+from .inverse_wishart import InverseWishart
+from .niw import NIWDiag, NIWFull, NIWIso
 from .normal import NormalNormal
 
 __all__ = ["ClosedFormFamily", "InverseWishart", "NIWDiag", "NIWFull", "NIWIso", "NormalNormal"]
