@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonnegative_int,
         metavar="R",
         help="rounds to run with a first-order server (default: fit_options['rounds'], else "
+        "until its stopping rule holds, at most 1000; with DP or Flower "
         f"{DEFAULT_ROUNDS}); with the second-order server, the most Newton rounds before it "
         "stops unconverged (default: until converged, at most 50)",
     )
@@ -562,7 +563,14 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
 
         cap = MAX_ROUNDS if given_rounds is None else given_rounds
         rounds_text = f"until converged (at most {cap} Newton rounds), then one PSIS round"
-    else:
+    # A first-order fit in-process runs until its stopping rule holds, unless told how
+    # many rounds (DP spends its budget over a fixed number; Flower runs fixed rounds).
+    until_converged = not second_order and given_rounds is None and dp is None and not flower_sim
+    if until_converged:
+        from .svi import MAX_FIRST_ORDER_ROUNDS
+
+        rounds_text = f"until converged (at most {MAX_FIRST_ORDER_ROUNDS})"
+    elif not second_order:
         rounds_text = str(rounds)
     header = [
         ("model file", spec.label),
@@ -633,7 +641,10 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
                 newton_rounds = max(0, cap - fit.round) if fit.round else given_rounds
                 fit.run(newton_rounds, progress=progress, on_round=on_round)
         else:
-            fit.run(max(0, rounds - fit.round), progress=progress, on_round=on_round)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # the banner says it
+                todo = None if until_converged else max(0, rounds - fit.round)
+                fit.run(todo, progress=progress, on_round=on_round)
     timings = {"fit": time.perf_counter() - start}
     verdict_line, banner = verdict_lines(fit.verdict)
     gap = "" if quiet else "\n"

@@ -254,6 +254,15 @@ class Server(ServerStrategy):
             record["delta"] = self.dp.delta
         return record
 
+    def halve_step(self) -> bool:
+        """Halve the gradient server's step size (the stopping rule's answer to a plateau:
+        :mod:`hbfl_pyro.convergence`); ``False`` in closed-form mode, which has none."""
+        if self.optim is None:
+            return False
+        for group in self.optim.param_groups:
+            group["lr"] *= 0.5
+        return True
+
     def _dp_problem(self, reply: Dict, key: str) -> Optional[str]:
         """Under DP, the public ``count`` of a closed-form reply must be exactly 1 (it is
         neither clipped nor noised); checked here so that such a reply is left out with a

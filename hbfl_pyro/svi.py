@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .client import Client, LocalConfig
+from .convergence import MAX_HALVINGS, WindowMonitor, q_moments
 from .data import FederatedData
 from .dp import DPConfig
 from .elbo import server_term, with_particles
@@ -36,7 +37,7 @@ from .laplace_marginal import MarginalClient
 from .options import FEDERATED_SVI as OPTIONS
 from .options import RUN as RUN_OPTIONS
 from .options import check as check_options
-from .psis_check import psis_check
+from .psis_check import moments_close, psis_check
 from .seeding import derive_seed, seeded
 from .server import Server
 from .servers.second_order import DEFAULT_LOCAL_DRAWS, ConvergenceWarning, SecondOrderServer
@@ -65,6 +66,9 @@ MAX_SECOND_ORDER_DIM = 200
 
 #: Newton rounds at most when ``run()`` is given no number of rounds.
 MAX_ROUNDS = 50
+#: First-order rounds at most when ``run()`` is given no number of rounds (the stopping
+#: rule of :mod:`hbfl_pyro.convergence` usually ends the fit long before).
+MAX_FIRST_ORDER_ROUNDS = 1000
 
 
 def _choose_family(
@@ -365,6 +369,10 @@ class FederatedSVI:
             )
         self.round = 0
         self.history: List[Dict] = []
+        # First-order servers: the stopping rule, fed by every round (a resumed fit's
+        # monitor starts afresh: it judges the rounds it saw).
+        self._monitor = WindowMonitor()
+        self._monitored = 0
 
     # ------------------------------------------------------------------ set-up
     def _choose_server(self, server, global_guide, local_guide, given, dp, fraction) -> Dict:
@@ -523,6 +531,10 @@ class FederatedSVI:
         record["seconds"] = time.perf_counter() - start
         self.round = server_round
         self.history.append(record)
+        if self.server.mode != "second_order":
+            mean, sd = q_moments(self, derive_seed(self.seed, "moments"))
+            record["convergence"] = self._monitor.update(record["elbo"], mean, sd)
+            self._monitored += 1
         stuck = failing_clients(self.history)
         if stuck and not self._drops:
             raise ClientFailureError(failure_message(server_round, stuck))
@@ -542,9 +554,12 @@ class FederatedSVI:
 
         With the second-order server, ``rounds`` caps the Newton rounds (default
         :data:`MAX_ROUNDS`): the fit stops when converged, then runs its PSIS round, and
-        :attr:`verdict` says how it ended. With a first-order server it runs exactly
-        ``rounds`` rounds (required). ``rounds`` is an int >= 0 (``0`` runs none, e.g. a
-        resumed fit that is already complete).
+        :attr:`verdict` says how it ended. With a first-order server and no ``rounds`` it
+        runs until the stopping rule of :mod:`hbfl_pyro.convergence` holds (at most
+        :data:`MAX_FIRST_ORDER_ROUNDS`), halving the server's step size on a plateau;
+        given ``rounds`` it runs exactly that many, and the verdict judges where it ended.
+        ``rounds`` is an int >= 0 (``0`` runs none, e.g. a resumed fit that is already
+        complete). A fit that did not converge warns (:class:`ConvergenceWarning`).
 
         :param on_round: called with each round's record once the round is complete,
             e.g. to write a checkpoint (``lambda record: fit.checkpoint(path)``).
@@ -553,19 +568,7 @@ class FederatedSVI:
             "run()", dict(rounds=rounds, progress=progress, on_round=on_round), RUN_OPTIONS
         )["rounds"]
         if self.server.mode != "second_order":
-            if rounds is None:
-                raise ValueError(
-                    f"run() needs a number of rounds with the {self.server.mode!r} server"
-                )
-            bar = tqdm(range(rounds), disable=not progress, desc="federated SVI", unit="round")
-            for _ in bar:
-                record = self.step()
-                bar.set_postfix(elbo=f"{record['elbo']:.3f}", clients=len(record["clients"]))
-                if on_round is not None:
-                    on_round(record)
-            never = failing_clients(self.history, final=True)
-            if never and not self._drops:
-                raise ClientFailureError(failure_message(self.round, never, final=True))
+            self._run_first_order(rounds, progress, on_round)
             return self.history
         cap = MAX_ROUNDS if rounds is None else rounds
         first = self.round
@@ -590,18 +593,64 @@ class FederatedSVI:
             )
         return self.history
 
+    def _run_first_order(self, rounds, progress, on_round) -> None:
+        until_converged = rounds is None
+        total = MAX_FIRST_ORDER_ROUNDS if until_converged else rounds
+        bar = tqdm(range(total), disable=not progress, desc="federated SVI", unit="round")
+        for _ in bar:
+            record = self.step()
+            bar.set_postfix(elbo=f"{record['elbo']:.3f}", clients=len(record["clients"]))
+            status = record["convergence"]
+            if until_converged and status == "plateau" and self._halvings < MAX_HALVINGS:
+                if self.server.halve_step():  # gradient mode: less jitter around the optimum
+                    record["step_halved"] = True
+            if on_round is not None:
+                on_round(record)
+            if until_converged and status in ("converged", "diverged"):
+                break
+        bar.close()
+        never = failing_clients(self.history, final=True)
+        if never and not self._drops:
+            raise ClientFailureError(failure_message(self.round, never, final=True))
+        verdict = self.verdict
+        if verdict["status"] != "converged":
+            warnings.warn(
+                f"the fit did not converge ({verdict['status']} after {verdict['rounds']} "
+                "rounds): q(phi) is still moving. Run more rounds (run() without rounds "
+                "runs until converged) or check the model",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def _halvings(self) -> int:
+        return sum(1 for r in self.history if r.get("step_halved"))
+
     @property
     def verdict(self) -> Dict:
         """How the fit ended: ``status`` (``"converged"``, ``"max rounds reached"``,
         ``"diverged"`` or ``"running"``), ``rounds``, and after the PSIS round ``k_hat``
-        and ``reliable`` (k-hat < 0.7). First-order servers have no stopping rule yet:
-        their status is ``"not checked"``; in gradient mode the verdict still carries the
-        PSIS check of the joint approximation at the current round (``k_hat``,
-        ``reliable``; :mod:`hbfl_pyro.psis_check`, computed once per round when asked).
+        and ``reliable`` (k-hat < 0.7).
+
+        First-order servers: the status is that of the stopping rule
+        (:mod:`hbfl_pyro.convergence`) at the last round, with what it measured
+        (``moment_change``, ``elbo_gain``, ``elbo_se``, ``monitored_rounds``,
+        ``step_halvings``); ``"not checked"`` when no round ran under this object (a fit
+        received from Flower). In gradient mode it also carries the PSIS check of the joint
+        approximation (``k_hat`` of q itself, ``k_hat_of="q"``, ``reliable`` when < 0.5;
+        :mod:`hbfl_pyro.psis_check`, computed once per round when asked).
         ``dropped_clients`` names clients left out with ``on_client_failure="drop"``."""
         if self.server.mode == "second_order":
             return dict(self.server.verdict)
-        verdict = {"status": "not checked", "rounds": self.round}
+        verdict: Dict = {"status": "not checked", "rounds": self.round, "k_hat_of": "q"}
+        if self._monitored:
+            status = self._monitor.status
+            verdict["status"] = (
+                status if status in ("converged", "diverged") else ("max rounds reached")
+            )
+            verdict.update(self._monitor.last, monitored_rounds=self._monitored)
+            if self._halvings:
+                verdict["step_halvings"] = self._halvings
         if self.server.mode == "gradient" and self.round > 0:
             verdict.update(self._joint_check())
         dropped = failing_clients(self.history, final=True)
@@ -621,7 +670,9 @@ class FederatedSVI:
             else:
                 # q's own moments are what a first-order fit reports: a "good" k-hat.
                 check["reliable"] = (
-                    check["k_hat"] < K_HAT_GOOD and check["unevaluated_draws"] <= 0.01
+                    check["k_hat"] < K_HAT_GOOD
+                    and check["unevaluated_draws"] <= 0.01
+                    and moments_close(check)
                 )
             self._checked = (self.round, check)
         return dict(self._checked[1])

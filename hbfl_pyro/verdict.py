@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+from .convergence import WINDOW
+from .psis_check import MEAN_SHIFT_OK, SD_RATIO_OK
+
 #: Pareto k-hat at or above which importance-sampling estimates are unreliable.
 K_HAT_RELIABLE = 0.7
 #: Pareto k-hat below which the proposal itself is close to the target ("good" in Vehtari
@@ -32,9 +35,9 @@ def verdict_lines(verdict: Dict) -> Tuple[str, Optional[List[str]]]:
     status, rounds = verdict.get("status", "not checked"), verdict.get("rounds")
     line = status if rounds is None else f"{status} in {rounds} rounds"
     if status == "not checked":
-        line = f"{rounds} rounds run; this server has no stopping rule (no convergence check)"
+        line = f"{rounds} rounds run; no convergence check ran on them"
     k_hat = verdict.get("k_hat")
-    if k_hat is not None and status == "not checked":  # q's own moments are reported
+    if k_hat is not None and _of_q(verdict):  # q's own moments are reported
         reading = "< 0.5: q is close to the posterior" if k_hat < K_HAT_GOOD else "UNRELIABLE"
         line += f"; PSIS check of q: Pareto k-hat {k_hat:.2f} ({reading})"
     elif k_hat is not None:
@@ -62,35 +65,52 @@ def verdict_problems(verdict: Dict) -> List[str]:
     """
     status, k_hat = verdict.get("status"), verdict.get("k_hat")
     problems = []
-    if status == "not checked" and k_hat is not None:
-        if k_hat >= K_HAT_GOOD:
+    if _of_q(verdict) and k_hat is not None and k_hat >= K_HAT_GOOD:
+        problems.append(
+            f"the fit failed its importance-sampling check (k-hat {k_hat:.2f} >= "
+            f"{K_HAT_GOOD}): q(phi) prod_i q_i(theta_i), whose means and sds are reported, "
+            "is not close to the posterior (an unconverged fit, or a guide family too "
+            "poor for it: mean-field shrinks sds). Do not use it as it stands: run more "
+            "rounds, try a richer --guide, or drop the first-order options so that the "
+            "second-order server runs where it applies."
+        )
+    ratio = verdict.get("q_sd_ratio")
+    if _of_q(verdict) and ratio is not None and k_hat is not None and k_hat < K_HAT_RELIABLE:
+        shift, (low, high) = verdict["q_mean_shift"], ratio
+        if shift > MEAN_SHIFT_OK or not SD_RATIO_OK[0] <= low <= high <= SD_RATIO_OK[1]:
             problems.append(
-                f"the fit failed its importance-sampling check (k-hat {k_hat:.2f} >= "
-                f"{K_HAT_GOOD}): q(phi) prod_i q_i(theta_i), whose means and sds are reported, "
-                "is not close to the posterior (an unconverged fit, or a guide family too "
-                "poor for it: mean-field shrinks sds). Do not use it as it stands: run more "
-                "rounds, try a richer --guide, or drop the first-order options so that the "
-                "second-order server runs where it applies."
+                f"q's own moments, which are reported, differ from the importance-weighted "
+                f"posterior's: means up to {shift:.2f} sd apart, sds {low:.2f}-{high:.2f} "
+                f"of the weighted ones (worst: {verdict.get('q_worst_site')!r}; close is "
+                f"<= {MEAN_SHIFT_OK} sd and {SD_RATIO_OK[0]}-{SD_RATIO_OK[1]}). A guide "
+                "family too poor for the posterior (mean-field shrinks sds) or an "
+                "unconverged fit: try a richer --guide, or drop the first-order options "
+                "so that the second-order server runs where it applies."
             )
-    elif status == "not checked" and verdict.get("check_error"):
+    if _of_q(verdict) and verdict.get("check_error"):
         problems.append(
-            "the PSIS check of this first-order fit could not run "
-            f"({verdict['check_error']}), and there is no stopping rule: compare it with "
-            "--compare-pooled before use."
+            f"the PSIS check of this first-order fit could not run ({verdict['check_error']})"
+            ": compare it with --compare-pooled before use."
         )
-    elif status == "not checked":
+    if status == "not checked" and k_hat is None:
         problems.append(
-            "no convergence check ran: first-order servers have no stopping rule yet, so "
-            "the posterior may be far from the optimum after these rounds. Compare it with "
-            "--compare-pooled, or drop the first-order options so that the second-order "
-            "server (with its verdict and PSIS check) runs where it applies."
+            "no convergence check ran on these rounds (they ran outside this fit, e.g. in "
+            "Flower): the posterior may be far from the optimum. Compare it with "
+            "--compare-pooled, or fit in-process, where the stopping rule runs."
         )
-    if status in ("max rounds reached", "diverged"):
+    monitored = verdict.get("monitored_rounds")
+    if status == "max rounds reached" and monitored is not None and monitored < 2 * WINDOW:
+        problems.append(
+            f"only {monitored} rounds ran; the stopping rule compares two windows of "
+            f"{WINDOW} rounds, so convergence was not established. Run more rounds, or "
+            "none given (run until converged)."
+        )
+    elif status in ("max rounds reached", "diverged"):
         problems.append(
             f"the fit did not converge ({status}): its posterior is that of the best point "
             "found, not of the posterior mode. Run more rounds (--rounds) or check the model."
         )
-    if status != "not checked" and k_hat is not None and k_hat >= K_HAT_RELIABLE:
+    if not _of_q(verdict) and k_hat is not None and k_hat >= K_HAT_RELIABLE:
         problems.append(
             f"the posterior failed its importance-sampling check (k-hat {k_hat:.2f} >= "
             f"{K_HAT_RELIABLE}): a Gaussian in the globals' unconstrained space is not "
@@ -110,3 +130,9 @@ def verdict_problems(verdict: Dict) -> List[str]:
             "the weights describe a truncated posterior."
         )
     return problems
+
+
+def _of_q(verdict: Dict) -> bool:
+    """Whether the verdict's k-hat is that of q itself (a first-order fit reports q's own
+    moments), rather than of a PSIS-corrected posterior."""
+    return verdict.get("k_hat_of") == "q" or verdict.get("status") == "not checked"

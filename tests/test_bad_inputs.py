@@ -365,7 +365,6 @@ CASES = [
     # --- run()
     case("run('3')", lambda tmp: _run("3"), T, r"rounds must be an integer.*got '3'"),
     case("run(True)", lambda tmp: _run(True), T, r"rounds must be an integer.*got True"),
-    case("run(None) first-order", lambda tmp: _run_first_order(None), V, r"needs a number"),
     case("run(progress='no')", lambda tmp: _run(2, progress="no"), T, r"progress .*got 'no'"),
     case("run(on_round=5)", lambda tmp: _run(2, on_round=5), T, r"on_round must be a callable"),
     # --- DPConfig

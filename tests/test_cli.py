@@ -610,7 +610,7 @@ def test_main_restores_the_callers_warning_filters(tmp_path, capsys):
 
 def test_quiet_verbose_and_strict(tmp_path, capsys):
     """-q keeps the verdict (banner included) and the paths; -v adds a line per round;
-    --strict exits 3 when the banner shows (a first-order fit is never checked)."""
+    --strict exits 3 when the banner shows (2 rounds cannot establish convergence)."""
     argv = ["fit", "models/normal_normal.py", "--rounds", "2", "--local-steps", "2"]
     argv += ["--no-report", "--no-progress", "--out", str(tmp_path)]
     assert main(argv) == 0
@@ -625,8 +625,9 @@ def test_quiet_verbose_and_strict(tmp_path, capsys):
     assert len(quiet.out) < len(default) / 2
     assert quiet.err == ""
     lines = quiet.out.splitlines()
-    assert lines[0].startswith("verdict: 2 rounds run")
-    assert "WARNING: this posterior is not checked" in quiet.out  # the banner
+    assert lines[0].startswith("verdict: max rounds reached in 2 rounds")
+    assert "WARNING: this posterior is not trustworthy" in quiet.out  # the banner
+    assert "convergence was not established" in quiet.out
     assert lines[-1] == f"wrote {tmp_path / 'summary.csv'}"
     assert "clients" not in quiet.out and "theta" not in quiet.out  # header, table
     # -v: the default output with one line per round.
@@ -638,7 +639,7 @@ def test_quiet_verbose_and_strict(tmp_path, capsys):
     )
     assert strict.out == quiet.out
     assert strict.err.strip() == (
-        f"hbfl: --strict: this posterior is not checked (exit status {EXIT_UNTRUSTWORTHY}; "
+        f"hbfl: --strict: this posterior is not trustworthy (exit status {EXIT_UNTRUSTWORTHY}; "
         "files written)"
     )
     # -q and -v exclude each other: a usage error, status 2.

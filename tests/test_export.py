@@ -172,9 +172,9 @@ def test_netcdf_round_trip(normal_normal_fit, tmp_path):
     )
     np.testing.assert_array_equal(back.elbo_history["elbo"], idata.elbo_history["elbo"])
     assert back.posterior.attrs["inference_library"] == "hbfl_pyro"
-    # The verdict travels with the draws (closed form: no check ran, and it says so).
-    assert back.posterior.attrs["verdict_status"] == "not checked"
-    assert back.posterior.attrs["verdict"].startswith("2 rounds run")
+    # The verdict travels with the draws (2 rounds: too few for the stopping rule).
+    assert back.posterior.attrs["verdict_status"] == "max rounds reached"
+    assert back.posterior.attrs["verdict"].startswith("max rounds reached in 2 rounds")
     back.close()
 
 
