@@ -226,9 +226,15 @@ class Client:
             )
         return terms[:, 0]
 
+    def _q_phi(self) -> torch.nn.Module:
+        """The client's copy of ``q(phi)`` (gradient mode; a closed-form family has none)."""
+        if self.global_guide is None:
+            raise RuntimeError(f"client {self.name!r} holds no q(phi): closed-form mode")
+        return self.global_guide
+
     def _load_global(self, message) -> None:
         if self._family is None:
-            self.global_guide.load_state_dict(message["global_params"])
+            self._q_phi().load_state_dict(message["global_params"])
 
     # ------------------------------------------------------------------ the round
     def update(self, message: Dict) -> Dict:
@@ -252,13 +258,15 @@ class Client:
             )
             local = list(self.local_guide.parameters())
             lr = self.config.lr * self.config.lr_decay**self.updates
-            for group in self.optim.param_groups if self.optim is not None else ():
-                group["lr"] = lr
-            for _ in range(self.config.steps if self.optim is not None else 0):
-                loss = -self._terms(message, self.config.num_particles).sum()
-                self.optim.zero_grad()
-                loss.backward(inputs=local)
-                self.optim.step()
+            optim = self.optim
+            if optim is not None:  # None: the local factor has no parameters (no steps)
+                for group in optim.param_groups:
+                    group["lr"] = lr
+                for _ in range(self.config.steps):
+                    loss = -self._terms(message, self.config.num_particles).sum()
+                    optim.zero_grad()
+                    loss.backward(inputs=local)
+                    optim.step()
             self.updates += 1
             reply = {
                 "client": self.name,
@@ -272,7 +280,7 @@ class Client:
                     reply["stats"] = {k: v.detach().clone() for k, v in summary.items()}
                     reply["elbo"] = float(self._terms(message, self.config.grad_particles).sum())
             else:
-                names, params = zip(*self.global_guide.named_parameters())
+                names, params = zip(*self._q_phi().named_parameters())
                 value = self._terms(message, self.config.grad_particles).sum()
                 grads = torch.autograd.grad(-value, params, allow_unused=True)
                 reply["grads"] = {

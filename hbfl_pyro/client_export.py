@@ -22,7 +22,7 @@ from pyro.poutine.util import site_is_subsample
 from .elbo import PARTICLE_PLATE, site_log_prob, with_particles
 from .guides import private_params
 from .seeding import seeded
-from .structure import ModelStructure
+from .structure import ModelStructure, site_distribution, site_value
 from .summary import _drop_broadcast_dims, _pad_batch
 
 
@@ -123,8 +123,8 @@ def evaluate_client(
         (torch.Size([50]), torch.Size([50]))
     """
     nesting = structure.max_plate_nesting
-    num_samples = next(iter(list(global_draws.values()) + list(own_local_draws.values())))
-    num_samples = num_samples.shape[0]
+    first = next(iter(list(global_draws.values()) + list(own_local_draws.values())))
+    num_samples = first.shape[0]
     values = client_values(global_draws, own_local_draws, structure)
     run = with_particles(poutine.condition(model, data=values), num_samples, nesting)
     with private_params(), torch.no_grad(), seeded(seed):
@@ -140,12 +140,12 @@ def evaluate_client(
         clients_axis = nesting + 1 + structure.plate_dim
         for name in structure.observed_sites:
             site = trace.nodes[name]
-            fn = site["fn"]
+            fn = site_distribution(site)
             event_dim = fn.event_dim
             batch_shape = tuple(fn.batch_shape)
             full = batch_shape + tuple(fn.event_shape)
             replicated = fn.sample()
-            observed = site["value"].expand(full)[0]
+            observed = site_value(site).expand(full)[0]
             # log densities as the ELBO sees them: the site's scale and mask applied.
             log_p = site_log_prob(site).expand(batch_shape)
             log_p = log_p.select(clients_axis, 0)

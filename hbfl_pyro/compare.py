@@ -373,7 +373,7 @@ def compare_pooled(
             f"compare_pooled takes a fitted FederatedSVI, got {type(fit).__name__}; build one "
             "with FederatedSVI(model, clients, ...) and run it first"
         )
-    svi_settings = None if svi is False else {
+    svi_settings: Optional[Dict[str, Any]] = None if svi is False else {
         "steps": 2000, "lr": 0.05, "lr_decay": 0.01, "num_particles": 8, **(svi or {})
     }  # fmt: skip
     nuts_settings = None if nuts is False else {

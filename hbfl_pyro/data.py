@@ -184,9 +184,9 @@ class FederatedData:
                 got = t.shape[1:] if per_obs else t.shape
                 want = r.shape[1:] if per_obs else r.shape
                 if t.dim() != r.dim() or got != want:
-                    shape = ("n",) + tuple(want) if per_obs else tuple(want)
+                    dims = ("n",) + tuple(want) if per_obs else tuple(want)
                     shape = (
-                        "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
+                        "(" + ", ".join(str(d) for d in dims) + (",)" if len(dims) == 1 else ")")
                     )
                     fix = (
                         "per-observation key: only its first dimension, the number of "

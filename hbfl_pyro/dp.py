@@ -297,6 +297,14 @@ class DPConfig:
                 "0 clips without noise (no privacy), about 1 or more gives a useful epsilon"
             )
 
+    @property
+    def _z(self) -> float:
+        """The noise multiplier as a float: the one given, or the one solved for
+        ``target_epsilon`` (``__post_init__`` sets ``noise_multiplier`` either way)."""
+        if self.noise_multiplier is None:  # only while __post_init__ runs
+            raise RuntimeError("DPConfig: the noise multiplier is not set yet")
+        return self.noise_multiplier
+
     # ------------------------------------------------------------------ client side
     def clip_message(self, tensors: Dict[str, torch.Tensor], where: str = "a client"):
         """Scale a message's data-dependent tensors so their joint L2 norm is at most ``clip``.
@@ -346,9 +354,9 @@ class DPConfig:
         clipped = [self.clip_message(m, "the server's re-clipping") for m in messages]
         keys = list(clipped[0])
         sums = {k: sum(m[k] for m in clipped) for k in keys}
-        if self.noise_multiplier > 0:
+        if self._z > 0:
             gen = torch.Generator().manual_seed(seed)
-            std = self.noise_multiplier * self.clip
+            std = self._z * self.clip
             for k in sorted(keys):
                 if k in PUBLIC_KEYS:
                     continue
@@ -367,7 +375,7 @@ class DPConfig:
     # ------------------------------------------------------------------ accounting
     def epsilon(self, rounds: int) -> float:
         """``epsilon`` at this config's ``delta`` after ``rounds`` released sums."""
-        return epsilon(self.noise_multiplier, rounds, self.delta, self.accountant)
+        return epsilon(self._z, rounds, self.delta, self.accountant)
 
     def report(self, rounds: int) -> Dict:
         """The privacy of a run that released ``rounds`` noisy sums, as a plain dict.
@@ -392,7 +400,11 @@ class DPConfig:
 
     def check_round(self, server_round: int) -> None:
         """Refuse a round past the planned ``rounds`` when the noise was solved for a target."""
-        if self.target_epsilon is not None and server_round > self.rounds:
+        if (
+            self.target_epsilon is not None
+            and self.rounds is not None
+            and server_round > self.rounds
+        ):
             raise RuntimeError(
                 f"round {server_round} would exceed the privacy budget: DPConfig("
                 f"target_epsilon={self.target_epsilon}) was solved for rounds={self.rounds}; "

@@ -17,7 +17,7 @@ in Pyro's ``Trace_ELBO(vectorize_particles=True)``.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union, cast
 
 import pyro
 import torch
@@ -176,7 +176,7 @@ def client_terms(
             guide_trace.add_node(name, **node)
     model = with_particles(model, num_particles, nesting)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
-    total = 0.0
+    total: Union[float, torch.Tensor] = 0.0
     reduce = partial(_reduce, plate=structure.plate, num_clients=num_clients)
     for name in structure.local_sites + structure.observed_sites:
         site = model_trace.nodes[name]
@@ -184,7 +184,7 @@ def client_terms(
         total = total + reduce(log_p, site, per_particle=per_particle)
     for site in _guide_sites(local_trace):
         total = total - reduce(site_log_prob(site), site, per_particle=per_particle)
-    return total
+    return cast(torch.Tensor, total)  # a model has an observed site: a tensor was added
 
 
 def server_term(
@@ -223,11 +223,12 @@ def server_log_ratios(
     # The placeholder's values need not lie in the likelihood's support: don't validate.
     with pyro.validation_enabled(False):
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(placeholder)
-    total = 0.0
+    total: Union[float, torch.Tensor] = 0.0
     for name in structure.global_sites:
         site = model_trace.nodes[name]
         total = total + _reduce(site_log_prob(site), site, None, 0, per_particle=True)
     for site in _guide_sites(guide_trace):
         total = total - _reduce(site_log_prob(site), site, None, 0, per_particle=True)
     values = {name: guide_trace.nodes[name]["value"] for name in structure.global_sites}
-    return total, values
+    # Called for models with global sites: a tensor was added.
+    return cast(torch.Tensor, total), values

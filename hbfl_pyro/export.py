@@ -241,7 +241,7 @@ def _build(fit, num_samples: int, seed: int, pointwise: bool, marginal_draws: in
     from .verdict import verdict_lines
 
     verdict = fit.verdict
-    draws = (
+    what_draws = (
         "PSIS-resampled draws of the globals' posterior (the second-order server's corrected "
         "q(z)), each client's locals resampled from importance draws at each"
         if fit.server.mode == "second_order"
@@ -253,7 +253,7 @@ def _build(fit, num_samples: int, seed: int, pointwise: bool, marginal_draws: in
         "pyro_version": str(pyro.__version__),
         "torch_version": str(torch.__version__),  # a str subclass h5py rejects
         "inference_method": "federated SVI (FedHB)",
-        "draws": draws,
+        "draws": what_draws,
         "server_mode": fit.server.mode,
         # How the fit ended, as the CLI and report.md say it (issue 13): status and k-hat.
         "verdict": verdict_lines(verdict)[0],
@@ -441,6 +441,8 @@ def client_log_likelihood(idata, var_name: Optional[str] = None):
         if clients:
             da = da.sel({CLIENT_DIM: clients})
         total = da if total is None else total + da
+    if total is None:
+        raise ValueError("the log_likelihood group has no variable to sum per client")
     return total.transpose(*CHAIN_DRAW, CLIENT_DIM).rename("client_log_likelihood")
 
 

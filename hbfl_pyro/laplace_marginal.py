@@ -51,7 +51,7 @@ from torch.func import grad, grad_and_value, jacfwd, jacrev, vmap
 
 from .data import collate
 from .elbo import site_log_prob
-from .structure import ModelStructure
+from .structure import ModelStructure, site_distribution, site_value
 from .unconstrained import GlobalLayout, is_continuous
 
 #: Above this many local values per client the k x k curvature is too costly to form.
@@ -90,7 +90,7 @@ class LaplaceMarginal:
     max_elements = 2**22
     #: How the k x k curvature in the locals is formed: forward over reverse mode (the
     #: fastest measured), switched to reverse over reverse where an op lacks the rule.
-    _inner_jacobian = staticmethod(jacfwd)
+    _inner_jacobian: Callable[..., Callable] = staticmethod(jacfwd)
 
     def __init__(self, model: Callable, structure: ModelStructure, batch, layout=None):
         self.model = model
@@ -105,8 +105,9 @@ class LaplaceMarginal:
         size = 0
         for name in structure.local_sites:
             site = trace.nodes[name]
-            support, value = site["fn"].support, site["value"]
-            if not is_continuous(support):
+            fn, value = site_distribution(site), site_value(site)
+            support = fn.support
+            if support is None or not is_continuous(support):
                 raise NotImplementedError(f"local site {name!r} is discrete ({support})")
             if biject_to(support).inv(value).shape != value.shape:
                 raise NotImplementedError(
@@ -119,7 +120,7 @@ class LaplaceMarginal:
                     tuple(value.shape),
                     size,
                     size + value.numel(),
-                    site["fn"].event_dim,
+                    fn.event_dim,
                 )
             )
             size += value.numel()

@@ -133,6 +133,8 @@ def _import_file(path: Path) -> ModuleType:
     name = _module_name(path)
     loader = importlib.machinery.SourceFileLoader(name, str(path))
     spec = importlib.util.spec_from_loader(name, loader)
+    if spec is None:  # not with a loader given
+        raise ModelFileError(f"cannot import model file {str(path)!r}")
     module = importlib.util.module_from_spec(spec)
     directory = str(path.parent)
     # Registered before running, as ``import`` does: dataclasses and pickling of objects
@@ -364,7 +366,7 @@ def load_model_file(
         options.update(extra)
         over_run.update(extra_over_run)
         rounds = extra_rounds if extra_rounds is not None else rounds
-    spec = ModelFile(path, name, module, model, load_data, options, rounds, over_run, guide)
+    model_file = ModelFile(path, name, module, model, load_data, options, rounds, over_run, guide)
     if over_run:
-        spec.options = spec.options_for(rounds)
-    return spec
+        model_file.options = model_file.options_for(rounds)
+    return model_file

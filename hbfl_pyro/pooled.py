@@ -116,7 +116,7 @@ def pooled_elbo(
         return -float(elbo.loss(model, guide, data.collate()))
 
 
-def joint_guide_of(fit) -> Callable:
+def joint_guide_of(fit) -> PooledJointGuide:
     """The pooled joint guide ``q(phi) prod_i q_i(theta_i)`` holding a federated fit's values.
 
     The clients' local parameters are concatenated along the clients axis into one local
@@ -131,16 +131,25 @@ def joint_guide_of(fit) -> Callable:
         local = build_local_guide(fit.model, fit.structure, batch, type(template))
         states = [c.state_dict()["guide"] for c in fit.clients.values()]
         local.load_state_dict({k: torch.cat([s[k] for s in states]) for k in states[0]})
-    global_guide = fit.server.global_guide
+    return PooledJointGuide(fit.server.global_guide, local)
 
-    def joint(data: Dict[str, torch.Tensor]):
-        out = dict(global_guide(data))
-        out.update(local(data))
+
+class PooledJointGuide:
+    """The guide :func:`joint_guide_of` returns: ``q(phi)``'s draws, then the clients'
+    locals, as one pooled guide (a plain callable holding the two modules).
+
+    :ivar global_guide: the server's ``q(phi)``.
+    :ivar local: one local guide over all clients.
+    """
+
+    def __init__(self, global_guide: Callable, local: Callable):
+        self.global_guide = global_guide
+        self.local = local
+
+    def __call__(self, data: Dict[str, torch.Tensor]):
+        out = dict(self.global_guide(data))
+        out.update(self.local(data))
         return out
 
-    joint.local = local
-    joint.global_guide = global_guide
-    return joint
 
-
-__all__ = ["fit_pooled_svi", "joint_guide_of", "pooled_elbo", "svi_steps"]
+__all__ = ["PooledJointGuide", "fit_pooled_svi", "joint_guide_of", "pooled_elbo", "svi_steps"]

@@ -33,7 +33,7 @@ from .elbo import with_particles
 from .guides import private_params
 from .laplace_marginal import MarginalClient, psis_noise
 from .seeding import derive_seed, seeded
-from .structure import ModelStructure
+from .structure import ModelStructure, site_distribution, site_value
 from .summary import _pad_batch, deterministic_samples
 
 
@@ -128,13 +128,13 @@ def new_client_predictive(
             if any(f.name == structure.plate for f in trace.nodes[s]["cond_indep_stack"])
         ]
         out = {
-            site: _per_client_value(trace.nodes[site]["value"], trace.nodes[site], structure, n)
+            site: _per_client_value(site_value(trace.nodes[site]), trace.nodes[site], structure, n)
             for site in wanted
         }
         if data is not None:
             for site in structure.observed_sites:
                 node = trace.nodes[site]
-                out[site] = _per_client_value(node["fn"].sample(), node, structure, n)
+                out[site] = _per_client_value(site_distribution(node).sample(), node, structure, n)
     return out
 
 

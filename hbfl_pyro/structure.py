@@ -9,11 +9,12 @@ training, and every error names the site (and the client) and says how to fix it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, cast
 
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import TorchDistribution
 from pyro.poutine.util import site_is_subsample
 
 from .data import MASK_KEY, DataValidationError, FederatedData
@@ -49,6 +50,38 @@ class ModelStructure:
 
     def event_dim(self, site: str) -> int:
         return dict(self.event_dims)[site]
+
+
+def site_distribution(site: Any) -> TorchDistribution:
+    """The distribution of a traced sample site.
+
+    Pyro types a message's ``fn`` as any callable; at a ``"sample"`` site it is the
+    site's distribution.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist
+        >>> trace = poutine.trace(lambda: pyro.sample("x", dist.Normal(0.0, 1.0))).get_trace()
+        >>> site_distribution(trace.nodes["x"]).event_dim
+        0
+    """
+    return cast(TorchDistribution, site["fn"])
+
+
+def site_value(site: Any) -> torch.Tensor:
+    """The value of a traced sample site.
+
+    Pyro types a message's ``value`` as optional; a sample site that has run holds its
+    drawn (or observed) tensor.
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist
+        >>> trace = poutine.trace(lambda: pyro.sample("x", dist.Normal(0.0, 1.0))).get_trace()
+        >>> site_value(trace.nodes["x"]).shape
+        torch.Size([])
+    """
+    return cast(torch.Tensor, site["value"])
 
 
 def _sample_sites(trace) -> Dict[str, dict]:
@@ -200,7 +233,7 @@ def _likelihood_globals(model, data, one, globals_, observed, plate_dim) -> Tupl
     for some clients (a zero regressor multiplies it out of the value, not of the graph).
     """
     del one  # each client is traced on its own data below
-    found = set()
+    found: set = set()
     for i in range(len(data)):
         batch = data.collate([i])
         with torch.random.fork_rng(devices=[]), pyro.validation_enabled(True):
@@ -216,7 +249,7 @@ def _likelihood_globals(model, data, one, globals_, observed, plate_dim) -> Tupl
         with pyro.validation_enabled(False):
             conditioned = poutine.trace(poutine.condition(model, data=values)).get_trace(batch)
         log_p = sum(
-            conditioned.nodes[n]["fn"].log_prob(conditioned.nodes[n]["value"]).sum()
+            site_distribution(conditioned.nodes[n]).log_prob(site_value(conditioned.nodes[n])).sum()
             for n in observed
         )
         leaves = [values[name] for name in globals_]
@@ -284,8 +317,7 @@ def _check_observations(trace, batch, plate_dim: int, client: str) -> None:
                 if 0 <= axis < len(first):  # the clients axis: one client here
                     first = first[:axis] + first[axis + 1 :]
                 try:
-                    shown = value[full[-value.dim() :] if value.dim() else ()]
-                    shown = shown.tolist()
+                    shown: object = value[full[-value.dim() :] if value.dim() else ()].tolist()
                 except Exception:
                     shown = "?"
                 base = fn

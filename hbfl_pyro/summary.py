@@ -17,7 +17,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union, cast
 
 import pyro
 import torch
@@ -25,7 +25,7 @@ from pyro import poutine
 
 from .elbo import with_particles
 from .guides import private_params
-from .structure import ModelStructure
+from .structure import ModelStructure, site_value
 
 COLUMNS = ("site", "client", "index", "mean", "sd", "q5", "q95")
 Row = Dict[str, Union[str, float]]
@@ -132,7 +132,7 @@ def deterministic_samples(
                 out.pop(site, None)
                 warnings.warn(
                     f"deterministic site {site!r} is not summarised: its value of shape "
-                    f"{tuple(node['value'].shape)} has no leading dimension of the "
+                    f"{tuple(site_value(node).shape)} has no leading dimension of the "
                     f"{num_samples} draws",
                     stacklevel=2,
                 )
@@ -295,7 +295,9 @@ def format_table(rows: Sequence[Row]) -> str:
     """
     numeric = ("mean", "sd", "q5", "q95")
     cells = [list(COLUMNS)] + [
-        [format_number(r[c]) if c in numeric else str(r[c]) for c in COLUMNS] for r in rows
+        # The numeric columns hold floats (Row types every cell as text or number).
+        [format_number(cast(float, r[c])) if c in numeric else str(r[c]) for c in COLUMNS]
+        for r in rows
     ]
     widths = [max(len(row[j]) for row in cells) for j in range(len(COLUMNS))]
     lines = []

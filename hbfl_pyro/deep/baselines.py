@@ -200,7 +200,8 @@ class Pooled(FederatedTrainer):
             torch.cat([y for _, y in self.data]),
         )
         self.weights = self.init.clone()
-        self._pass, self._queue, self._owed = 0, [], 0
+        self._queue: List[torch.Tensor] = []
+        self._pass, self._owed = 0, 0
 
     def penalty(self) -> Penalty:
         return None

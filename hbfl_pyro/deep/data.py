@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): all multi-byte values big-endian.
-_IDX_DTYPES = {
+_IDX_DTYPES: Dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -429,7 +429,8 @@ def partition(
     group_of = np.empty(total, dtype=np.int64)
     group_of[order] = np.arange(total) % rotations
     held_out = set(order[num_clients:].tolist())
-    train_clients, new_clients = [], []
+    train_clients: List[ClientSplit] = []
+    new_clients: List[ClientSplit] = []
     for i, part in enumerate(parts):
         train_idx, test_idx = _stratified(part, labels_np, test_fraction, rng)
         g = int(group_of[i])

@@ -69,7 +69,7 @@ from .local import (
     train_loop,
     train_vmap,
 )
-from .nets import FlatNet
+from .nets import FlatNet, WeightFunction
 
 __all__ = [
     "FedHB",
@@ -222,8 +222,11 @@ class FederatedTrainer:
     ):
         if engine not in ("vmap", "loop"):
             raise ValueError(f"engine must be 'vmap' or 'loop', got {engine!r}")
-        self.net = FlatNet(net)
-        self.init = self.net.vector()
+        flat = FlatNet(net)
+        #: The network as ``f(theta, x)`` (a :class:`~hbfl_pyro.deep.FlatNet`, or what a
+        #: method predicts with, e.g. pFedBayes's mean-field predictive).
+        self.net: WeightFunction = flat
+        self.init = flat.vector()
         self.data = self.prepare(clients)
         self.sizes = [len(y) for _, y in self.data]
         self.fraction, self.seed, self.engine = fraction, seed, engine
@@ -425,8 +428,9 @@ class FedHB(FederatedTrainer):
             raise ValueError(f"participation must be 'scaled' or 'stale', got {participation!r}")
         if weighting not in ("equal", "size"):
             raise ValueError(f"weighting must be 'equal' or 'size', got {weighting!r}")
-        if getattr(family, "d", self.net.d) != self.net.d:
-            raise ValueError(f"the family has d = {family.d}, the network {self.net.d} weights")
+        d = getattr(family, "d", self.net.d)  # the NIW families' dimension
+        if d != self.net.d:
+            raise ValueError(f"the family has d = {d}, the network {self.net.d} weights")
         self.family = family
         self.eps = float(eps)
         self.participation, self.weighting, self.start = participation, weighting, start

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from ..seeding import derive_seed
-from .nets import FlatNet
+from .nets import WeightFunction
 
 __all__ = [
     "LocalSpec",
@@ -112,7 +112,7 @@ def batch_schedule(n: int, batch_size: int, epochs: int, seed: int) -> List[torc
 
 
 def client_loss(
-    net: FlatNet,
+    net: WeightFunction,
     theta: torch.Tensor,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -208,7 +208,7 @@ def _starts(starts: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def train_loop(
-    net: FlatNet,
+    net: WeightFunction,
     starts: torch.Tensor,
     data: Sequence[ClientTensors],
     schedules: Sequence[Sequence[torch.Tensor]],
@@ -277,7 +277,7 @@ class _RowOptimizer:
         parts = [t[rows] if t is not None else None for t in (theta, self.steps, self.m, self.v)]
         self._update(parts[0], g, *parts[1:])
         for full, part in zip((theta, self.steps, self.m, self.v), parts):
-            if full is not None:
+            if full is not None and part is not None:  # both or neither
                 full[rows] = part
 
     def _update(self, theta, g, steps, m, v) -> None:
@@ -301,7 +301,7 @@ class _RowOptimizer:
 
 
 def train_vmap(
-    net: FlatNet,
+    net: WeightFunction,
     starts: torch.Tensor,
     data: Sequence[ClientTensors],
     schedules: Sequence[Sequence[torch.Tensor]],

@@ -19,7 +19,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from .data import ClientSplit, FederatedSplit
-from .nets import FlatNet
+from .nets import WeightFunction
 
 __all__ = ["ece", "evaluate", "predict", "scores"]
 
@@ -58,14 +58,16 @@ def scores(logits: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
 
 
 @torch.no_grad()
-def predict(net: FlatNet, theta: torch.Tensor, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+def predict(
+    net: WeightFunction, theta: torch.Tensor, x: torch.Tensor, batch: int = 4096
+) -> torch.Tensor:
     """Logits (on the CPU) of the network with weights ``theta`` on ``x``, in chunks."""
     x = x.to(dtype=theta.dtype, device=theta.device)
     return torch.cat([net(theta, x[i : i + batch]).cpu() for i in range(0, len(x), batch)])
 
 
 def _pooled(
-    net: FlatNet, thetas: torch.Tensor, tests: Sequence[Tuple[torch.Tensor, torch.Tensor]]
+    net: WeightFunction, thetas: torch.Tensor, tests: Sequence[Tuple[torch.Tensor, torch.Tensor]]
 ) -> Dict[str, float]:
     logits = torch.cat([predict(net, t, x) for t, (x, _) in zip(thetas, tests)])
     return scores(logits, torch.cat([y for _, y in tests]))

@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Protocol, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,7 @@ from .fedhb import (
 )
 from .local import LocalSpec, QuadraticPenalty, schedules_for, select_clients
 from .metrics import evaluate, scores
-from .nets import FlatNet
+from .nets import FlatNet, WeightFunction
 
 __all__ = [
     "FedHBMixture",
@@ -110,6 +110,13 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # Seeded component initialisation
 # --------------------------------------------------------------------------------------
+
+
+class _Resettable(Protocol):
+    """A layer with ``reset_parameters()`` (torch types a module's attributes as tensors or
+    modules, so the method is looked up by ``hasattr`` and named here)."""
+
+    def reset_parameters(self) -> None: ...
 
 
 def component_inits(net: nn.Module, num_components: int, seed: int = 0) -> torch.Tensor:
@@ -136,7 +143,9 @@ def component_inits(net: nn.Module, num_components: int, seed: int = 0) -> torch
     rows = [FlatNet(net).vector()]
     for k in range(1, num_components):
         fresh = copy.deepcopy(net)
-        resettable = [m for m in fresh.modules() if hasattr(m, "reset_parameters")]
+        resettable = [
+            cast(_Resettable, m) for m in fresh.modules() if hasattr(m, "reset_parameters")
+        ]
         if not resettable:
             raise ValueError(
                 "the network has no layer with reset_parameters(); pass the components' "
@@ -204,6 +213,8 @@ def cluster_directions(
         score = float((unit * centres[labels]).sum())
         if score > best_score:
             best_labels, best_score = labels, score
+    if best_labels is None:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
     return best_labels
 
 
@@ -244,7 +255,7 @@ def mixture_priors(
 # --------------------------------------------------------------------------------------
 
 
-def _trace_precision(family: ClosedFormFamily, params: Params) -> torch.Tensor:
+def _trace_precision(family: Union[NIWIso, NIWDiag], params: Params) -> torch.Tensor:
     """``tr E_q[Sigma^{-1}]``: ``d a / b`` (iso) or ``sum_k a_k / b_k`` (diag)."""
     w = prox_weight(family, params)
     return w * family.d if w.dim() == 0 else w.sum()
@@ -410,18 +421,17 @@ class FedHBMixture(FederatedTrainer):
         **kwargs,
     ):
         super().__init__(net, clients, **kwargs)
-        if isinstance(families, ClosedFormFamily):
-            families = [families]
-        families = list(families)
-        if not families:
+        given = [families] if isinstance(families, ClosedFormFamily) else list(families)
+        if not given:
             raise ValueError("families is empty: pass K >= 1 families (mixture_priors)")
-        kinds = {type(f) for f in families}
-        if len(kinds) != 1 or not issubclass(kinds.pop(), (NIWIso, NIWDiag)):
+        kinds = {type(f) for f in given}
+        components = [f for f in given if isinstance(f, (NIWIso, NIWDiag))]
+        if len(kinds) != 1 or len(components) != len(given):
             raise ValueError(
                 "every component must be an NIWIso or every one an NIWDiag (use "
-                f"mixture_priors); got {[type(f).__name__ for f in families]}"
+                f"mixture_priors); got {[type(f).__name__ for f in given]}"
             )
-        for k, fam in enumerate(families):
+        for k, fam in enumerate(components):
             if fam.d != self.net.d:
                 raise ValueError(
                     f"component {k}'s family has d = {fam.d}, the network {self.net.d}"
@@ -457,17 +467,17 @@ class FedHBMixture(FederatedTrainer):
         self.labels: Dict[int, int] = {}
         #: clients' updates ``m_i - start`` during the shared rounds (``cluster_rounds``).
         self._updates: Dict[int, torch.Tensor] = {}
-        self.families = families
-        self.K = len(families)
+        self.families = components
+        self.K = len(components)
         self.eps = float(eps)
         self.mixing, self.alpha0 = mixing, float(alpha0)
         self.participation, self.weighting = participation, weighting
-        self.params: List[Params] = [f.init_params() for f in families]
+        self.params: List[Params] = [f.init_params() for f in components]
         self.alpha = self.init.new_full((self.K,), self.alpha0)
         #: each client's latest responsibilities ``(K,)`` (from its last reply).
         self.client_resp: Dict[int, torch.Tensor] = {}
         self._stale: Dict[int, tuple] = {}
-        self.gate: Optional[FlatNet] = None
+        self.gate: Optional[WeightFunction] = None
         self.gate_weights: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ q(phi) views
@@ -516,9 +526,9 @@ class FedHBMixture(FederatedTrainer):
         # Only differences of the offsets matter (softmax, gradient); their common part is
         # of order d / lambda0 (1e8 for an MLP), where float32 keeps no units: subtract it
         # in float64.
-        offsets = torch.stack([o.double() for o in offsets])
-        offsets = (offsets - offsets.max()).to(centers[0].dtype)
-        return MixturePenalty(torch.stack(centers), torch.stack(precisions), offsets)
+        stacked = torch.stack([o.double() for o in offsets])
+        stacked = (stacked - stacked.max()).to(centers[0].dtype)
+        return MixturePenalty(torch.stack(centers), torch.stack(precisions), stacked)
 
     def responsibilities(self, thetas: torch.Tensor) -> torch.Tensor:
         """The clients' optimal ``q(z_i)`` at their ``m_i`` under the current ``q``:
@@ -746,7 +756,7 @@ class FedHBMixture(FederatedTrainer):
         labels: str = "responsibility",
         local: Optional[LocalSpec] = None,
         fraction: Optional[float] = None,
-    ) -> FlatNet:
+    ) -> WeightFunction:
         """Train the gating network ``g(x) -> softmax over K`` by FedAvg on the training
         clients (their images, :meth:`gate_targets` as soft labels), after the mixture.
 
@@ -780,7 +790,7 @@ class FedHBMixture(FederatedTrainer):
         """``g(x)``, ``(n, K)``: the trained gate's softmax, or uniform ``1 / K`` when
         ``gate=False`` or no gate was trained (the fallback)."""
         x = x.to(dtype=self.init.dtype, device=self.init.device)
-        if not gate or self.gate is None:
+        if not gate or self.gate is None or self.gate_weights is None:  # set together
             return x.new_full((len(x), self.K), 1.0 / self.K)
         return torch.softmax(self.gate(self.gate_weights, x), -1)
 

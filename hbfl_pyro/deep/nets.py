@@ -11,14 +11,24 @@ The module's own parameters are only the layout (and the initial value); buffers
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Protocol, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-__all__ = ["FlatNet", "mlp", "small_cnn"]
+__all__ = ["FlatNet", "WeightFunction", "mlp", "small_cnn"]
+
+
+class WeightFunction(Protocol):
+    """What the trainers need of a network: ``f(theta, x)``, and the length ``d`` of
+    ``theta``. :class:`FlatNet` is one; so is pFedBayes's mean-field predictive
+    (:class:`~hbfl_pyro.deep.personalised.MeanFieldNet`)."""
+
+    d: int
+
+    def __call__(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class FlatNet:

@@ -52,7 +52,7 @@ from .local import (
     train_loop,
     train_vmap,
 )
-from .nets import FlatNet
+from .nets import WeightFunction
 
 __all__ = [
     "Ditto",
@@ -178,7 +178,7 @@ class Ditto(FederatedTrainer):
 # --------------------------------------------------------------------------------------
 
 
-def _batch_loss(net: FlatNet, theta, x, y, mask):
+def _batch_loss(net: WeightFunction, theta, x, y, mask):
     """Mean cross-entropy of a (possibly padded) minibatch."""
     ce = F.cross_entropy(net(theta, x), y, reduction="none")
     return (ce * mask).sum() / mask.sum().clamp(min=1)
@@ -412,7 +412,7 @@ class MeanFieldNet:
         (torch.Size([6, 2]), True)
     """
 
-    def __init__(self, base: FlatNet, samples: int = 10, seed: int = 0):
+    def __init__(self, base: WeightFunction, samples: int = 10, seed: int = 0):
         self.base, self.samples, self.seed = base, int(samples), seed
         self.d = 2 * base.d
 
@@ -557,12 +557,16 @@ class PFedBayes(FederatedTrainer):
         n = float(len(y))
         q = q.detach().clone().requires_grad_(True)
         prior = prior.detach().clone()
-        make = torch.optim.Adam if spec.optimizer == "adam" else torch.optim.SGD
-        extra = {} if spec.optimizer == "adam" else {"momentum": spec.momentum}
-        opt_q = make([q], lr=spec.lr, **extra)
+
+        def make(param: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+            if spec.optimizer == "adam":
+                return torch.optim.Adam([param], lr=lr)
+            return torch.optim.SGD([param], lr=lr, momentum=spec.momentum)
+
+        opt_q = make(q, spec.lr)
         if update_prior:
             prior.requires_grad_(True)
-            opt_p = make([prior], lr=self.global_lr, **extra)
+            opt_p = make(prior, self.global_lr)
         for idx in batches:
             for _ in range(self.personal_steps):
                 opt_q.zero_grad()
@@ -595,9 +599,9 @@ class PFedBayes(FederatedTrainer):
             )
             self.personal[i] = q
             priors.append(p)
-        priors = torch.stack(priors)
-        w = _weights(chosen, self.sizes, 1, self.weighting, priors)
-        self.weights = (1 - self.beta) * self.weights + self.beta * _weighted_sum(w, priors)
+        stacked = torch.stack(priors)
+        w = _weights(chosen, self.sizes, 1, self.weighting, stacked)
+        self.weights = (1 - self.beta) * self.weights + self.beta * _weighted_sum(w, stacked)
         record = {
             "round": server_round,
             "clients": chosen,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pyro
 import torch
@@ -105,7 +105,7 @@ class VectorisedEngine(InProcessEngine):
                 )
         self._guides: Dict[int, object] = {}
         self._batch_key: Tuple[str, ...] = ()
-        self._batch = None
+        self._batch: Optional[Dict[str, torch.Tensor]] = None
 
     def _batched_guide(self, names: List[str], batch):
         size = len(names)
@@ -165,21 +165,21 @@ class VectorisedEngine(InProcessEngine):
                             client.local_guide.get_buffer(key).copy_(row)
             # A parameter-free local guide (LaplaceLocalNormal) takes no local steps.
             adam = _RowAdam(clients, own, stacked) if stacked else None
-            for _ in range(config.steps if stacked else 0):
-                terms = local_objective(
-                    first._model,
-                    structure,
-                    family,
-                    message,
-                    global_guide,
-                    guide,
-                    batch,
-                    len(names),
-                    config.num_particles,
-                    config.moment_matched,
-                )
-                adam.step(torch.autograd.grad(-terms.sum(), stacked))
             if adam is not None:
+                for _ in range(config.steps):
+                    terms = local_objective(
+                        first._model,
+                        structure,
+                        family,
+                        message,
+                        global_guide,
+                        guide,
+                        batch,
+                        len(names),
+                        config.num_particles,
+                        config.moment_matched,
+                    )
+                    adam.step(torch.autograd.grad(-terms.sum(), stacked))
                 adam.write_back()
             with torch.no_grad():
                 for j, param in enumerate(stacked):
@@ -193,7 +193,7 @@ class VectorisedEngine(InProcessEngine):
                 reply = replies[name]
                 reply[key] = client.dp.clip_message(reply[key], f"client {name!r}")
                 reply["elbo"] = 0.0
-        failed = []
+        failed: List[str] = []
         for name in names:
             self.deliver("up", name, replies[name])
         return replies, failed
@@ -297,6 +297,13 @@ def _own_params(client: Client) -> List[torch.Tensor]:
     return client.optim.param_groups[0]["params"] if client.optim is not None else []
 
 
+def _adam(client: Client) -> torch.optim.Adam:
+    """The client's Adam (a client whose local factor has parameters has one)."""
+    if client.optim is None:
+        raise RuntimeError(f"client {client.name!r} has no optimiser: no local parameters")
+    return client.optim
+
+
 class _RowAdam:
     """``torch.optim.Adam`` (default hyper-parameters) applied client by client on stacked rows.
 
@@ -311,7 +318,7 @@ class _RowAdam:
 
     def __init__(self, clients: List[Client], own: List[List], params: List[torch.Tensor]):
         self.clients, self.own, self.params = clients, own, params
-        group = clients[0].optim.param_groups[0]
+        group = _adam(clients[0]).param_groups[0]
         self.beta1, self.beta2 = group["betas"]
         self.eps = group["eps"]
         if group["weight_decay"] or group["amsgrad"] or group.get("maximize"):
@@ -322,13 +329,13 @@ class _RowAdam:
             )
         rates = [c.config.lr * c.config.lr_decay**c.updates for c in clients]
         for client, rate in zip(clients, rates):
-            for group in client.optim.param_groups:  # as the loop leaves it (checkpoints)
+            for group in _adam(client).param_groups:  # as the loop leaves it (checkpoints)
                 group["lr"] = rate
         self.lr = torch.tensor(rates)
         # One look-up of each client's Adam state per parameter and round; ``None`` before
         # the client's first step. The same dicts are written back in place at the end.
         self.states = [
-            [c.optim.state.get(p[j]) for c, p in zip(clients, own)] for j in range(len(params))
+            [_adam(c).state.get(p[j]) for c, p in zip(clients, own)] for j in range(len(params))
         ]
         self.steps = torch.tensor([float(s["step"]) if s else 0.0 for s in self.states[0]])
         self.m = [self._gather(states, p, "exp_avg") for states, p in zip(self.states, params)]
@@ -370,7 +377,7 @@ class _RowAdam:
                     dst += [state["step"], state["exp_avg"], state["exp_avg_sq"]]
                     src += [steps[i], m_rows[i], v_rows[i]]
                 else:  # the client's first round: tensors of its own, as Adam creates them
-                    self.clients[i].optim.state[self.own[i][j]] = {
+                    _adam(self.clients[i]).state[self.own[i][j]] = {
                         "step": torch.tensor(float(steps[i]), dtype=scalar),
                         "exp_avg": m_rows[i].clone(),
                         "exp_avg_sq": v_rows[i].clone(),

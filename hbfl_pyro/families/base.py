@@ -64,12 +64,13 @@ class ClosedFormFamily:
         rows = self.client_summary(means, var.expand_as(means))
         return {k: torch.tensordot(weights, v, dims=1) for k, v in rows.items()}
 
-    def server_update(self, sums: Params, num_clients: float) -> Params:
+    def server_update(self, sums: Params, num_clients: float | torch.Tensor) -> Params:
         """The exact maximiser of the server block given the summed client summaries.
 
         :param sums: the element-wise sum of :meth:`client_summary` over clients (already
             rescaled by ``N / |S|`` under partial participation when the server does so).
-        :param num_clients: the number ``N`` of clients the sums stand for.
+        :param num_clients: the number ``N`` of clients the sums stand for (a float or a
+            0-d tensor).
         """
         raise NotImplementedError
 

@@ -175,8 +175,8 @@ class NIWFull(ClosedFormFamily):
         d: int,
         mu0: TensorLike = 0.0,
         lambda0: TensorLike = 1.0,
-        Sigma0: TensorLike = None,
-        nu0: TensorLike = None,
+        Sigma0: TensorLike | None = None,
+        nu0: TensorLike | None = None,
         global_sites: Sequence[str] = ("mu", "Sigma"),
         local_site: str = "theta",
     ):
@@ -229,7 +229,7 @@ class NIWFull(ClosedFormFamily):
             "count": mean.new_ones(mean.shape[:-1]),
         }
 
-    def server_update(self, sums: Params, num_clients: float) -> Params:
+    def server_update(self, sums: Params, num_clients: float | torch.Tensor) -> Params:
         """The exact maximiser of the server block (conjugate NIW update).
 
         :param sums: sums over clients of :meth:`client_summary`.
@@ -455,7 +455,7 @@ class NIWDiag(ClosedFormFamily):
             "count": weights.sum(),
         }
 
-    def server_update(self, sums: Params, num_clients: float) -> Params:
+    def server_update(self, sums: Params, num_clients: float | torch.Tensor) -> Params:
         """The exact maximiser of the server block (conjugate update per coordinate).
 
         :param sums: sums over clients of :meth:`client_summary`.
@@ -646,7 +646,7 @@ class NIWIso(ClosedFormFamily):
             "count": weights.sum(),
         }
 
-    def server_update(self, sums: Params, num_clients: float) -> Params:
+    def server_update(self, sums: Params, num_clients: float | torch.Tensor) -> Params:
         """The exact maximiser of the server block (conjugate update).
 
         :param sums: sums over clients of :meth:`client_summary`.

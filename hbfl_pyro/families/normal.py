@@ -23,7 +23,7 @@ from pyro.distributions import Independent, Normal
 from torch.distributions import kl_divergence
 
 from ..data import FederatedData
-from ..structure import ModelStructure
+from ..structure import ModelStructure, site_value
 from .base import ClosedFormFamily, Params
 
 
@@ -68,7 +68,7 @@ class NormalNormal(ClosedFormFamily):
     def client_summary(self, mean, cov) -> Params:
         return {"sum_mean": mean, "count": torch.ones(())}
 
-    def server_update(self, sums: Params, num_clients: float) -> Params:
+    def server_update(self, sums: Params, num_clients: float | torch.Tensor) -> Params:
         precision = self.prior_scale.pow(-2) + num_clients / self.scale.pow(2)
         loc = (
             self.prior_loc / self.prior_scale.pow(2) + sums["sum_mean"] / self.scale.pow(2)
@@ -112,7 +112,7 @@ class NormalNormal(ClosedFormFamily):
         prior, local = _base(trace.nodes[g]["fn"]), _base(trace.nodes[loc_site]["fn"])
         if not (type(prior) is Normal and type(local) is Normal):
             return None
-        mu = trace.nodes[g]["value"]
+        mu = site_value(trace.nodes[g])
         shifted = poutine.trace(poutine.condition(model, data={g: mu + 1.0})).get_trace(batch)
         local2 = _base(shifted.nodes[loc_site]["fn"])
         d = max(mu.numel(), 1)

@@ -226,7 +226,7 @@ class HBFLStrategy:
         self.nodes = dict(nodes)
         self.history: List[Dict] = []
         self.traffic: List[Dict] = []
-        self._outbox: Dict[int, Tuple[str, Any]] = {}
+        self._outbox: Dict[int, List[Tuple[str, Any]]] = {}
 
     def configure_train(self, server_round: int, grid=None) -> List:
         """The round's ``train`` messages, one per sampled client."""

@@ -88,7 +88,7 @@ import json
 import math
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
@@ -250,11 +250,11 @@ def to_fitins(message: Mapping, layout: Sequence, bound: float, elbo_bound: floa
     The tensors go into ``parameters`` (NumPy's format: float64 bit for bit), the tree's
     skeleton, the summary layout and the bounds into ``config``.
     """
-    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.common import FitIns, Scalar, ndarrays_to_parameters
 
     skeleton, tensors = flatten(dict(message))
     arrays = [np.ascontiguousarray(t.cpu().numpy()) for t in tensors.values()]
-    config = {
+    config: Dict[str, Scalar] = {
         _MESSAGE_KEY: json.dumps({"skeleton": skeleton, "keys": list(tensors)}),
         _LAYOUT_KEY: json.dumps({"layout": layout, "bound": bound, "elbo_bound": elbo_bound}),
     }
@@ -554,7 +554,9 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
     from flwr.server.client_manager import SimpleClientManager
     from flwr.server.compat.grid_client_proxy import GridClientProxy
     from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import Strategy
     from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.serverapp import Grid
 
     spec = load_spec(config)
     cfg = spec.config
@@ -569,16 +571,20 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
     modulus = int(cfg["secagg-modulus"])
     quant = quantization_range(per_round, modulus)
     recording = RecordingGrid(grid, timeout, poll)
+    # Duck-typed stand-ins, not subclasses (Flower is imported only here): RecordingGrid
+    # forwards every Grid method to the ServerApp's grid; SecAggStrategy has the legacy
+    # Strategy's methods that SecAggPlusWorkflow calls.
+    as_grid = cast(Grid, recording)
     manager = SimpleClientManager()
     proxies = {}
     for nid in nodes.values():
-        proxies[nid] = GridClientProxy(nid, recording, int(context.run_id))
+        proxies[nid] = GridClientProxy(nid, as_grid, int(context.run_id))
         manager.register(proxies[nid])
     strategy = SecAggStrategy(server, nodes, proxies, bound, elbo_bound)
     legacy = LegacyContext(
         context,
         config=ServerConfig(num_rounds=spec.rounds),
-        strategy=strategy,
+        strategy=cast(Strategy, strategy),
         client_manager=manager,
     )
     workflow = SecAggPlusWorkflow(
@@ -607,9 +613,9 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
         first = len(recording.log)
         legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
         legacy.state.array_records["parameters"] = ArrayRecord()
-        workflow(recording, legacy)
+        workflow(as_grid, legacy)
         log = recording.log[first:]
-        errors = {}
+        errors: Dict[str, str] = {}
         for entry in log:
             if entry["dir"] == "up" and entry.get("error"):
                 errors.setdefault(

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from .env import RAY_INIT_ARGS
 
@@ -85,7 +85,7 @@ def simulate(
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {**RAY_INIT_ARGS, "num_cpus": cpus, "num_gpus": 0},
         }
-    results = []
+    results: List[Dict[str, Any]] = []
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     if not verbose:  # errors only: not run_simulation's deprecation notice

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 from contextlib import contextmanager
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Set, Tuple, TypeVar
 
 import pyro
 import torch
@@ -39,6 +39,9 @@ from ..structure import ModelStructure
 from .laplace import LaplaceLocalNormal
 from .spline import AutoSplineMultivariateNormal
 from .structured import StructuredLocalNormal
+
+# Any module type: copy_module returns a copy of the same type.
+_ModuleT = TypeVar("_ModuleT", bound=torch.nn.Module)
 
 # Every family starts where AutoNormal starts (init_to_feasible): the correlated autoguides'
 # own default, init_to_median, estimates medians from prior draws, which overflow for
@@ -183,7 +186,7 @@ def _own_copy(guide, role: str) -> PyroModule:
     return with_private_state(copy_module(guide))
 
 
-def copy_module(module: torch.nn.Module) -> torch.nn.Module:
+def copy_module(module: _ModuleT) -> _ModuleT:
     """A deep copy of a guide module, without the intermediate tensors it caches.
 
     Normalizing-flow transforms (``AffineAutoregressive``, ``Spline``, ...) keep tensors of
@@ -191,7 +194,7 @@ def copy_module(module: torch.nn.Module) -> torch.nn.Module:
     graph leaves); they are caches, recomputed on the next call, so the copy gets ``None``.
     """
     memo: Dict[int, None] = {}
-    seen = set()
+    seen: Set[int] = set()
 
     def collect(value):
         if id(value) in seen:

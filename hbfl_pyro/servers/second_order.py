@@ -46,7 +46,7 @@ from torch.func import grad_and_value, hessian, vmap
 from ..elbo import site_log_prob
 from ..failures import ClientFailureError
 from ..seeding import derive_seed, seeded
-from ..structure import ModelStructure
+from ..structure import ModelStructure, site_value
 from ..unconstrained import GlobalLayout
 from ..verdict import K_HAT_RELIABLE, verdict_problems
 from .base import ServerStrategy
@@ -176,8 +176,8 @@ class SecondOrderServer(ServerStrategy):
                 trace = start.get_trace(placeholder)
         # The prior is read from a trace on the placeholder with every non-global site
         # held at these values, so its evaluation draws nothing (torch.func needs that).
-        self._fixed = {name: trace.nodes[name]["value"].detach() for name in structure.local_sites}
-        z0 = layout.unconstrain({n: trace.nodes[n]["value"].detach() for n in layout.names})
+        self._fixed = {n: site_value(trace.nodes[n]).detach() for n in structure.local_sites}
+        z0 = layout.unconstrain({n: site_value(trace.nodes[n]).detach() for n in layout.names})
         # The prior's centre (its mean, else median), kept within Stan's initial box of
         # +-START_BOX unconstrained units: a vague prior (InvGamma(0.001, 0.001)) has its
         # median at sigma^2 ~ 1e281, where no likelihood is finite.
@@ -222,19 +222,26 @@ class SecondOrderServer(ServerStrategy):
             msg["globals"] = self.trial.clone()
         return msg
 
+    def _fitted(self) -> Dict:
+        """:attr:`posterior` once the Newton rounds have set it (the PSIS round's)."""
+        if self.posterior is None:
+            raise RuntimeError("no posterior yet: the Newton rounds have not finished")
+        return self.posterior
+
     def _psis_draws(self) -> torch.Tensor:
         """The PSIS round's draws: ``psis_draws`` from each inflated ``q(z)``, stacked."""
-        if "candidates" not in self.posterior:
+        post = self._fitted()
+        if "candidates" not in post:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, "psis"))
             noise = torch.randn(
                 self.psis_draws, self.layout.dim, generator=gen, dtype=self.trial.dtype
             )
-            chol = torch.linalg.cholesky(self.posterior["covariance"])
-            mean = self.posterior["mean"]
-            self.posterior["candidates"] = torch.cat(
+            chol = torch.linalg.cholesky(post["covariance"])
+            mean = post["mean"]
+            post["candidates"] = torch.cat(
                 [mean + math.sqrt(c) * noise @ chol.T for c in self.psis_scales]
             )
-        return self.posterior["candidates"]
+        return post["candidates"]
 
     # ------------------------------------------------------------------ aggregate
     def aggregate(
@@ -253,7 +260,8 @@ class SecondOrderServer(ServerStrategy):
                 record["elbo"] = float("nan")
                 return record  # the same draws go out again next round
             self._finish_psis(good)
-            record.update(updated=True, elbo=self.posterior["elbo"], k_hat=self.posterior["k_hat"])
+            post = self._fitted()
+            record.update(updated=True, elbo=post["elbo"], k_hat=post["k_hat"])
             self.phase, self.done = "done", True
             return record
         record.update(self._newton_round(server_round, good, bad))
@@ -393,6 +401,7 @@ class SecondOrderServer(ServerStrategy):
 
     def _finish_psis(self, good: Dict[str, Dict]) -> None:
         draws = self._psis_draws()
+        post = self._fitted()
         log_lik = sum(r["log_lik"] for r in good.values())
         unevaluated = torch.isnan(log_lik)
         log_lik = torch.where(unevaluated, torch.tensor(-math.inf, dtype=log_lik.dtype), log_lik)
@@ -408,7 +417,7 @@ class SecondOrderServer(ServerStrategy):
         for i, c in enumerate(self.psis_scales):
             part = slice(i * n, (i + 1) * n)
             q = torch.distributions.MultivariateNormal(
-                self.posterior["mean"], covariance_matrix=c * self.posterior["covariance"]
+                post["mean"], covariance_matrix=c * post["covariance"]
             )
             log_w = (log_prior[part] + log_lik[part] - q.log_prob(draws[part])).double()
             finite = torch.isfinite(log_w)
@@ -421,9 +430,11 @@ class SecondOrderServer(ServerStrategy):
             if best is None or k_hat < best[1]:
                 best = (c, k_hat, draws[part], torch.as_tensor(smoothed), log_w)
             if elbo is not None:
-                self.posterior["elbo"] = elbo
+                post["elbo"] = elbo
+        if best is None:
+            raise ValueError("SecondOrderServer: psis_scales is empty, no q(z) to weight")
         scale, k_hat, chosen, smoothed, log_w = best
-        self.posterior.update(
+        post.update(
             draws=chosen,
             log_weights=smoothed - torch.logsumexp(smoothed, 0),
             k_hat=k_hat,
@@ -431,7 +442,7 @@ class SecondOrderServer(ServerStrategy):
             scale=scale,
             log_evidence=float(torch.logsumexp(log_w, 0) - math.log(n)),
         )
-        self.posterior.setdefault("elbo", float("nan"))
+        post.setdefault("elbo", float("nan"))
         # Draws some client could not evaluate carry no weight; if they are more than a
         # few, the weights describe a truncated posterior: not reliable.
         first = self.psis_scales.index(scale) * n
