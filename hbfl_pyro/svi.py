@@ -6,6 +6,12 @@ replies, and the server updates ``q(phi)``. Every message passes through the eng
 single delivery point. All state is explicit and serialisable (plain dicts of tensors):
 :meth:`FederatedSVI.checkpoint` then :meth:`FederatedSVI.resume` continues exactly as an
 uninterrupted run, because every random choice is seeded by ``(seed, round, client)``.
+
+One class of about 700 lines, on purpose: :class:`FederatedSVI` is the library's entry
+point, and a newcomer finds a fit's set-up, round loop, verdict, draws and state in one
+place. What has a job of its own lives elsewhere: which server runs
+(:mod:`~hbfl_pyro.server_choice`), the stopping rule (:mod:`~hbfl_pyro.convergence`), the
+PSIS check (:mod:`~hbfl_pyro.psis_check`), checkpoints, engines and servers.
 """
 
 from __future__ import annotations
@@ -30,8 +36,6 @@ from .elbo import server_term, with_particles
 from .engines import ENGINES, SECOND_ORDER_ENGINES, BatchedMarginalEngine
 from .engines.batched_marginal import batched_local_draws
 from .failures import ClientFailureError, failing_clients, failure_message
-from .families.base import ClosedFormFamily
-from .families.normal import NormalNormal
 from .guides import build_global_guide, private_params
 from .laplace_marginal import MarginalClient
 from .options import FEDERATED_SVI as OPTIONS
@@ -40,8 +44,9 @@ from .options import check as check_options
 from .psis_check import moments_close, psis_check
 from .seeding import derive_seed, seeded
 from .server import Server
+from .server_choice import MAX_SECOND_ORDER_DIM, choose_family, choose_server  # noqa: F401 (public here too)
 from .servers.second_order import DEFAULT_LOCAL_DRAWS, ConvergenceWarning, SecondOrderServer
-from .structure import ModelStructure, ModelStructureError, discover_structure
+from .structure import ModelStructure, discover_structure
 from .unconstrained import GlobalLayout
 from .verdict import K_HAT_GOOD
 
@@ -61,95 +66,12 @@ FIRST_ORDER_DEFAULTS = {
     "participation": None,
 }
 
-#: ``server="auto"`` takes the second-order server up to this many global values.
-MAX_SECOND_ORDER_DIM = 200
 
 #: Newton rounds at most when ``run()`` is given no number of rounds.
 MAX_ROUNDS = 50
 #: First-order rounds at most when ``run()`` is given no number of rounds (the stopping
 #: rule of :mod:`hbfl_pyro.convergence` usually ends the fit long before).
 MAX_FIRST_ORDER_ROUNDS = 1000
-
-
-def _choose_family(
-    server, model, structure: ModelStructure, data, global_guide
-) -> Optional[ClosedFormFamily]:
-    custom_guide = not (isinstance(global_guide, str) and global_guide == "auto")
-    if custom_guide and (server == "closed_form" or isinstance(server, ClosedFormFamily)):
-        raise ValueError(
-            "a closed-form server owns q(phi) itself and takes no global_guide; drop "
-            "global_guide, or use server='gradient' to fit q(phi) with that guide"
-        )
-    if isinstance(server, ClosedFormFamily):
-        _check_family(server, structure)
-        return server
-    if server == "gradient" or (server == "auto" and custom_guide):
-        return None  # a user-chosen global guide implies the gradient server
-    if server not in ("auto", "closed_form"):
-        raise ValueError(
-            f"server must be 'auto', 'closed_form', 'gradient' or a family, got {server!r}"
-        )
-    family = None if structure.likelihood_globals else NormalNormal.detect(model, structure, data)
-    if family is None and server == "closed_form":
-        reason = (
-            f"global site(s) {list(structure.likelihood_globals)} enter the likelihood"
-            if structure.likelihood_globals
-            else "no conjugate family matches the model's global and local sites"
-        )
-        raise ModelStructureError(
-            f"server='closed_form' is not possible: {reason}. Use server='gradient' (any "
-            "model) or pass a family instance (e.g. hbfl_pyro.NIWDiag) matching the model"
-        )
-    return family
-
-
-def _second_order_obstacle(
-    model, structure, data, given, dp, fraction, drop=False
-) -> Optional[str]:
-    """Why the second-order server does not apply, or ``None`` when it does."""
-    if given:
-        return f"first-order options were given ({', '.join(sorted(given))})"
-    if drop:
-        return "on_client_failure='drop': it needs every client's reply every round"
-    if dp is not None:
-        return "differential privacy needs clipped first-order replies"
-    if fraction != 1.0:
-        return "it sums every client's curvature each round (fraction=1)"
-    if not structure.global_sites:
-        return "the model has no global site"
-    batch = data.collate([0])
-    try:
-        with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
-            trace = poutine.trace(model).get_trace(batch)
-        layout = GlobalLayout.from_trace(trace, structure.global_sites)
-        if layout.dim > MAX_SECOND_ORDER_DIM:
-            return f"{layout.dim} global values (more than {MAX_SECOND_ORDER_DIM})"
-        probe = MarginalClient(data.names[0], data[0], model, structure, layout, data.per_client)
-        z = torch.zeros(layout.dim)
-        probe.marginal.derivatives(z, probe.marginal.modes(z, probe.start))
-    except NotImplementedError as exc:
-        return str(exc)
-    except Exception as exc:  # the model cannot be differentiated twice under vmap
-        return f"its Laplace marginal could not be evaluated ({type(exc).__name__}: {exc})"
-    return None
-
-
-def _check_family(family: ClosedFormFamily, structure: ModelStructure) -> None:
-    if set(family.global_sites) != set(structure.global_sites):
-        raise ModelStructureError(
-            f"the family's global sites {list(family.global_sites)} differ from the model's "
-            f"{list(structure.global_sites)}; a closed-form server must own every global site"
-        )
-    if family.local_site not in structure.local_sites:
-        raise ModelStructureError(
-            f"the family's local site {family.local_site!r} is not a local site of the model "
-            f"(local sites: {list(structure.local_sites)})"
-        )
-    if structure.likelihood_globals:
-        raise ModelStructureError(
-            f"global site(s) {list(structure.likelihood_globals)} enter the likelihood, so the "
-            "server block has no closed form; use server='gradient'"
-        )
 
 
 class FederatedSVI:
@@ -344,8 +266,17 @@ class FederatedSVI:
         # Guide initialisation may sample (e.g. init_to_median): seed it like everything else.
         with private_params(), seeded(derive_seed(seed, "init")):
             self.structure = discover_structure(model, self.data, plate)
-            self.server_choice = self._choose_server(
-                server, global_guide, local_guide, given, dp, fraction
+            self.server_choice = choose_server(
+                model,
+                self.structure,
+                self.data,
+                server,
+                global_guide,
+                local_guide,
+                given,
+                dp,
+                fraction,
+                self._drops,
             )
         if self.server_choice["server"] == "second_order":
             if not 1 <= min_clients <= len(self.data):
@@ -375,50 +306,6 @@ class FederatedSVI:
         self._monitored = 0
 
     # ------------------------------------------------------------------ set-up
-    def _choose_server(self, server, global_guide, local_guide, given, dp, fraction) -> Dict:
-        """Which server runs, and why: ``{"server": ..., "reason": ...}``."""
-        default_guides = all(
-            isinstance(g, str) and g == "auto" for g in (global_guide, local_guide)
-        )
-        if server == "second_order":
-            if not default_guides:
-                raise ValueError(
-                    "the second-order server builds q(phi) (a Gaussian over the globals' "
-                    "unconstrained values) and each client's Laplace factor itself; drop "
-                    "global_guide/local_guide, or use server='gradient'"
-                )
-            if given:
-                raise ValueError(
-                    f"the second-order server takes no step sizes, local steps or particles "
-                    f"(got {sorted(given)}); drop them, or use server='gradient'"
-                )
-            obstacle = _second_order_obstacle(
-                self.model, self.structure, self.data, {}, dp, fraction, self._drops
-            )
-            if obstacle is not None:
-                raise ModelStructureError(
-                    f"server='second_order' is not possible: {obstacle}. Use server='gradient'"
-                )
-            return {"server": "second_order", "reason": "chosen by server='second_order'"}
-        if server == "first_order":
-            return {"server": "first_order", "reason": "chosen by server='first_order'"}
-        if server != "auto" or not default_guides:
-            return {"server": "first_order", "reason": "chosen by the server/guide arguments"}
-        if not self.structure.likelihood_globals and NormalNormal.detect(
-            self.model, self.structure, self.data
-        ):
-            return {"server": "first_order", "reason": "a conjugate family solves the server"}
-        obstacle = _second_order_obstacle(
-            self.model, self.structure, self.data, given, dp, fraction, self._drops
-        )
-        if obstacle is None:
-            return {
-                "server": "second_order",
-                "reason": "continuous globals and locals: trust-region Newton on the "
-                "clients' Laplace marginals, no step size",
-            }
-        return {"server": "first_order", "reason": f"not second-order: {obstacle}"}
-
     def _init_second_order(self, tol, psis_draws, local_draws, engine, on_message) -> None:
         self.family = None
         self.guide_specs = {"global": "second_order", "local": "laplace"}
@@ -461,9 +348,7 @@ class FederatedSVI:
     ) -> None:
         server = "auto" if server == "first_order" else server
         with private_params(), seeded(derive_seed(self.seed, "init")):
-            self.family = _choose_family(
-                server, self.model, self.structure, self.data, global_guide
-            )
+            self.family = choose_family(server, self.model, self.structure, self.data, global_guide)
             placeholder = self.data.placeholder()
             global_template = None
             if self.family is None:
