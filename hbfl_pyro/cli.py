@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .cli_parser import (  # noqa: F401 (public here too: hbfl_pyro.cli.build_parser)
     DEFAULT_ROUNDS,
@@ -33,7 +33,7 @@ from .cli_parser import (  # noqa: F401 (public here too: hbfl_pyro.cli.build_pa
 #: chose warning filters (python -W or PYTHONWARNINGS). The ArviZ 1.x announcement on
 #: import is silenced by the package's import itself (hbfl_pyro/__init__.py), which runs
 #: before main(); the module filter below also covers an import of ArviZ after it.
-THIRD_PARTY_WARNINGS = (
+THIRD_PARTY_WARNINGS: Tuple[Dict[str, Any], ...] = (
     # ArviZ 0.23's FutureWarnings (its 1.x rewrite).
     {"category": FutureWarning, "module": r"arviz(\.|$)"},
     # torch 2.13 deprecates torch.jit.script, which a dependency still calls on import

@@ -20,7 +20,7 @@ import copy
 import logging
 import math
 import warnings
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import pyro
 import torch
@@ -31,7 +31,7 @@ from .families.base import ClosedFormFamily
 from .guides import private_params
 from .seeding import derive_seed, seeded
 from .servers.base import ServerStrategy
-from .structure import ModelStructure
+from .structure import ModelStructure, site_distribution, site_value
 
 logger = logging.getLogger("hbfl_pyro")
 
@@ -54,8 +54,8 @@ def _problem(reply, expected: Dict[str, torch.Size], key: str) -> Optional[str]:
     for name, shape in expected.items():
         t = tensors[name]
         if not isinstance(t, torch.Tensor) or t.shape != shape:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            return f"{key}[{name!r}] should have shape {tuple(shape)}, got {got}"
+            found = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"{key}[{name!r}] should have shape {tuple(shape)}, got {found}"
     # One finiteness check per reply (a call per tensor dominates a round of 1,000
     # clients); the offending tensor is looked for only when there is one.
     if not bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors.values()])).all()):
@@ -121,20 +121,37 @@ class Server(ServerStrategy):
         self.participation = participation
         self.num_particles, self.seed = num_particles, seed
         self.stale: Dict[str, Dict] = {}
-        self._round_state = None  # (round, q(phi)'s state dict) behind that round's messages
+        # (round, q(phi)'s state dict) behind that round's messages
+        self._round_state: Optional[Tuple[int, Dict[str, torch.Tensor]]] = None
         self.dp = dp
         self.dp_releases = 0  # rounds that released a noisy sum (what the accountant counts)
+        self.mode = "closed_form" if family is not None else "gradient"
+        self.family_params: Optional[Dict[str, torch.Tensor]] = None
+        self.optim: Optional[torch.optim.Adam] = None
+        self.scheduler: Optional[torch.optim.lr_scheduler.ExponentialLR] = None
         if family is not None:
             self.family_params = family.init_params()
-            self.optim = self.scheduler = None
         else:
-            self.family_params = None
             self.optim = torch.optim.Adam(self.global_guide.parameters(), lr=lr)
             self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optim, gamma=lr_decay)
 
-    @property
-    def mode(self) -> str:
-        return "closed_form" if self.family is not None else "gradient"
+    def _family(self) -> ClosedFormFamily:
+        """The closed-form family (refused in gradient mode)."""
+        if self.family is None:
+            raise RuntimeError("a gradient-mode server has no closed-form family")
+        return self.family
+
+    def closed_form_params(self) -> Dict[str, torch.Tensor]:
+        """The closed-form family's parameters of q(phi) (refused in gradient mode)."""
+        if self.family_params is None:
+            raise RuntimeError("a gradient-mode server has no family parameters")
+        return self.family_params
+
+    def _optimiser(self) -> Tuple[torch.optim.Adam, torch.optim.lr_scheduler.ExponentialLR]:
+        """The gradient mode's Adam and its decay (refused in closed-form mode)."""
+        if self.optim is None or self.scheduler is None:
+            raise RuntimeError("a closed-form server has no optimiser")
+        return self.optim, self.scheduler
 
     # ------------------------------------------------------------------ configure
     def message(self, server_round: int, client: str) -> Dict:
@@ -145,7 +162,9 @@ class Server(ServerStrategy):
             "seed": derive_seed(self.seed, server_round, client),
         }
         if self.family is not None:
-            msg["family_params"] = {k: v.detach().clone() for k, v in self.family_params.items()}
+            msg["family_params"] = {
+                k: v.detach().clone() for k, v in self.closed_form_params().items()
+            }
         else:
             # The guide's state dict is collected once per round (walking the module is the
             # costly part with many clients); every client still gets its own copy.
@@ -223,7 +242,8 @@ class Server(ServerStrategy):
                     self.structure,
                     self.num_particles,
                 )
-                self.optim.zero_grad()
+                optim, scheduler = self._optimiser()
+                optim.zero_grad()
                 (-own_term).backward()
             for name, param in self.global_guide.named_parameters():
                 if noisy is not None:
@@ -243,8 +263,8 @@ class Server(ServerStrategy):
                     "q(phi) was left at its last good value. Lower server_lr / local_lr, add "
                     "particles, or use a simpler global guide"
                 )
-            self.optim.step()
-            self.scheduler.step()
+            optim.step()
+            scheduler.step()
             own = float(own_term.detach())
         record["updated"] = True
         record["elbo"] = own + client_elbo
@@ -288,25 +308,27 @@ class Server(ServerStrategy):
     def _local_dim(self) -> int:
         with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
             trace = poutine.trace(self.model).get_trace(self.placeholder)
-        site = trace.nodes[self.family.local_site]
-        value, event_dim = site["value"], site["fn"].event_dim
+        family = self._family()
+        site = trace.nodes[family.local_site]
+        value, event_dim = site_value(site), site_distribution(site).event_dim
         return int(torch.Size(value.shape[value.dim() - event_dim :]).numel())
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict:
         """A snapshot of the server's state (copies: later rounds do not change it)."""
-        state = {"mode": self.mode, "stale": copy.deepcopy(self.stale)}
+        state: Dict[str, Any] = {"mode": self.mode, "stale": copy.deepcopy(self.stale)}
         if self.dp is not None:
             state["dp_releases"] = self.dp_releases
             state["dp_accounting"] = (float(self.dp.noise_multiplier), self.dp.accountant)
         if self.family is not None:
-            state["family_params"] = {k: v.clone() for k, v in self.family_params.items()}
+            state["family_params"] = {k: v.clone() for k, v in self.closed_form_params().items()}
         else:
             state["global_guide"] = {
                 k: v.detach().clone() for k, v in self.global_guide.state_dict().items()
             }
-            state["optim"] = copy.deepcopy(self.optim.state_dict())
-            state["scheduler"] = copy.deepcopy(self.scheduler.state_dict())
+            optim, scheduler = self._optimiser()
+            state["optim"] = copy.deepcopy(optim.state_dict())
+            state["scheduler"] = copy.deepcopy(scheduler.state_dict())
         return state
 
     def check_state(self, state: Dict) -> None:
@@ -330,7 +352,9 @@ class Server(ServerStrategy):
                     f"({self.dp.accountant}): epsilon would be misreported. Resume with the "
                     "same DPConfig, or start a new run"
                 )
-        params = self.family_params if self.family is not None else self.global_guide.state_dict()
+        params = (
+            self.closed_form_params() if self.family is not None else self.global_guide.state_dict()
+        )
         key = "family_params" if self.family is not None else "global_guide"
         want = {k: tuple(v.shape) for k, v in params.items()}
         got = {k: tuple(v.shape) for k, v in state[key].items()}
@@ -349,5 +373,6 @@ class Server(ServerStrategy):
         else:
             with private_params():
                 self.global_guide.load_state_dict(state["global_guide"])
-            self.optim.load_state_dict(copy.deepcopy(state["optim"]))
-            self.scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
+            optim, scheduler = self._optimiser()
+            optim.load_state_dict(copy.deepcopy(state["optim"]))
+            scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))

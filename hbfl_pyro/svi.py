@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import warnings
 from functools import partial
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import pyro
 import torch
@@ -36,6 +36,7 @@ from .elbo import server_term, with_particles
 from .engines import ENGINES, SECOND_ORDER_ENGINES, BatchedMarginalEngine
 from .engines.batched_marginal import batched_local_draws
 from .failures import ClientFailureError, failing_clients, failure_message
+from .families.base import ClosedFormFamily
 from .guides import build_global_guide, private_params
 from .laplace_marginal import MarginalClient
 from .options import FEDERATED_SVI as OPTIONS
@@ -46,7 +47,7 @@ from .seeding import derive_seed, seeded
 from .server import Server
 from .server_choice import MAX_SECOND_ORDER_DIM, choose_family, choose_server  # noqa: F401 (public here too)
 from .servers.second_order import DEFAULT_LOCAL_DRAWS, ConvergenceWarning, SecondOrderServer
-from .structure import ModelStructure, discover_structure
+from .structure import ModelStructure, discover_structure, site_value
 from .unconstrained import GlobalLayout
 from .verdict import K_HAT_GOOD
 
@@ -150,10 +151,19 @@ class FederatedSVI:
         >>> history = fit.run(5, progress=False)
     """
 
+    #: The server: a first-order :class:`~hbfl_pyro.server.Server` (closed form or
+    #: gradient) or the :class:`~hbfl_pyro.servers.SecondOrderServer`.
+    server: Union[Server, SecondOrderServer]
+    #: Each client by name: :class:`~hbfl_pyro.client.Client` objects with a first-order
+    #: server, :class:`~hbfl_pyro.laplace_marginal.MarginalClient` with the second-order one.
+    clients: Union[Dict[str, Client], Dict[str, MarginalClient]]
+    #: The closed-form family solving the server block, else ``None``.
+    family: Optional[ClosedFormFamily]
+
     def __init__(
         self,
         model: Callable,
-        data: Union[FederatedData, Dict, List],
+        data: Union[FederatedData, Mapping, Sequence],
         *,
         global_guide="auto",
         local_guide="auto",
@@ -313,12 +323,13 @@ class FederatedSVI:
         with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
             trace = poutine.trace(self.model).get_trace(batch)
         self.layout = GlobalLayout.from_trace(trace, self.structure.global_sites)
-        self.clients = {
+        clients = {
             name: MarginalClient(
                 name, self.data[i], self.model, self.structure, self.layout, self.data.per_client
             )
             for i, name in enumerate(self.data.names)
         }
+        self.clients = clients
         self.server = SecondOrderServer(
             self.data.names,
             self.model,
@@ -332,7 +343,7 @@ class FederatedSVI:
         )
         # Simulated clients run batched by default: each reply is still the client's own
         # computation (torch.func.vmap over clients), and a round costs one pass.
-        self.engine = SECOND_ORDER_ENGINES[engine or "vectorised"](self.clients, on_message)
+        self.engine = SECOND_ORDER_ENGINES[engine or "vectorised"](clients, on_message)
 
     def _init_first_order(
         self,
@@ -363,13 +374,13 @@ class FederatedSVI:
                 options["grad_particles"],
                 options["moment_matched"],
             )
-            self.clients = {}
+            clients: Dict[str, Client] = {}
             for i, name in enumerate(self.data.names):
                 # Each client's initialisation has its own seed, so it does not depend on
                 # the other clients: a Flower node, which builds its client alone, starts
                 # exactly where the in-process client starts.
                 with seeded(derive_seed(self.seed, "init", name)):
-                    self.clients[name] = Client(
+                    clients[name] = Client(
                         name,
                         self.data[i],
                         self.model,
@@ -381,6 +392,7 @@ class FederatedSVI:
                         self.data.per_client,
                         dp=dp,
                     )
+        self.clients = clients
         participation = options["participation"]
         if participation is None:
             participation = "stale" if self.family is not None else "scaled"
@@ -400,7 +412,7 @@ class FederatedSVI:
             seed=self.seed,
             dp=dp,
         )
-        self.engine = ENGINES[engine or "inprocess"](self.clients, on_message)
+        self.engine = ENGINES[engine or "inprocess"](clients, on_message)
 
     # ------------------------------------------------------------------ rounds
     def step(self) -> Dict:
@@ -452,15 +464,16 @@ class FederatedSVI:
         rounds = check_options(
             "run()", dict(rounds=rounds, progress=progress, on_round=on_round), RUN_OPTIONS
         )["rounds"]
-        if self.server.mode != "second_order":
+        server = self.server
+        if not isinstance(server, SecondOrderServer):
             self._run_first_order(rounds, progress, on_round)
             return self.history
         cap = MAX_ROUNDS if rounds is None else rounds
         first = self.round
         bar = tqdm(total=cap, disable=not progress, desc="second-order rounds", unit="round")
-        while not self.server.done:
-            if self.server.phase == "newton" and self.round - first >= cap:
-                self.server.stop(self.round)
+        while not server.done:
+            if server.phase == "newton" and self.round - first >= cap:
+                server.stop(self.round)
             record = self.step()
             bar.update(1)
             bar.set_postfix(phase=record["phase"], objective=f"{record['elbo']:.3f}")
@@ -479,6 +492,7 @@ class FederatedSVI:
         return self.history
 
     def _run_first_order(self, rounds, progress, on_round) -> None:
+        server, _ = self._first_order_parts()
         until_converged = rounds is None
         total = MAX_FIRST_ORDER_ROUNDS if until_converged else rounds
         bar = tqdm(range(total), disable=not progress, desc="federated SVI", unit="round")
@@ -487,7 +501,7 @@ class FederatedSVI:
             bar.set_postfix(elbo=f"{record['elbo']:.3f}", clients=len(record["clients"]))
             status = record["convergence"]
             if until_converged and status == "plateau" and self._halvings < MAX_HALVINGS:
-                if self.server.halve_step():  # gradient mode: less jitter around the optimum
+                if server.halve_step():  # gradient mode: less jitter around the optimum
                     record["step_halved"] = True
             if on_round is not None:
                 on_round(record)
@@ -525,7 +539,7 @@ class FederatedSVI:
         approximation (``k_hat`` of q itself, ``k_hat_of="q"``, ``reliable`` when < 0.5;
         :mod:`hbfl_pyro.psis_check`, computed once per round when asked).
         ``dropped_clients`` names clients left out with ``on_client_failure="drop"``."""
-        if self.server.mode == "second_order":
+        if isinstance(self.server, SecondOrderServer):
             return dict(self.server.verdict)
         verdict: Dict = {"status": "not checked", "rounds": self.round, "k_hat_of": "q"}
         if self._monitored:
@@ -568,7 +582,7 @@ class FederatedSVI:
         (:meth:`hbfl_pyro.dp.DPConfig.report`). Covers what the server releases (``q(phi)``,
         the history); :meth:`elbo` and the clients' local factors read the clients directly
         and are not covered."""
-        return None if self.dp is None else self.dp.report(self.server.dp_releases)
+        return None if self.dp is None else self.dp.report(self._first_order_parts()[0].dp_releases)
 
     # ------------------------------------------------------------------ evaluation
     def elbo(self, num_particles: int = 256) -> float:
@@ -577,20 +591,21 @@ class FederatedSVI:
         Second-order server: ``E_q[log p(z) + sum_i L_i(z) - log q(z)]`` over the PSIS
         round's draws of ``q(z)`` (the clients' Laplace marginals stand in for their
         exact marginals); NaN before that round."""
-        if self.server.mode == "second_order":
+        if isinstance(self.server, SecondOrderServer):
             post = self.server.posterior or {}
             return float(post.get("elbo", float("nan")))
+        server, clients = self._first_order_parts()
         seed_round = -1 - self.round
         total = 0.0
-        for name, client in self.clients.items():
-            total += client.elbo(self.server.message(seed_round, name), num_particles)
+        for name, client in clients.items():
+            total += client.elbo(server.message(seed_round, name), num_particles)
         if self.family is not None:
-            return total + float(self.family.neg_kl(self.server.family_params))
+            return total + float(self.family.neg_kl(server.closed_form_params()))
         with private_params(), torch.no_grad():
             own = server_term(
                 self.model,
-                self.server.global_guide,
-                self.server.placeholder,
+                server.global_guide,
+                server.placeholder,
                 self.structure,
                 num_particles,
             )
@@ -602,14 +617,13 @@ class FederatedSVI:
         Second-order server: PSIS-resampled draws (the corrected posterior) once its PSIS
         round has run, else draws of ``q(z)``; the same draws for the same ``num_samples``.
         """
-        if self.server.mode == "second_order":
+        if isinstance(self.server, SecondOrderServer):
             z = self.server.global_draws(num_samples, derive_seed(self.seed, "draws"))
             return self.layout.constrain_draws(z)
+        server, _ = self._first_order_parts()
         if self.family is not None:
-            return self.family.sample_posterior(self.server.family_params, num_samples)
-        return _draw(
-            self.server.global_guide, self.server.placeholder, self.structure, num_samples, None
-        )
+            return self.family.sample_posterior(server.closed_form_params(), num_samples)
+        return _draw(server.global_guide, server.placeholder, self.structure, num_samples, None)
 
     def local_samples(
         self, num_samples: int = 1000, global_draws: Optional[Dict[str, torch.Tensor]] = None
@@ -621,15 +635,16 @@ class FederatedSVI:
             conditionally on them, so the joint draws are consistent. Drawn afresh if
             omitted; mean-field local factors ignore them.
         """
-        if self.server.mode == "second_order":
+        if isinstance(self.server, SecondOrderServer):
             return self._second_order_locals(num_samples, global_draws)
-        conditional = getattr(next(iter(self.clients.values())).local_guide, "needs_globals", False)
+        _, clients = self._first_order_parts()
+        conditional = getattr(next(iter(clients.values())).local_guide, "needs_globals", False)
         values = None
         if conditional:
             draws = self.global_samples(num_samples) if global_draws is None else global_draws
             values = {n: _particle_shaped(draws[n], n, self.structure) for n in draws}
         per_client = []
-        for c in self.clients.values():
+        for c in clients.values():
             guide = partial(c.local_guide, globals=values) if conditional else c.local_guide
             per_client.append(
                 _draw(guide, c._batch, self.structure, num_samples, self.structure.plate)
@@ -642,15 +657,32 @@ class FederatedSVI:
         """Each client's Laplace factor drawn at each draw of the globals."""
         draws = self.global_samples(num_samples) if global_draws is None else global_draws
         z = self.layout.unconstrain({name: draws[name] for name in self.layout.names})
+        server, clients = self._second_order_parts()
         if isinstance(self.engine, BatchedMarginalEngine):
             return batched_local_draws(
-                self.engine, z, derive_seed(self.seed, "locals"), self.server.local_draws or 1
+                self.engine, z, derive_seed(self.seed, "locals"), server.local_draws or 1
             )
         per_client = [
-            c.sample_locals(z, derive_seed(self.seed, "locals", name), self.server.local_draws or 1)
-            for name, c in self.clients.items()
+            c.sample_locals(z, derive_seed(self.seed, "locals", name), server.local_draws or 1)
+            for name, c in clients.items()
         ]
         return {s: torch.cat([d[s] for d in per_client], dim=1) for s in self.structure.local_sites}
+
+    def _first_order_parts(self) -> Tuple[Server, Dict[str, Client]]:
+        """The first-order server and its clients (what the first-order paths use)."""
+        if not isinstance(self.server, Server):
+            raise RuntimeError(
+                "this operation needs a first-order server; the fit's is second-order"
+            )
+        # _init_first_order made every client a Client.
+        return self.server, cast(Dict[str, Client], self.clients)
+
+    def _second_order_parts(self) -> Tuple[SecondOrderServer, Dict[str, MarginalClient]]:
+        """The second-order server and its clients."""
+        if not isinstance(self.server, SecondOrderServer):
+            raise RuntimeError("this operation needs the second-order server")
+        # _init_second_order made every client a MarginalClient.
+        return self.server, cast(Dict[str, MarginalClient], self.clients)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict:
@@ -748,5 +780,5 @@ def _draw(guide, batch, structure: ModelStructure, num_samples: int, plate: Opti
         if plate is not None:
             axis = site["value"].dim() - site["fn"].event_dim + structure.plate_dim
             shape = shape[:axis] + shape[axis + 1 :]
-        out[name] = trace.nodes[name]["value"].reshape((num_samples,) + tuple(shape))
+        out[name] = site_value(trace.nodes[name]).reshape((num_samples,) + tuple(shape))
     return out
