@@ -185,7 +185,9 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
         from .svi import MAX_ROUNDS
 
         cap = MAX_ROUNDS if given_rounds is None else given_rounds
-        rounds_text = f"until converged (at most {cap} Newton rounds), then one PSIS round"
+        rounds_text = (
+            f"until converged (at most {cap} Newton rounds), then one to three PSIS rounds"
+        )
     # A first-order fit in-process runs until its stopping rule holds, unless told how
     # many rounds (DP spends its budget over a fixed number; Flower runs fixed rounds).
     until_converged = not second_order and given_rounds is None and dp is None and not flower_sim
@@ -199,7 +201,7 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
         ("model file", spec.label),
         ("clients", str(len(fit.data))),
         ("sites", _sites_line(fit.structure)),
-        ("guide", args.guide or "the model file's"),
+        ("guide", _guide_line(args, spec, fit)),
         ("server", mode),
         ("rounds", rounds_text),
         ("seed", str(args.seed)),
@@ -485,6 +487,17 @@ def _write_report(fit, args, out_dir, rows, header, options, timings, out, compa
     )
     for path in paths.values():
         print(f"wrote {path}", file=out)
+
+
+def _guide_line(args, spec, fit) -> str:
+    """The header's guide: the flag, the model file's own guides, or the server's."""
+    if args.guide is not None:
+        return args.guide
+    if any(key in spec.options for key in ("global_guide", "local_guide")):
+        return "the model file's"
+    if fit.server.mode == "second_order":
+        return "none to choose: Gaussian q over the globals, Laplace factors for the locals"
+    return "default (AutoNormal)" if fit.family is None else "the closed-form family's"
 
 
 def _engine_name(fit) -> str:

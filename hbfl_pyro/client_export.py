@@ -15,13 +15,15 @@ import math
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .elbo import PARTICLE_PLATE, site_log_prob, with_particles
 from .guides import private_params
-from .seeding import seeded
+from .replay import batched_or_looped
+from .seeding import derive_seed, seeded
 from .structure import ModelStructure, site_distribution, site_value
 from .summary import _drop_broadcast_dims, _pad_batch
 
@@ -48,6 +50,22 @@ def client_values(
         axis = len(shape) + 1 - event_dim + structure.plate_dim
         value_shape = shape[:axis] + (1,) + shape[axis:]
         values[site] = _pad_batch(own, value_shape, event_dim, nesting, site)
+    return values
+
+
+def plain_values(
+    global_draws: Mapping[str, torch.Tensor],
+    own_local_draws: Mapping[str, torch.Tensor],
+    structure: ModelStructure,
+) -> Dict[str, torch.Tensor]:
+    """Conditioning values for one client's plain model run at the first draw: each
+    global site's value, each local's with its clients axis (size 1) put back."""
+    event_dims = dict(structure.event_dims)
+    values = {site: v[0] for site, v in global_draws.items()}
+    for site, own in own_local_draws.items():
+        shape, event_dim = tuple(own.shape[1:]), event_dims.get(site, 0)
+        axis = len(shape) + 1 - event_dim + structure.plate_dim
+        values[site] = own[0].reshape(shape[: max(axis, 0)] + (1,) + shape[max(axis, 0) :])
     return values
 
 
@@ -122,11 +140,61 @@ def evaluate_client(
         >>> out["log_likelihood"]["y"].shape, out["posterior_predictive"]["y"].shape
         (torch.Size([50]), torch.Size([50]))
     """
+    static: Dict[str, Dict[str, Any]] = {}
+
+    def computation(draws: Dict[str, torch.Tensor], first: int) -> Dict[str, torch.Tensor]:
+        # Draw j computed alone gets its own seed, so replicated data stay independent.
+        out = _evaluate_batched(
+            model,
+            structure,
+            batch,
+            {site: draws[site] for site in global_draws},
+            {site: draws[site] for site in own_local_draws},
+            seed if first == 0 else derive_seed(seed, "draw", first),
+            pointwise,
+            plain=first > 0 or len(next(iter(draws.values()))) == 1 and n_draws > 1,
+        )
+        static.update(observed=out["observed"], per_observation=out["per_observation"])
+        flat = {f"log_likelihood/{k}": v for k, v in out["log_likelihood"].items()}
+        flat.update({f"random:{k}": v for k, v in out["posterior_predictive"].items()})
+        return flat
+
+    all_draws = {**global_draws, **own_local_draws}
+    n_draws = len(next(iter(all_draws.values())))
+    flat = batched_or_looped(computation, all_draws, "the ArviZ export's model replay")
+    return {
+        "log_likelihood": {
+            k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("log_likelihood/")
+        },
+        "posterior_predictive": {
+            k[len("random:") :]: v for k, v in flat.items() if k.startswith("random:")
+        },
+        "observed": static["observed"],
+        "per_observation": static["per_observation"],
+    }
+
+
+def _evaluate_batched(
+    model: Callable,
+    structure: ModelStructure,
+    batch: Dict[str, torch.Tensor],
+    global_draws: Mapping[str, torch.Tensor],
+    own_local_draws: Mapping[str, torch.Tensor],
+    seed: int,
+    pointwise: bool,
+    plain: bool = False,
+) -> Dict[str, Dict[str, Any]]:
+    """:func:`evaluate_client` with every draw in one particle plate (``plain``: one draw,
+    the model run as under plain Pyro, without one)."""
     nesting = structure.max_plate_nesting
     first = next(iter(list(global_draws.values()) + list(own_local_draws.values())))
     num_samples = first.shape[0]
-    values = client_values(global_draws, own_local_draws, structure)
-    run = with_particles(poutine.condition(model, data=values), num_samples, nesting)
+    if plain:  # one draw, the model in plain Pyro's shapes (no particle plate)
+        values = plain_values(global_draws, own_local_draws, structure)
+        run = poutine.condition(model, data=values)
+    else:
+        values = client_values(global_draws, own_local_draws, structure)
+        run = with_particles(poutine.condition(model, data=values), num_samples, nesting)
     with private_params(), torch.no_grad(), seeded(seed):
         with pyro.validation_enabled(False):
             trace = poutine.trace(run).get_trace(batch)
@@ -143,11 +211,20 @@ def evaluate_client(
             fn = site_distribution(site)
             event_dim = fn.event_dim
             batch_shape = tuple(fn.batch_shape)
-            full = batch_shape + tuple(fn.event_shape)
-            replicated = fn.sample()
-            observed = site_value(site).expand(full)[0]
+            event_shape = tuple(fn.event_shape)
+            # A plain run has no particle dim and maybe fewer plate dims: pad them (size 1).
+            lead = (1,) * (nesting + 1 - len(batch_shape)) if plain else ()
+            full = lead + batch_shape + event_shape
             # log densities as the ELBO sees them: the site's scale and mask applied.
-            log_p = site_log_prob(site).expand(batch_shape)
+            log_p = site_log_prob(site).expand(batch_shape).reshape(lead + batch_shape)
+            batch_shape = lead + batch_shape
+            if (site["infer"] or {}).get("is_auxiliary") or isinstance(fn, dist.Unit):
+                # pyro.factor: part of the likelihood, with no data to replicate.
+                out["log_likelihood"][name] = log_p.reshape(num_samples, -1).sum(-1)
+                out["per_observation"][name] = False
+                continue
+            replicated = fn.sample().reshape(full)
+            observed = site_value(site).expand(full[len(lead) :]).reshape(full)[0]
             log_p = log_p.select(clients_axis, 0)
             replicated = replicated.select(clients_axis, 0)
             observed = observed.select(clients_axis - 1, 0)

@@ -52,9 +52,9 @@ from pyro import poutine
 
 from .client_export import (
     client_marginal_log_likelihood,
-    client_values,
     evaluate_client,
     inner_plates,
+    plain_values,
 )
 from .guides import private_params
 from .seeding import derive_seed
@@ -189,19 +189,28 @@ def _build(fit, num_samples: int, seed: int, pointwise: bool, marginal_draws: in
     predictive, log_lik, observed = _Group(), _Group(), _Group()
     for site in structure.observed_sites:
         per_obs = evaluations[names[0]]["per_observation"][site]
-        pp = [_np(evaluations[n]["posterior_predictive"][site]) for n in names]
         ll = [_np(evaluations[n]["log_likelihood"][site]) for n in names]
-        if per_obs:
-            _add_flattened(predictive, site, pp, names, lead=1)
-        else:
-            _add_per_client(predictive, site, pp)
+        # A pyro.factor site has a log-likelihood but no data to replicate or show.
+        replicable = site in evaluations[names[0]]["posterior_predictive"]
+        if replicable:
+            pp = [_np(evaluations[n]["posterior_predictive"][site]) for n in names]
+            # Per-client values of different shapes (an event of each client's own length)
+            # are flattened like per-observation ones.
+            ragged = len({a.shape for a in pp}) > 1
+            if per_obs or ragged:
+                _add_flattened(
+                    predictive, site, [a.reshape(a.shape[0], -1) for a in pp], names, lead=1
+                )
+            else:
+                _add_per_client(predictive, site, pp)
         if per_obs and pointwise:
             _add_flattened(log_lik, site, ll, names, lead=1)
         elif not marginal_draws:  # else one marginal variable replaces the sites (below)
             _add_per_client(log_lik, site, ll)
-        if pointwise:
+        if pointwise and replicable:
             obs = [_np(evaluations[n]["observed"][site]) for n in names]
-            if per_obs:
+            if per_obs or ragged:
+                obs = [a.reshape(-1) for a in obs]
                 _add_flattened(observed, site, obs, names, lead=0)
             else:
                 _add_per_client(observed, site, obs, sampled=False)
@@ -282,7 +291,7 @@ def _deterministic_layout(fit, batch, global_draws, local_draws) -> Dict[str, bo
         return {}
     first = {s: v[:1] for s, v in global_draws.items()}
     own = {s: v[:1, 0] for s, v in local_draws.items()}
-    values = client_values(first, own, structure)
+    values = plain_values(first, own, structure)  # one draw, plain Pyro's shapes
     with private_params(), torch.no_grad(), torch.random.fork_rng(devices=[]):
         with pyro.validation_enabled(False):
             trace = poutine.trace(poutine.condition(fit.model, data=values)).get_trace(batch)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, cast
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions import TorchDistribution
+from pyro.distributions import TorchDistribution, Unit
 from pyro.poutine.util import site_is_subsample
 
 from .data import MASK_KEY, DataValidationError, FederatedData
@@ -290,8 +290,8 @@ def _check_observations(trace, batch, plate_dim: int, client: str) -> None:
         if not site["is_observed"] or site["infer"].get("_deterministic"):
             continue
         value, fn = site["value"], site["fn"]
-        if not isinstance(value, torch.Tensor):
-            continue
+        if not isinstance(value, torch.Tensor) or isinstance(fn, Unit):
+            continue  # (a pyro.factor site observes nothing: an empty value)
         key = _data_key(batch, value)
         where = f"client {client!r}, observed site {name!r}" + (
             f" (data key {key!r})" if key else ""

@@ -16,6 +16,7 @@ import csv
 import math
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union, cast
 
@@ -25,7 +26,8 @@ from pyro import poutine
 
 from .elbo import with_particles
 from .guides import private_params
-from .structure import ModelStructure, site_value
+from .replay import batched_or_looped
+from .structure import ModelStructure
 
 COLUMNS = ("site", "client", "index", "mean", "sd", "q5", "q95")
 Row = Dict[str, Union[str, float]]
@@ -104,40 +106,66 @@ def deterministic_samples(
     nesting = structure.max_plate_nesting
     event_dims = dict(structure.event_dims)
     num_samples = next(iter(list(global_draws.values()) + list(local_draws.values()))).shape[0]
-    globals_ = {
-        site: _pad_batch(v, v.shape[1:], event_dims.get(site, 0), nesting, site)
-        for site, v in global_draws.items()
-    }
-    skipped = set()
-    for i, (client, batch) in enumerate(batches.items()):
-        values = dict(globals_)
-        for site, v in local_draws.items():
-            own = v[:, i]
+    inside: Dict[str, bool] = {}  # whether a site sits in the clients plate
+
+    def replay(batch, draws: Dict[str, torch.Tensor], first: int) -> Dict[str, torch.Tensor]:
+        n = len(next(iter(draws.values())))
+        if n == 1 and num_samples > 1:  # one draw: plain Pyro's shapes, no particle plate
+            plain = {site: draws[site][0] for site in global_draws}
+            for site in local_draws:
+                shape, event_dim = tuple(draws[site].shape[1:]), event_dims.get(site, 0)
+                axis = max(len(shape) + 1 - event_dim + structure.plate_dim, 0)
+                plain[site] = draws[site][0].reshape(shape[:axis] + (1,) + shape[axis:])
+            run = poutine.condition(model, data=plain)
+        else:
+            run = with_particles(poutine.condition(model, data=_padded(draws)), n, nesting)
+        with private_params(), torch.no_grad(), pyro.validation_enabled(False):
+            trace = poutine.trace(run).get_trace(batch)
+        found = {}
+        for site in sites:
+            node = trace.nodes[site]
+            inside[site] = any(f.name == structure.plate for f in node["cond_indep_stack"])
+            value = _align(node, n, nesting, structure.plate_dim)
+            if value is not None:
+                found[site] = value
+        return found
+
+    def _padded(draws: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        values = {
+            site: _pad_batch(
+                draws[site], draws[site].shape[1:], event_dims.get(site, 0), nesting, site
+            )
+            for site in global_draws
+        }
+        for site in local_draws:
+            own = draws[site]
             shape, event_dim = tuple(own.shape[1:]), event_dims.get(site, 0)
             # Put back the clients axis that local_samples removed (a size-1 plate here).
             axis = len(shape) + 1 - event_dim + structure.plate_dim
             value_shape = shape[:axis] + (1,) + shape[axis:]
             values[site] = _pad_batch(own, value_shape, event_dim, nesting, site)
-        run = with_particles(poutine.condition(model, data=values), num_samples, nesting)
-        with private_params(), torch.no_grad(), pyro.validation_enabled(False):
-            trace = poutine.trace(run).get_trace(batch)
+        return values
+
+    skipped = set()
+    for i, (client, batch) in enumerate(batches.items()):
+        draws = dict(global_draws)
+        draws.update({site: v[:, i] for site, v in local_draws.items()})
+        found = batched_or_looped(
+            partial(replay, batch), draws, "the deterministic sites' model replay"
+        )
         for site in sites:
-            node = trace.nodes[site]
-            inside = any(f.name == structure.plate for f in node["cond_indep_stack"])
-            if site in skipped or (not inside and i > 0):
+            if site in skipped or (not inside.get(site, True) and i > 0):
                 continue
-            value = _align(node, num_samples, nesting, structure.plate_dim)
-            if value is None:
+            if site not in found:
                 skipped.add(site)
                 out.pop(site, None)
                 warnings.warn(
-                    f"deterministic site {site!r} is not summarised: its value of shape "
-                    f"{tuple(site_value(node).shape)} has no leading dimension of the "
-                    f"{num_samples} draws",
+                    f"deterministic site {site!r} is not summarised: its value has no "
+                    f"leading dimension of the {num_samples} draws",
                     stacklevel=2,
                 )
                 continue
-            out[site]["" if not inside else client] = value
+            out[site]["" if not inside.get(site, True) else client] = found[site]
     return out
 
 

@@ -49,7 +49,7 @@ from .server_choice import MAX_SECOND_ORDER_DIM, choose_family, choose_server  #
 from .servers.second_order import DEFAULT_LOCAL_DRAWS, ConvergenceWarning, SecondOrderServer
 from .structure import ModelStructure, discover_structure, site_value
 from .unconstrained import GlobalLayout
-from .verdict import K_HAT_GOOD
+from .verdict import K_HAT_GOOD, verdict_problems
 
 #: The options of the first-order servers (local SVI steps, Adam step sizes, particles)
 #: and their defaults. Giving any of them asks for a first-order server; the
@@ -517,6 +517,12 @@ class FederatedSVI:
                 f"the fit did not converge ({verdict['status']} after {verdict['rounds']} "
                 "rounds): q(phi) is still moving. Run more rounds (run() without rounds "
                 "runs until converged) or check the model",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        elif verdict_problems(verdict):  # converged, but q failed its check
+            warnings.warn(
+                "this posterior is not trustworthy: " + " ".join(verdict_problems(verdict)),
                 ConvergenceWarning,
                 stacklevel=3,
             )
