@@ -86,7 +86,7 @@ def item_response_case():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
     import item_response
 
-    options, _ = fit_settings(item_response.fit_options)
+    options, _ = fit_settings(item_response.guide_options["mean-field"])
     options.pop("engine", None)
     options["per_client"] = item_response.per_client
     return item_response.model, item_response.load_data(), options

@@ -24,8 +24,9 @@ gives difficulties about -3.36, -1.37, -0.28, -1.87, -3.13 and discriminations a
 0.83, 0.72, 0.89, 0.69, 0.66: easy items with weak discrimination, so with 400 students
 the discriminations are only loosely determined.
 
-Fit it with many clients through the vectorised engine (``hbfl fit models/item_response.py``
-uses it through ``fit_options``; ``--engine inprocess`` runs the per-client loop).
+``hbfl fit models/item_response.py`` runs the library's defaults (the second-order server,
+every client in one vectorised pass); ``--guide mean-field`` runs the first-order settings
+below (``MEAN_FIELD``, also through the vectorised engine).
 """
 
 import pyro
@@ -73,9 +74,10 @@ def load_data(num_students: int = 400, seed: int = 0):
 
 per_client = ("y",)
 
-#: Defaults for ``hbfl fit`` (and the settings of ``tests/test_item_response.py``).
+#: First-order settings of the mean-field family (``hbfl fit --guide mean-field``, and the
+#: settings of ``tests/test_item_response.py``'s federated-vs-pooled test).
 ROUNDS = 400
-fit_options = {
+MEAN_FIELD = {
     "rounds": ROUNDS,
     "local_steps": 5,
     "local_lr": 0.1,
@@ -87,3 +89,12 @@ fit_options = {
     "server_particles": 8,
     "engine": "vectorised",
 }
+
+#: No ``fit_options``: ``hbfl fit models/item_response.py`` runs the library's defaults.
+#: Measured with defaults only (seed 0, 4000 draws) against NumPyro NUTS on the pooled data
+#: (4 chains x (1000 + 5000), R-hat 1.00, bulk ESS >= 3,569, no divergences; the reference
+#: numbers are in ``tests/test_item_response.py``): 10 Newton rounds + 3 PSIS rounds (the
+#: first k-hat >= 0.5: an easy item's difficulty is skewed, so the proposal is
+#: moment-matched twice), k-hat 0.52, every mean of the ten item parameters and the 400
+#: abilities within 0.07 reference sd, sd ratios 0.89-1.06; 225 s on two loaded cores.
+guide_options = {"mean-field": MEAN_FIELD}
