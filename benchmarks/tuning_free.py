@@ -103,10 +103,7 @@ def run_case(name, spec_text, ref_path, seed, draws):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit = FederatedSVI(spec.model, data, seed=seed, **layout)
-        if fit.server.mode == "second_order":
-            fit.run(progress=False)
-        else:  # no stopping rule yet: the CLI's default number of rounds
-            fit.run(100, progress=False)
+        fit.run(progress=False)  # until converged, either server
     seconds = time.perf_counter() - start
     rows = posterior_summary(fit, num_samples=draws, seed=seed)
     reference = _reference(ref_path, list(fit.data.names))
@@ -137,6 +134,7 @@ def run_case(name, spec_text, ref_path, seed, draws):
         "clients": len(fit.data),
         "server": fit.server.mode,
         "rounds": verdict.get("rounds", fit.round),
+        "psis_rounds": verdict.get("psis_rounds", 0),
         "verdict": verdict.get("status"),
         "k_hat": verdict.get("k_hat", float("nan")),
         "stats": stats,
@@ -160,15 +158,16 @@ def _range(values):
 
 def table(results) -> str:
     head = (
-        "| model | clients | server | rounds | verdict | k-hat | global max abs z | "
-        "global sd ratio | local max abs z | local sd ratio | fit s | NUTS s (ref) | outcome |"
+        "| model | clients | server | rounds | PSIS rounds | verdict | k-hat | global max abs z "
+        "| global sd ratio | local max abs z | local sd ratio | fit s | NUTS s (ref) | outcome |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in results:
         g, loc = r["stats"]["global"], r["stats"]["local"]
         nuts = f"{r['nuts_seconds']:.1f}" if r["nuts_seconds"] else "-"
         lines.append(
-            f"| {r['model']} | {r['clients']} | {r['server']} | {r['rounds']} | {r['verdict']} | "
+            f"| {r['model']} | {r['clients']} | {r['server']} | {r['rounds']} | "
+            f"{r['psis_rounds']} | {r['verdict']} | "
             f"{r['k_hat']:.2f} | {max(g[0]) if g[0] else float('nan'):.3f} | {_range(g[1])} | "
             f"{max(loc[0]) if loc[0] else float('nan'):.3f} | {_range(loc[1])} | "
             f"{r['seconds']:.1f} | {nuts} | {r['outcome']} |"

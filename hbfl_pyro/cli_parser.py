@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonnegative_int,
         metavar="R",
         help="rounds to run with a first-order server (default: fit_options['rounds'], else "
-        "until its stopping rule holds, at most 1000; with DP or Flower "
+        "until its stopping rule holds, at most 500; with DP or Flower "
         f"{DEFAULT_ROUNDS}); with the second-order server, the most Newton rounds before it "
         "stops unconverged (default: until converged, at most 50)",
     )

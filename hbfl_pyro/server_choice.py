@@ -89,7 +89,13 @@ def _second_order_obstacle(
     except NotImplementedError as exc:
         return str(exc)
     except Exception as exc:  # the model cannot be differentiated twice under vmap
-        return f"its Laplace marginal could not be evaluated ({type(exc).__name__}: {exc})"
+        # The first line only: a vmap error carries Pyro's whole trace-shape table.
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return (
+            f"its Laplace marginal could not be evaluated under torch.func ({type(exc).__name__}"
+            f": {first}); a distribution that writes into tensors in place (e.g. "
+            "OrderedLogistic) or data-dependent Python control flow can cause this"
+        )
     return None
 
 

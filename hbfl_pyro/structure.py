@@ -130,6 +130,19 @@ def discover_structure(
     plate_dim = next(
         f.dim for s in sites.values() for f in s["cond_indep_stack"] if f.name == plate
     )
+    for name, site in sites.items():
+        # pyro.sample(..., obs_mask=m) splits a site into NAME_observed and a latent
+        # NAME_unobserved (imputed values whose density is masked out): nothing identifies
+        # them, so every server would fit noise (measured: an ELBO climbing without bound).
+        stem = name[: -len("_unobserved")]
+        if name.endswith("_unobserved") and f"{stem}_observed" in sites and not site["is_observed"]:
+            raise ModelStructureError(
+                f"site {stem!r} uses obs_mask= (imputing missing observations), which "
+                "federated fitting does not support: its imputed values have no density to "
+                f"fit. Drop the missing observations instead: observe {stem!r} with "
+                "poutine.mask(mask=observed) (or .mask(observed)) and fill the missing "
+                "entries with any valid value"
+            )
     globals_, locals_, observed, deterministic = [], [], [], []
     for name, site in sites.items():
         inside = _in_plate(site, plate)

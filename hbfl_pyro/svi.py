@@ -72,7 +72,7 @@ FIRST_ORDER_DEFAULTS = {
 MAX_ROUNDS = 50
 #: First-order rounds at most when ``run()`` is given no number of rounds (the stopping
 #: rule of :mod:`hbfl_pyro.convergence` usually ends the fit long before).
-MAX_FIRST_ORDER_ROUNDS = 1000
+MAX_FIRST_ORDER_ROUNDS = 500
 
 
 class FederatedSVI:

@@ -817,3 +817,22 @@ def test_a_diverging_server_update_is_refused_and_state_kept(monkeypatch):
         fit.step()
     assert fit.round == 2 and len(fit.history) == 2
     _assert_same(fit.server.state_dict(), before)
+
+
+def test_obs_mask_is_refused_naming_the_site_and_the_fix():
+    """``obs_mask=`` imputes missing observations as latent values with no density: no
+    server can fit them (the held-out sweep's gradient fit climbed without bound for 1000
+    rounds), so the model is refused up front, with the mask-based alternative."""
+    def model(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("clients", num_clients(data), dim=-2):
+            theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+            with pyro.plate("obs", data["y"].shape[-1], dim=-1):
+                pyro.sample("y", dist.Normal(theta, 1.0), obs=data["y"], obs_mask=data["seen"])
+
+    clients = {
+        f"c{i}": {"y": torch.tensor([0.5, 1.0, 0.0]), "seen": torch.tensor([True, True, False])}
+        for i in range(3)
+    }
+    with pytest.raises(ModelStructureError, match=r"'y' uses obs_mask=.*poutine\.mask"):
+        FederatedSVI(model, clients)
