@@ -9,7 +9,7 @@
 - ``elbo.png``: the server's ELBO estimate per round, whole run and its second half;
 - ``report.md``: settings, seeds, library versions, timings, the posterior summary table
   (the rows of ``summary.csv``), a leave-one-client-out PSIS-LOO estimate and, given a
-  :class:`~hbfl_pyro.compare.Comparison`, the side-by-side table of the federated fit,
+  :class:`~hbfl_pyro.comparison.Comparison`, the side-by-side table of the federated fit,
   pooled SVI, NUTS and a reference (``comparison.csv`` and ``comparison.png`` are written
   by its own methods).
 
@@ -253,7 +253,7 @@ def report_markdown(
     :param timings: ``{step: seconds}``.
     :param files: names of the files written next to the report.
     :param idata: the export, for the leave-one-client-out line (optional).
-    :param comparison: a :class:`~hbfl_pyro.compare.Comparison` (optional): its settings
+    :param comparison: a :class:`~hbfl_pyro.comparison.Comparison` (optional): its settings
         and table (first 20 clients' local rows; all rows in ``comparison.csv``).
     """
     history = fit.history
@@ -337,7 +337,7 @@ def write_report(
         when not given.
     :param settings: ``(name, value)`` pairs for the report's settings table.
     :param timings: ``{step: seconds}`` measured by the caller; this function adds its own.
-    :param comparison: a :class:`~hbfl_pyro.compare.Comparison` whose table goes into
+    :param comparison: a :class:`~hbfl_pyro.comparison.Comparison` whose table goes into
         ``report.md``; the names of ``comparison.csv`` and ``comparison.png`` are listed
         when they exist in ``out_dir``.
     :returns: ``{"posterior": path, "forest": path, "elbo": path, "report": path}``

@@ -7,7 +7,7 @@ single delivery point. All state is explicit and serialisable (plain dicts of te
 :meth:`FederatedSVI.checkpoint` then :meth:`FederatedSVI.resume` continues exactly as an
 uninterrupted run, because every random choice is seeded by ``(seed, round, client)``.
 
-One class of about 700 lines, on purpose: :class:`FederatedSVI` is the library's entry
+One class of about 800 lines, on purpose: :class:`FederatedSVI` is the library's entry
 point, and a newcomer finds a fit's set-up, round loop, verdict, draws and state in one
 place. What has a job of its own lives elsewhere: which server runs
 (:mod:`~hbfl_pyro.server_choice`), the stopping rule (:mod:`~hbfl_pyro.convergence`), the
