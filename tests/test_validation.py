@@ -823,6 +823,7 @@ def test_obs_mask_is_refused_naming_the_site_and_the_fix():
     """``obs_mask=`` imputes missing observations as latent values with no density: no
     server can fit them (the held-out sweep's gradient fit climbed without bound for 1000
     rounds), so the model is refused up front, with the mask-based alternative."""
+
     def model(data):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
         with pyro.plate("clients", num_clients(data), dim=-2):
