@@ -22,51 +22,10 @@ from pyro.poutine.util import site_is_subsample
 
 from .elbo import PARTICLE_PLATE, site_log_prob, with_particles
 from .guides import private_params
-from .replay import batched_or_looped
+from .replay import batched_or_looped, client_values
 from .seeding import derive_seed, seeded
 from .structure import ModelStructure, site_distribution, site_value
-from .summary import _drop_broadcast_dims, _pad_batch
-
-
-def client_values(
-    global_draws: Mapping[str, torch.Tensor],
-    own_local_draws: Mapping[str, torch.Tensor],
-    structure: ModelStructure,
-) -> Dict[str, torch.Tensor]:
-    """Conditioning values for one client's model run under a particle plate.
-
-    ``own_local_draws`` are ``(n, *shape)`` with the clients axis removed, as
-    :meth:`FederatedSVI.local_samples` gives them for one client; the axis is put back
-    as a size-1 plate dim (the same layout as :func:`~hbfl_pyro.summary.deterministic_samples`).
-    """
-    nesting = structure.max_plate_nesting
-    event_dims = dict(structure.event_dims)
-    values = {
-        site: _pad_batch(v, v.shape[1:], event_dims.get(site, 0), nesting, site)
-        for site, v in global_draws.items()
-    }
-    for site, own in own_local_draws.items():
-        shape, event_dim = tuple(own.shape[1:]), event_dims.get(site, 0)
-        axis = len(shape) + 1 - event_dim + structure.plate_dim
-        value_shape = shape[:axis] + (1,) + shape[axis:]
-        values[site] = _pad_batch(own, value_shape, event_dim, nesting, site)
-    return values
-
-
-def plain_values(
-    global_draws: Mapping[str, torch.Tensor],
-    own_local_draws: Mapping[str, torch.Tensor],
-    structure: ModelStructure,
-) -> Dict[str, torch.Tensor]:
-    """Conditioning values for one client's plain model run at the first draw: each
-    global site's value, each local's with its clients axis (size 1) put back."""
-    event_dims = dict(structure.event_dims)
-    values = {site: v[0] for site, v in global_draws.items()}
-    for site, own in own_local_draws.items():
-        shape, event_dim = tuple(own.shape[1:]), event_dims.get(site, 0)
-        axis = len(shape) + 1 - event_dim + structure.plate_dim
-        values[site] = own[0].reshape(shape[: max(axis, 0)] + (1,) + shape[max(axis, 0) :])
-    return values
+from .summary import _drop_broadcast_dims
 
 
 def inner_plates(site, structure: ModelStructure) -> List[str]:
@@ -142,26 +101,26 @@ def evaluate_client(
     """
     static: Dict[str, Dict[str, Any]] = {}
 
-    def computation(draws: Dict[str, torch.Tensor], first: int) -> Dict[str, torch.Tensor]:
+    def computation(draws: Dict[str, torch.Tensor], index) -> Dict[str, torch.Tensor]:
         # Draw j computed alone gets its own seed, so replicated data stay independent.
-        out = _evaluate_batched(
+        out = _evaluate(
             model,
             structure,
             batch,
             {site: draws[site] for site in global_draws},
             {site: draws[site] for site in own_local_draws},
-            seed if first == 0 else derive_seed(seed, "draw", first),
+            seed if index is None else derive_seed(seed, "draw", index),
             pointwise,
-            plain=first > 0 or len(next(iter(draws.values()))) == 1 and n_draws > 1,
+            plain=index is not None,
         )
         static.update(observed=out["observed"], per_observation=out["per_observation"])
         flat = {f"log_likelihood/{k}": v for k, v in out["log_likelihood"].items()}
         flat.update({f"random:{k}": v for k, v in out["posterior_predictive"].items()})
         return flat
 
-    all_draws = {**global_draws, **own_local_draws}
-    n_draws = len(next(iter(all_draws.values())))
-    flat = batched_or_looped(computation, all_draws, "the ArviZ export's model replay")
+    flat = batched_or_looped(
+        computation, {**global_draws, **own_local_draws}, "the ArviZ export's model replay"
+    )
     return {
         "log_likelihood": {
             k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("log_likelihood/")
@@ -174,7 +133,7 @@ def evaluate_client(
     }
 
 
-def _evaluate_batched(
+def _evaluate(
     model: Callable,
     structure: ModelStructure,
     batch: Dict[str, torch.Tensor],
@@ -189,12 +148,10 @@ def _evaluate_batched(
     nesting = structure.max_plate_nesting
     first = next(iter(list(global_draws.values()) + list(own_local_draws.values())))
     num_samples = first.shape[0]
-    if plain:  # one draw, the model in plain Pyro's shapes (no particle plate)
-        values = plain_values(global_draws, own_local_draws, structure)
-        run = poutine.condition(model, data=values)
-    else:
-        values = client_values(global_draws, own_local_draws, structure)
-        run = with_particles(poutine.condition(model, data=values), num_samples, nesting)
+    values = client_values(global_draws, own_local_draws, structure, plain=plain)
+    run = poutine.condition(model, data=values)
+    if not plain:
+        run = with_particles(run, num_samples, nesting)
     with private_params(), torch.no_grad(), seeded(seed):
         with pyro.validation_enabled(False):
             trace = poutine.trace(run).get_trace(batch)

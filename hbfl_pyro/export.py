@@ -52,9 +52,9 @@ from pyro import poutine
 
 from .client_export import (
     client_marginal_log_likelihood,
+    client_values,
     evaluate_client,
     inner_plates,
-    plain_values,
 )
 from .guides import private_params
 from .seeding import derive_seed
@@ -291,7 +291,7 @@ def _deterministic_layout(fit, batch, global_draws, local_draws) -> Dict[str, bo
         return {}
     first = {s: v[:1] for s, v in global_draws.items()}
     own = {s: v[:1, 0] for s, v in local_draws.items()}
-    values = plain_values(first, own, structure)  # one draw, plain Pyro's shapes
+    values = client_values(first, own, structure, plain=True)  # plain Pyro shapes
     with private_params(), torch.no_grad(), torch.random.fork_rng(devices=[]):
         with pyro.validation_enabled(False):
             trace = poutine.trace(poutine.condition(fit.model, data=values)).get_trace(batch)

@@ -32,9 +32,10 @@ from .data import FederatedData, collate
 from .elbo import with_particles
 from .guides import private_params
 from .laplace_marginal import MarginalClient, psis_noise
+from .replay import pad_batch
 from .seeding import derive_seed, seeded
 from .structure import ModelStructure, site_distribution, site_value
-from .summary import _pad_batch, deterministic_samples
+from .summary import deterministic_samples
 
 
 def _new_client_data(fit, data: Mapping) -> Dict[str, torch.Tensor]:
@@ -114,7 +115,7 @@ def new_client_predictive(
         torch.manual_seed(seed)
         global_draws = fit.global_samples(num_samples)
     values = {
-        site: _pad_batch(v, v.shape[1:], event_dims.get(site, 0), nesting, site)
+        site: pad_batch(v, v.shape[1:], event_dims.get(site, 0), nesting, site)
         for site, v in global_draws.items()
     }
     run = with_particles(poutine.condition(fit.model, data=values), num_samples, nesting)

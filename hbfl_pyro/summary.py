@@ -26,7 +26,7 @@ from pyro import poutine
 
 from .elbo import with_particles
 from .guides import private_params
-from .replay import batched_or_looped
+from .replay import batched_or_looped, client_values
 from .structure import ModelStructure
 
 COLUMNS = ("site", "client", "index", "mean", "sd", "q5", "q95")
@@ -41,20 +41,6 @@ def _drop_broadcast_dims(draws: torch.Tensor, lead: int, event_dim: int) -> torc
     batch, event = shape[: len(shape) - event_dim], shape[len(shape) - event_dim :]
     kept = tuple(size for size in batch if size != 1)
     return draws.reshape(draws.shape[:lead] + kept + tuple(event))
-
-
-def _pad_batch(draws: torch.Tensor, value_shape, event_dim: int, nesting: int, site: str):
-    """Reshape ``(n, *value_shape)`` to ``(n, 1, ..., 1, *value_shape)`` whose batch part
-    has ``nesting + 1`` dims, so that it broadcasts under a particle plate at
-    ``dim=-(nesting + 1)`` exactly as a value drawn inside that plate would."""
-    value_shape = tuple(value_shape)
-    k = nesting - (len(value_shape) - event_dim)
-    if k < 0:
-        raise ValueError(
-            f"site {site!r}: value shape {value_shape} has more batch dims than the model's "
-            f"{nesting} plate dims"
-        )
-    return draws.reshape((draws.shape[0],) + (1,) * k + value_shape)
 
 
 def deterministic_samples(
@@ -104,21 +90,19 @@ def deterministic_samples(
     if not sites:
         return out
     nesting = structure.max_plate_nesting
-    event_dims = dict(structure.event_dims)
     num_samples = next(iter(list(global_draws.values()) + list(local_draws.values()))).shape[0]
     inside: Dict[str, bool] = {}  # whether a site sits in the clients plate
 
-    def replay(batch, draws: Dict[str, torch.Tensor], first: int) -> Dict[str, torch.Tensor]:
+    def replay(batch, draws: Dict[str, torch.Tensor], index) -> Dict[str, torch.Tensor]:
         n = len(next(iter(draws.values())))
-        if n == 1 and num_samples > 1:  # one draw: plain Pyro's shapes, no particle plate
-            plain = {site: draws[site][0] for site in global_draws}
-            for site in local_draws:
-                shape, event_dim = tuple(draws[site].shape[1:]), event_dims.get(site, 0)
-                axis = max(len(shape) + 1 - event_dim + structure.plate_dim, 0)
-                plain[site] = draws[site][0].reshape(shape[:axis] + (1,) + shape[axis:])
-            run = poutine.condition(model, data=plain)
-        else:
-            run = with_particles(poutine.condition(model, data=_padded(draws)), n, nesting)
+        own_locals = {site: draws[site] for site in local_draws}
+        own_globals = {site: draws[site] for site in global_draws}
+        if index is None:  # every draw at once, in a particle plate
+            values = client_values(own_globals, own_locals, structure)
+            run = with_particles(poutine.condition(model, data=values), n, nesting)
+        else:  # one draw, in plain Pyro's shapes
+            values = client_values(own_globals, own_locals, structure, plain=True)
+            run = poutine.condition(model, data=values)
         with private_params(), torch.no_grad(), pyro.validation_enabled(False):
             trace = poutine.trace(run).get_trace(batch)
         found = {}
@@ -129,22 +113,6 @@ def deterministic_samples(
             if value is not None:
                 found[site] = value
         return found
-
-    def _padded(draws: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        values = {
-            site: _pad_batch(
-                draws[site], draws[site].shape[1:], event_dims.get(site, 0), nesting, site
-            )
-            for site in global_draws
-        }
-        for site in local_draws:
-            own = draws[site]
-            shape, event_dim = tuple(own.shape[1:]), event_dims.get(site, 0)
-            # Put back the clients axis that local_samples removed (a size-1 plate here).
-            axis = len(shape) + 1 - event_dim + structure.plate_dim
-            value_shape = shape[:axis] + (1,) + shape[axis:]
-            values[site] = _pad_batch(own, value_shape, event_dim, nesting, site)
-        return values
 
     skipped = set()
     for i, (client, batch) in enumerate(batches.items()):

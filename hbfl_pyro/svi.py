@@ -520,9 +520,9 @@ class FederatedSVI:
                 ConvergenceWarning,
                 stacklevel=3,
             )
-        elif verdict_problems(verdict):  # converged, but q failed its check
+        elif problems := verdict_problems(verdict):  # converged, but q failed its check
             warnings.warn(
-                "this posterior is not trustworthy: " + " ".join(verdict_problems(verdict)),
+                "this posterior is not trustworthy: " + " ".join(problems),
                 ConvergenceWarning,
                 stacklevel=3,
             )

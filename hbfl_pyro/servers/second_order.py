@@ -457,9 +457,9 @@ class SecondOrderServer(ServerStrategy):
         if not bool(finite.all()):
             log_w = torch.where(finite, log_w, torch.tensor(-math.inf, dtype=log_w.dtype))
         smoothed, k_hat = az.psislw(log_w.numpy().copy(), reff=1.0)
-        if not stages and 1.0 in self.psis_scales:  # the ELBO of q(z) itself
-            first = slice(self.psis_scales.index(1.0) * n, (self.psis_scales.index(1.0) + 1) * n)
-            own = (log_prior + log_lik - components[self.psis_scales.index(1.0)])[first]
+        if not stages and 1.0 in self.psis_scales:  # the ELBO of q(z) itself: its own draws
+            i = self.psis_scales.index(1.0)
+            own = (log_prior + log_lik - components[i])[i * n : (i + 1) * n]
             post["elbo"] = float(own[torch.isfinite(own)].mean())
         k_hat_value = float(np.asarray(k_hat))
         stage = dict(
