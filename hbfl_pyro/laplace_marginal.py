@@ -155,11 +155,32 @@ class LaplaceMarginal:
             total = total + site_log_prob(trace.nodes[name]).sum()
         return total
 
-    def _newton_parts(self, z, t, data):
-        """Value, gradient and negative Hessian of the log joint in ``t``."""
-        gradient, value = grad_and_value(self.log_joint, argnums=1)(z, t, data)
-        precision = -self._inner_jacobian(grad(self.log_joint, argnums=1), argnums=1)(z, t, data)
-        return value, gradient, precision
+    def _newton_parts(self, z, t, data, jacobian=None):
+        """Value, gradient and negative Hessian of the log joint in ``t``, in one pass: the
+        Hessian is the Jacobian of a function returning the gradient, which also hands
+        back the gradient and value it computed on the way (the Jacobian's aux), so the
+        model's gradient is not evaluated twice.
+
+        :param jacobian: how the Hessian is formed from the gradient (default
+            :attr:`_inner_jacobian`, for :meth:`laplace` under outer derivatives in
+            ``z``); the searches pass ``jacrev``, the fastest with nothing outside it.
+        """
+
+        def gradient_and_value(free):
+            gradient, value = grad_and_value(self.log_joint, argnums=1)(z, free, data)
+            return gradient, (gradient, value)
+
+        jacobian = self._inner_jacobian if jacobian is None else jacobian
+        hess, (gradient, value) = jacobian(gradient_and_value, has_aux=True)(t)
+        return value, gradient, -hess
+
+    def _search_parts(self, z, t, data):
+        """:meth:`_newton_parts` where nothing differentiates it further (the mode
+        searches, the curvature at modes): reverse over reverse mode. On the tuning-free
+        benchmark's 256 draws x all clients, one thread: exam 0.26 s against 0.64 s for
+        forward over reverse with the gradient evaluated separately, noise_sd 0.68 s
+        against 0.99 s."""
+        return self._newton_parts(z, t, data, jacrev)
 
     def laplace(self, z: torch.Tensor, mode: torch.Tensor, data: Dict) -> torch.Tensor:
         """``L(z)`` of one client, differentiable in ``z`` through one Newton step from
@@ -195,6 +216,17 @@ class LaplaceMarginal:
         """
         return self._search(z, start, tol)[0]
 
+    def _map_pairs(self, fn, z: torch.Tensor, t: torch.Tensor, pairs: torch.Tensor):
+        """``fn`` at some (draw, client) pairs only: ``pairs`` ``(P,)`` flat indices into
+        ``(C,)`` (``z`` ``(d,)``) or ``(S, C)`` (``z`` ``(S, d)``), ``t`` ``(P, k)`` their
+        locals. Each pair is the same one-client evaluation :meth:`_map` makes."""
+        count = len(next(iter(self.batch.values())))  # the batch's clients (an engine
+        clients = pairs % count  # may run a round on some of them)
+        data = {key: value[clients] for key, value in self.batch.items()}
+        if z.dim() == 1:
+            return vmap(fn, in_dims=(None, 0, 0))(z, t, data)
+        return vmap(fn, in_dims=(0, 0, 0))(z[pairs // count], t, data)
+
     @torch.no_grad()
     def _search(self, z, start, tol=None):
         """:meth:`modes`, and the negative Hessian in the locals at the last iterate (within
@@ -202,48 +234,61 @@ class LaplaceMarginal:
 
         Each (draw, client) stops on its own: once its move is within ``tol`` its result is
         kept, so what it gets never depends on the rest of the batch (a batched engine
-        returns what each client computes alone).
+        returns what each client computes alone). The first iteration evaluates every
+        pair; later ones only the pairs still searching (:meth:`_map_pairs`): from a
+        predicted start most pairs stop after one step (noise_sd's PSIS draws: 3% of the
+        pairs take a second), and the search costs one pass over the batch, not two.
         """
         tol = self.tol if tol is None else tol
         t = start.expand(z.shape[:-1] + start.shape[-2:]).clone()
         if self.size == 0:
             return t, t.new_zeros(t.shape + (0,))
-        done = torch.zeros(t.shape[:-1], dtype=torch.bool)
-        found_t, found_precision = t.clone(), None
-        for _ in range(self.max_newton):
-            value, gradient, precision = self._map(self._newton_parts, z, t)
+        lead, k = t.shape[:-1], self.size
+        found_t = t.reshape(-1, k).clone()
+        found_precision = t.new_zeros(found_t.shape + (k,))
+        pairs = torch.arange(len(found_t))  # the pairs still searching
+        t = found_t.clone()
+        for iteration in range(self.max_newton):
+            if iteration == 0:
+                value, gradient, precision = (
+                    part.reshape((len(pairs),) + part.shape[len(lead) :])
+                    for part in self._map(self._search_parts, z, t.reshape(lead + (k,)))
+                )
+            else:
+                value, gradient, precision = self._map_pairs(self._search_parts, z, t, pairs)
             move = torch.linalg.solve(_positive_definite(precision), gradient.unsqueeze(-1))
             move = move.squeeze(-1)
             # At most max_move long (written without norm(), whose gradient at 0 is NaN).
             squared = move.pow(2).sum(-1, keepdim=True).clamp(min=self.max_move**2)
             move = move * (self.max_move * squared.rsqrt())
             size = move.abs().amax(-1)
-            newly = ~done & (size <= tol)
-            found_t = torch.where(newly.unsqueeze(-1), t + move, found_t)
-            if found_precision is None:
-                found_precision = precision.clone()
-            found_precision = torch.where(newly[..., None, None], precision, found_precision)
-            done = done | newly
-            if bool(done.all()):
-                return found_t, found_precision
+            newly = size <= tol
+            found_t[pairs[newly]] = t[newly] + move[newly]
+            found_precision[pairs[newly]] = precision[newly]
+            going = ~newly
+            pairs, t, move, size, value = (x[going] for x in (pairs, t, move, size, value))
+            if not len(pairs):
+                return found_t.reshape(lead + (k,)), found_precision.reshape(lead + (k, k))
             # Halve a long move where it does not increase the log joint (a conditional
             # that is not log-concave there), taking the first halving that does. A short
             # move (within LOCAL_QUADRATIC) is Newton's in its quadratic region: taken.
-            pending = ~done & (size > self.LOCAL_QUADRATIC)
+            pending = size > self.LOCAL_QUADRATIC
             best_t = torch.where(pending.unsqueeze(-1), t, t + move)
             step = move
             for _ in range(6):
-                if not bool(pending.any()):
+                checked = pending.nonzero().squeeze(-1)
+                if not len(checked):
                     break
-                trial = t + step
-                better = pending & (self._map(self.log_joint, z, trial) > value)
-                best_t = torch.where(better.unsqueeze(-1), trial, best_t)
-                pending = pending & ~better
+                trial = t[checked] + step[checked]
+                joint = self._map_pairs(self.log_joint, z, trial, pairs[checked])
+                better = joint > value[checked]
+                best_t[checked[better]] = trial[better]
+                pending[checked[better]] = False
                 step = step / 2
             t = best_t
-        precision = self._map(self._newton_parts, z, t)[2]
-        found_t = torch.where(done.unsqueeze(-1), found_t, t)
-        return found_t, torch.where(done[..., None, None], found_precision, precision)
+        precision = self._map_pairs(self._search_parts, z, t, pairs)[2]
+        found_t[pairs], found_precision[pairs] = t, precision
+        return found_t.reshape(lead + (k,)), found_precision.reshape(lead + (k, k))
 
     def derivatives(self, z: torch.Tensor, modes: torch.Tensor):
         """Each client's ``L_i(z)``, gradient and Hessian in ``z``: shapes ``(C,)``,
@@ -272,7 +317,7 @@ class LaplaceMarginal:
         if self.size == 0:
             return modes.new_zeros(modes.shape + (z.shape[-1],))
         cross = jacfwd(grad(self.log_joint, argnums=1), argnums=0)
-        _, _, precision = self._map(self._newton_parts, z, modes)
+        _, _, precision = self._map(self._search_parts, z, modes)
         # (forward mode can return float64 for float32 inputs: keep the model's dtype)
         mixed = self._map(cross, z, modes).to(precision.dtype)
         return torch.linalg.solve(precision, mixed).detach()
@@ -286,7 +331,7 @@ class LaplaceMarginal:
 
     def _parts_at_modes(self, z, modes):
         """The log joint and its negative Hessian in ``t`` at converged ``modes``."""
-        value, _, precision = self._map(self._newton_parts, z, modes)
+        value, _, precision = self._map(self._search_parts, z, modes)
         return value, precision
 
     def _laplace_value(self, value, precision):
