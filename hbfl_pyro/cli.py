@@ -29,7 +29,7 @@ from .cli_parser import (  # noqa: F401 (public here too: hbfl_pyro.cli.build_pa
 #: Third-party warnings the command line does not show (issue 16): each concerns a
 #: dependency's own API, not the user's model or fit. Narrow on purpose, by category and
 #: the warning's module or message; hbfl_pyro's own warnings (ConvergenceWarning,
-#: ClientFailureWarning) and any UserWarning stay visible. Not installed when the user
+#: ClientFailureWarning) and any other UserWarning stay visible. Not installed when the user
 #: chose warning filters (python -W or PYTHONWARNINGS). The ArviZ 1.x announcement on
 #: import is silenced by the package's import itself (hbfl_pyro/__init__.py), which runs
 #: before main(); the module filter below also covers an import of ArviZ after it.
@@ -42,6 +42,10 @@ THIRD_PARTY_WARNINGS: Tuple[Dict[str, Any], ...] = (
     # Deprecation notices raised inside torch, Pyro, ArviZ or xarray themselves.
     {"category": DeprecationWarning, "module": r"(torch|pyro|arviz|xarray)(\.|$)"},
     {"category": FutureWarning, "module": r"(torch|pyro|xarray)(\.|$)"},
+    # torch's own notice that a future release stops resizing an output tensor, raised
+    # from its autograd engine when the second-order server differentiates an indexing
+    # model (``b[..., region]``) under vmap: about torch internals, nothing to act on.
+    {"category": UserWarning, "message": r"An output with one or more elements was resized"},
 )
 
 
@@ -161,9 +165,6 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
         options["dp"] = dp
     if args.secagg and not flower_sim:
         raise UsageError("--secagg runs in Flower: add --engine flower-sim")
-    if flower_sim and options.get("server", "auto") == "auto":
-        # The Flower apps run the first-order servers (the second-order one not yet).
-        options["server"] = "first_order"
     try:
         svi_options = {**options, "engine": "inprocess"} if flower_sim else options
         fit = FederatedSVI(spec.model, data, **svi_options)
@@ -234,11 +235,6 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
             require_flower()
         except ImportError as exc:
             raise UsageError(str(exc)) from exc
-        if second_order:
-            raise UsageError(
-                f"{spec.label}: the second-order server does not run in Flower yet; add "
-                "--server gradient (or a first-order option) for --engine flower-sim"
-            )
         from .flower.simulation import fit_in_simulation
 
         run_config = {"secagg": True} if args.secagg else {}
@@ -247,7 +243,11 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
         try:
             rescaled = {k: file_options[k] for k in spec.decay_over_run}
             fit_in_simulation(
-                fit, args.model_file, _svi_options(args, rescaled), rounds, run_config=run_config
+                fit,
+                args.model_file,
+                _svi_options(args, rescaled),
+                cap if second_order else rounds,
+                run_config=run_config,
             )
         except ValueError as exc:  # e.g. SecAgg+ with a gradient-mode server
             raise UsageError(f"{spec.label}: {_one_line(exc)}") from exc

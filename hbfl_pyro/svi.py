@@ -423,8 +423,10 @@ class FederatedSVI:
         start = time.perf_counter()
         chosen = self.server.select(server_round)
         messages = {name: self.server.message(server_round, name) for name in chosen}
-        replies, failed = self.engine.run_round(messages)
-        record = self.server.aggregate(server_round, replies, failed)
+        replies, failures = self.engine.run_round(messages)
+        record = self.server.aggregate(server_round, replies, list(failures))
+        if failures:  # each failing client with its reason, for the report and the log
+            record["errors"] = dict(failures)
         record["seconds"] = time.perf_counter() - start
         self.round = server_round
         self.history.append(record)

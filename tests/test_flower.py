@@ -68,7 +68,8 @@ def in_process(spec, options, rounds, names=None, fail=None):
     if names is not None:
         data = {n: data[n] for n in names}
     # Decays the file states over the run are spread over the rounds run, as Flower does.
-    fit = FederatedSVI(mf.model, data, **{**mf.options_for(rounds), **options})
+    file_options = mf.options_for(rounds) if rounds is not None else dict(mf.options)
+    fit = FederatedSVI(mf.model, data, **{**file_options, **options})
     if fail is not None:
         for name, client in fit.clients.items():
             client.update = _failing(client.update, name, fail)
@@ -126,8 +127,8 @@ def test_run_config_guide_chooses_the_family_and_its_settings(flwr):
     from hbfl_pyro.flower.apps import load_spec, merged_config
 
     model_file = str(MODELS / "surgical.py")
-    # (The file's default is the second-order server, which Flower does not run yet: its
-    # first-order settings are those of the mean-field family.)
+    # (The file's default is the second-order server; its first-order settings are those
+    # of the mean-field family.)
     plain = load_spec(merged_config({"model-file": model_file, "guide": "mean-field"}, None))
     assert plain.rounds == 500 and plain.options.get("local_guide", "auto") == "auto"
     spec = load_spec(merged_config({"model-file": model_file, "guide": "structured"}, None))
@@ -172,6 +173,43 @@ def test_simulation_equals_in_process(flwr, model, options, rounds):
     # Payload of every message: global-sized (a few hundred bytes to 1 kB here).
     for t in result["traffic"]:
         assert max(t["bytes_down"] + t["bytes_up"]) < 2000
+
+
+@pytest.mark.slow
+def test_second_order_simulation_equals_in_process(flwr):
+    """The default server of eight schools (second order) runs in Flower's simulation as
+    in process, round for round: Newton rounds, the PSIS rounds, the verdict, bit for bit
+    (the ServerApp runs FederatedSVI.run itself; only the engine differs)."""
+    from hbfl_pyro.flower import simulate
+
+    options = {"seed": 3}
+    result = simulate(MODELS / "eight_schools.py", None, options)
+    fit = in_process(MODELS / "eight_schools.py", {**options, "engine": "inprocess"}, None)
+    assert fit.server.mode == "second_order"
+    assert result["server_choice"] == fit.server_choice
+    assert_same_fit(fit, result)
+    phases = [r["phase"] for r in result["history"]]
+    assert phases[0] == "newton" and phases[-1] == "psis", phases
+    assert result["verdict"]["status"] == "converged"
+    assert result["verdict"]["k_hat"] == fit.verdict["k_hat"]
+    # Messages are global-sized: a Hessian of the 10 globals down, or 3000 PSIS draws of
+    # them (the largest, 240 kB), never data.
+    biggest = max(max(t["bytes_down"] + t["bytes_up"]) for t in result["traffic"])
+    assert biggest < 10 * 3000 * 8 + 5000, biggest
+
+
+@pytest.mark.slow
+def test_cli_flower_sim_runs_the_second_order_server(flwr, tmp_path):
+    """`hbfl fit --engine flower-sim` on the default (second-order) server: the same
+    summary as in process."""
+    from hbfl_pyro.cli import main
+
+    args = ["fit", str(MODELS / "eight_schools.py"), "--seed", "2", "--no-progress"]
+    args += ["--num-samples", "500", "--no-report"]
+    assert main(args + ["--engine", "flower-sim", "--out", str(tmp_path / "flower")]) == 0
+    assert main(args + ["--engine", "inprocess", "--out", str(tmp_path / "inprocess")]) == 0
+    flower = (tmp_path / "flower" / "summary.csv").read_text()
+    assert flower == (tmp_path / "inprocess" / "summary.csv").read_text()
 
 
 @pytest.mark.slow
@@ -435,6 +473,24 @@ def test_deployment_on_loopback(flwr, tmp_path):
     q = result["server"]["family_params"]
     assert abs(float(q["loc"]) - float(mean)) < 1e-3 * float(sd)
     assert abs(float(q["scale"]) / float(sd) - 1) < 1e-3
+
+
+@pytest.mark.slow
+def test_second_order_deployment_on_loopback(flwr, tmp_path):
+    """The second-order server across a SuperLink and three SuperNodes (eight schools'
+    first three schools): the same fit as in process, bit for bit."""
+    out = tmp_path / "out"
+    options = {"seed": 3}
+    config = _run_config(out, -1, options, **{"model-file": str(MODELS / "eight_schools.py")})
+    with Deployment(tmp_path) as deployment:
+        deployment.flwr_run(config)
+        _wait_for(out / "result.pt", 240, deployment)
+    result = torch.load(out / "result.pt", weights_only=False)
+    assert result["server_choice"]["server"] == "second_order"
+    names = ["A", "B", "C"]
+    fit = in_process(MODELS / "eight_schools.py", {**options, "engine": "inprocess"}, None, names)
+    assert_same_fit(fit, result, clients=False)
+    assert result["verdict"] == fit.verdict
 
 
 @pytest.mark.slow

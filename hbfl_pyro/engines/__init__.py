@@ -1,5 +1,6 @@
 """Transports between the server and the clients."""
 
+from .base import Engine, Failures
 from .batched_marginal import BatchedMarginalEngine
 from .inprocess import InProcessEngine
 from .vectorised import VectorisedEngine
@@ -10,6 +11,8 @@ SECOND_ORDER_ENGINES = {"inprocess": InProcessEngine, "vectorised": BatchedMargi
 
 __all__ = [
     "BatchedMarginalEngine",
+    "Engine",
+    "Failures",
     "ENGINES",
     "InProcessEngine",
     "SECOND_ORDER_ENGINES",

@@ -20,6 +20,7 @@ import torch
 
 from ..data import collate
 from ..laplace_marginal import LaplaceMarginal, MarginalClient, psis_noise
+from .base import Failures
 from .inprocess import InProcessEngine
 
 
@@ -40,7 +41,7 @@ class BatchedMarginalEngine(InProcessEngine):
             marginal.model, marginal.structure, self._batch, marginal.layout
         )
 
-    def run_round(self, messages: Dict[str, Dict]) -> Tuple[Dict[str, Dict], List[str]]:
+    def run_round(self, messages: Dict[str, Dict]) -> Tuple[Dict[str, Dict], Failures]:
         names = list(messages)
         for name in names:
             self.deliver("down", name, messages[name])
@@ -50,7 +51,7 @@ class BatchedMarginalEngine(InProcessEngine):
             return super().run_round(messages)
         for name in names:
             self.deliver("up", name, replies[name])
-        return replies, []
+        return replies, {}
 
     def _batched(self, names: List[str], messages: Dict[str, Dict]) -> Dict[str, Dict]:
         index = torch.tensor([self._names.index(n) for n in names])

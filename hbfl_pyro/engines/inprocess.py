@@ -11,6 +11,7 @@ import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..server import ClientFailureWarning
+from .base import Engine, Failures
 
 logger = logging.getLogger("hbfl_pyro")
 
@@ -19,7 +20,7 @@ logger = logging.getLogger("hbfl_pyro")
 MessageHook = Callable[[str, str, Dict], None]
 
 
-class InProcessEngine:
+class InProcessEngine(Engine):
     """Runs a round's client updates one after another in this process.
 
     :param clients: ``{name: Client}``.
@@ -42,22 +43,24 @@ class InProcessEngine:
             )
         return message
 
-    def run_round(self, messages: Dict[str, Dict]) -> Tuple[Dict[str, Dict], List[str]]:
+    def run_round(self, messages: Dict[str, Dict]) -> Tuple[Dict[str, Dict], Failures]:
         """Deliver each message, run the client's update, and collect the replies."""
-        replies, failed, first_error = {}, [], None
+        replies: Dict[str, Dict] = {}
+        failed: Failures = {}
+        first_error = None
         for name, message in messages.items():
             self.deliver("down", name, message)
             try:
                 reply = self.clients[name].update(message)
             except Exception as exc:  # a client crash must not take the federation down
                 first_error = first_error or exc
+                failed[name] = f"{type(exc).__name__}: {exc}"
                 warnings.warn(
                     f"round {message.get('round')}: client {name!r} failed: "
-                    f"{type(exc).__name__}: {exc}; it is left out of this round",
+                    f"{failed[name]}; it is left out of this round",
                     ClientFailureWarning,
                     stacklevel=2,
                 )
-                failed.append(name)
                 continue
             replies[name] = self.deliver("up", name, reply)
         if not replies and first_error is not None:

@@ -39,6 +39,7 @@ from ..data import collate
 from ..guides import build_local_guide, local_moments, private_params
 from ..seeding import derive_seed, seeded
 from ..server import ClientFailureWarning
+from .base import Failures
 from .inprocess import InProcessEngine
 
 
@@ -126,7 +127,7 @@ class VectorisedEngine(InProcessEngine):
             self._batch_key = key
         return self._batch
 
-    def run_round(self, messages: Dict[str, Dict]) -> Tuple[Dict[str, Dict], List[str]]:
+    def run_round(self, messages: Dict[str, Dict]) -> Tuple[Dict[str, Dict], Failures]:
         """Deliver the messages, run every sampled client's local steps in one batch, reply."""
         names = list(messages)
         for name in names:
@@ -193,10 +194,9 @@ class VectorisedEngine(InProcessEngine):
                 reply = replies[name]
                 reply[key] = client.dp.clip_message(reply[key], f"client {name!r}")
                 reply["elbo"] = 0.0
-        failed: List[str] = []
         for name in names:
             self.deliver("up", name, replies[name])
-        return replies, failed
+        return replies, {}
 
     @staticmethod
     def _per_client_copies(global_guide, size: int, structure):

@@ -2,8 +2,9 @@
 
 A model file (see :mod:`hbfl_pyro.modelfile`) becomes a Flower app:
 
-* :func:`server_app` -- a ``ServerApp`` whose :class:`HBFLStrategy` runs the library's
-  :class:`~hbfl_pyro.Server` (closed-form or gradient mode) on the clients' replies;
+* :func:`server_app` -- a ``ServerApp`` that runs :class:`~hbfl_pyro.FederatedSVI`'s own
+  round loop (any server: closed-form, gradient, second-order) with a
+  :class:`~hbfl_pyro.flower.engine.FlowerEngine` carrying the messages to the nodes;
 * :func:`client_app` -- a ``ClientApp`` that runs :meth:`hbfl_pyro.Client.update` on the
   node's own data, keeping the client's local variational parameters (and its optimiser
   state) in the Flower ``Context`` state between rounds;
@@ -28,6 +29,7 @@ INSTALL_HINT = (
 )
 
 _LAZY = {
+    "FlowerEngine": "engine",
     "HBFLStrategy": "apps",
     "client_app": "apps",
     "server_app": "apps",
@@ -59,6 +61,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "FlowerEngine",
     "HBFLStrategy",
     "INSTALL_HINT",
     "RUN_CONFIG_DEFAULTS",

@@ -49,10 +49,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..server import ClientFailureWarning
 from .config import RUN_CONFIG_DEFAULTS, AppSpec, client_options, flag, load_spec, merged_config
-from .messaging import discover_clients, error_text, logger, send_and_receive
-from .records import decode, encode, has_tree, num_bytes, record_dict
+from .engine import SERVER_RECORD, FlowerEngine
+from .messaging import discover_clients, logger, send_and_receive
+from .records import decode, encode, has_tree, record_dict
 from .run import build_server, finish_run, run_result, write_history, write_result
 from .secagg import client_train, is_secagg_message, run_secagg_server
 
@@ -108,21 +108,41 @@ def schema_of(data: Mapping[str, torch.Tensor], per_client=()) -> Dict[str, torc
 
 
 class NodeClient:
-    """A node's :class:`~hbfl_pyro.Client`, built from the model file and its own data.
+    """A node's client, built from the model file and its own data.
 
     The client is built as :class:`~hbfl_pyro.FederatedSVI` builds it (same seeds, same
-    options less the server's); its state lives in the Flower context, not here.
+    options less the server's) on the first ``train`` message, whose header names the
+    server strategy's mode (:data:`~hbfl_pyro.flower.engine.SERVER_RECORD`): the
+    ServerApp's choice, which may rest on options only it sees (e.g. ``fraction``). The
+    client's state lives in the Flower context, not here.
     """
 
     def __init__(self, spec: AppSpec, node_config: Mapping):
+        from ..data import FederatedData
+
+        self.spec = spec
+        self.name, data, self.partition = load_node_data(spec.model_file, node_config)
+        per_client = spec.options.get("per_client", ())
+        self.data = FederatedData({self.name: data}, per_client)
+        self.schema = schema_of(self.data[0], self.data.per_client)
+        self._clients: Dict[str, Tuple[Any, Dict]] = {}
+
+    def client_for(self, mode: str):
+        """The client for the server strategy ``mode``, and its initial state."""
         from ..svi import FederatedSVI
 
-        self.name, data, self.partition = load_node_data(spec.model_file, node_config)
-        options = client_options(spec)
-        fit = FederatedSVI(spec.model_file.model, {self.name: data}, **options)
-        self.client = fit.clients[self.name]
-        self.schema = schema_of(self.client.data, fit.data.per_client)
-        self.initial_state = self.client.state_dict()
+        if mode not in self._clients:
+            options = client_options(self.spec, mode)
+            fit = FederatedSVI(self.spec.model_file.model, self.data, **options)
+            if fit.server.mode != mode:
+                raise RuntimeError(
+                    f"client {self.name!r}: the server runs the {mode} server but this node "
+                    f"built a {fit.server.mode} client from the same options; give both "
+                    "sides the same model file and options"
+                )
+            client = fit.clients[self.name]
+            self._clients[mode] = (client, client.state_dict())
+        return self._clients[mode]
 
 
 _NODES: Dict[Tuple[int, int], NodeClient] = {}
@@ -156,34 +176,39 @@ def client_app(run_config: Optional[Mapping] = None):
     overrides = dict(run_config or {})
     app = ClientApp()
 
-    def load_state(context, node: NodeClient) -> None:
+    def load_state(context, client, initial_state) -> None:
         if has_tree(context.state, STATE_PREFIX):
-            node.client.load_state_dict(decode(context.state, STATE_PREFIX))
+            client.load_state_dict(decode(context.state, STATE_PREFIX))
         else:  # a new run on this node: start from the initial local factor
-            node.client.load_state_dict(node.initial_state)
+            client.load_state_dict(initial_state)
 
-    def update(context, node: NodeClient, message, finish=None):
+    def update(context, node: NodeClient, mode: str, message, finish=None):
         """The local update; the state is stored only if ``finish(reply)`` returns."""
-        load_state(context, node)
-        reply = node.client.update(message)
+        client, initial_state = node.client_for(mode)
+        load_state(context, client, initial_state)
+        reply = client.update(message)
         out = reply if finish is None else finish(reply)
-        for name, record in encode(node.client.state_dict(), STATE_PREFIX).items():
+        for name, record in encode(client.state_dict(), STATE_PREFIX).items():
             context.state[name] = record
         return out
 
     @app.train()
     def train(msg, context):
         spec, node = _node_client(context, overrides)
-        if is_secagg_message(msg):
+        if is_secagg_message(msg):  # SecAgg+ runs the closed-form server only
             return client_train(
-                msg, context, node.name, lambda m, finish: update(context, node, m, finish)
+                msg,
+                context,
+                node.name,
+                lambda m, finish: update(context, node, "closed_form", m, finish),
             )
         if flag(spec.config["secagg"]):
             raise PermissionError(
                 f"client {node.name!r}: this node's run config sets secagg, but the server "
                 "sent a plain train message; it answers only through SecAgg+"
             )
-        reply = update(context, node, decode(msg.content))
+        mode = str(msg.content[SERVER_RECORD]["mode"])
+        reply = update(context, node, mode, decode(msg.content))
         return Message(record_dict(reply), reply_to=msg)
 
     @app.query()
@@ -198,8 +223,10 @@ def client_app(run_config: Optional[Mapping] = None):
                     f"client {node.name!r}: the server asked for the local state, but this "
                     "node's run config does not set collect-local"
                 )
-            load_state(context, node)
-            body = {"name": node.name, "state": node.client.state_dict()}
+            # The server's mode: a client sampled in no round has not heard it yet.
+            client, initial_state = node.client_for(str(msg.content["hbfl.query"]["mode"]))
+            load_state(context, client, initial_state)
+            body = {"name": node.name, "state": client.state_dict()}
         else:
             raise ValueError(f"unknown query action {action!r}")
         return Message(record_dict(body), reply_to=msg)
@@ -209,129 +236,89 @@ def client_app(run_config: Optional[Mapping] = None):
 
 # ---------------------------------------------------------------------- server side
 class HBFLStrategy:
-    """The Flower strategy of federated SVI: the library's :class:`~hbfl_pyro.Server`.
+    """Deprecated (one release): the ServerApp now runs :meth:`hbfl_pyro.FederatedSVI.run`
+    through a :class:`~hbfl_pyro.flower.engine.FlowerEngine`. This keeps the old two-step
+    use, on top of that engine: :meth:`configure_train` returns a round's Flower messages,
+    :meth:`aggregate_train` updates ``server`` from their replies.
 
-    Its two methods have the roles (and names) of a Flower strategy's:
-    :meth:`configure_train` builds a round's ``train`` messages (the clients of
-    :meth:`~hbfl_pyro.Server.select`, each with :meth:`~hbfl_pyro.Server.message`), and
-    :meth:`aggregate_train` updates the server from the replies
-    (:meth:`~hbfl_pyro.Server.aggregate`).
-
-    :param server: the :class:`~hbfl_pyro.Server`.
+    :param server: the server strategy (:class:`~hbfl_pyro.Server`, ...).
     :param nodes: ``{client name: Flower node id}``.
     """
 
     def __init__(self, server, nodes: Dict[str, int]):
+        warnings.warn(
+            "HBFLStrategy is deprecated: run FederatedSVI.run() with "
+            "hbfl_pyro.flower.engine.FlowerEngine as its engine (what run_server does)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         self.server = server
-        self.nodes = dict(nodes)
+        self.engine = FlowerEngine(None, nodes, server.mode, timeout=0.0, poll=0.0)
         self.history: List[Dict] = []
-        self.traffic: List[Dict] = []
-        self._outbox: Dict[int, List[Tuple[str, Any]]] = {}
+        self._sent: Dict[int, List] = {}
+
+    @property
+    def traffic(self) -> List[Dict]:
+        return self.engine.traffic
 
     def configure_train(self, server_round: int, grid=None) -> List:
         """The round's ``train`` messages, one per sampled client."""
-        from flwr.app import Message, MessageType
-
-        messages = []
-        self._outbox[server_round] = []
-        for name in self.server.select(server_round):
-            content = record_dict(self.server.message(server_round, name))
-            msg = Message(
-                content,
-                dst_node_id=self.nodes[name],
-                message_type=MessageType.TRAIN,
-                group_id=str(server_round),
-            )
-            self._outbox[server_round].append((name, msg))
-            messages.append(msg)
-        return messages
+        messages = {
+            name: self.server.message(server_round, name)
+            for name in self.server.select(server_round)
+        }
+        self._sent[server_round] = self.engine.train_messages(messages)
+        return [msg for _, msg in self._sent[server_round]]
 
     def aggregate_train(self, server_round: int, replies) -> Dict:
-        """Update the server from the round's replies; returns the round's record.
-
-        Replies carrying an error, and clients with no reply, are the round's failures.
-        """
-        sent = self._outbox.pop(server_round, [])
-        by_id = {msg.metadata.message_id: name for name, msg in sent}
-        good, errors = {}, {}
-        down = [num_bytes(msg.content) for _, msg in sent]
-        up = []
-        for reply in replies:
-            name = by_id.get(reply.metadata.reply_to_message_id)
-            if name is None:
-                continue
-            if reply.has_error():
-                errors[name] = error_text(reply)
-                continue
-            good[name] = decode(reply.content)
-            up.append(num_bytes(reply.content))
-        for name, _ in sent:
-            if name not in good and name not in errors:
-                errors[name] = "no reply within the round timeout"
-        # Replies arrive in any order; the server sums them in the order they were sent,
-        # as the in-process engine does, so that floating-point sums agree bit for bit.
-        good = {name: good[name] for name, _ in sent if name in good}
-        for name, why in sorted(errors.items()):
-            logger.warning(
-                "hbfl round %d: client %r (node %s) failed: %s",
-                server_round,
-                name,
-                self.nodes[name],
-                why,
-            )
-            warnings.warn(
-                f"round {server_round}: client {name!r} (node {self.nodes[name]}) failed: "
-                f"{why}; it is left out of this round",
-                ClientFailureWarning,
-                stacklevel=2,
-            )
-        if not good and errors and all("RAISED_EXCEPTION" in w for w in errors.values()):
-            # As in process: every client raising is a bug in the model or guide.
-            first = next(iter(sorted(errors.items())))
-            raise RuntimeError(
-                f"every client failed round {server_round} (first: {first[0]!r}: {first[1]}); "
-                "the server state is unchanged"
-            )
-        record = self.server.aggregate(server_round, good, sorted(errors))
-        record["errors"] = dict(sorted(errors.items()))
-        self.traffic.append(
-            {
-                "round": server_round,
-                "bytes_down": down,
-                "bytes_up": up,
-            }
-        )
+        """Update the server from the round's replies; returns the round's record."""
+        good, failures = self.engine.collect(self._sent.pop(server_round, []), replies)
+        record = self.server.aggregate(server_round, good, list(failures))
+        record["errors"] = dict(failures)
         return record
 
 
 def run_server(grid, config: Mapping) -> Dict:
-    """The ServerApp's work: discover the clients, run the rounds, collect the result."""
+    """The ServerApp's work: discover the clients, then run :class:`~hbfl_pyro.FederatedSVI`'s
+    own rounds through a :class:`~hbfl_pyro.flower.engine.FlowerEngine`; returns the result.
+
+    Whatever server the options choose (closed-form, gradient or second-order) runs as in
+    process: the same selection, aggregation, stopping rule and verdict.
+    """
     spec = load_spec(config)
     start = time.perf_counter()
     names, nodes, schemas = discover_clients(grid, spec.config)
     fit = build_server(spec, names, schemas)
-    strategy = HBFLStrategy(fit.server, nodes)
     timeout, poll = float(spec.config["round-timeout"]), float(spec.config["poll-interval"])
+    engine = FlowerEngine(grid, nodes, fit.server.mode, timeout, poll)
+    fit.engine = engine
     out = str(spec.config["out-dir"])
-    logger.info("hbfl: %d clients on nodes %s; %d rounds", len(names), nodes, spec.rounds)
+    logger.info(
+        "hbfl: %d clients on nodes %s; %s server, %d rounds at most",
+        len(names),
+        nodes,
+        fit.server.mode,
+        spec.rounds,
+    )
     setup = time.perf_counter() - start
-    for server_round in range(1, spec.rounds + 1):
-        t0 = time.perf_counter()
-        messages = strategy.configure_train(server_round, grid)
-        replies = send_and_receive(grid, messages, timeout, poll)
-        record = strategy.aggregate_train(server_round, replies)
-        record["seconds"] = time.perf_counter() - t0
-        strategy.history.append(record)
+
+    def after_round(record: Dict) -> None:
         if out:  # progress, for whoever watches a deployment
-            write_history(run_result(spec, fit, names, nodes, strategy, setup), out)
+            so_far = run_result(spec, fit, names, nodes, fit.history, engine.traffic, setup)
+            write_history(so_far, out)
         logger.info(
-            "hbfl round %d: elbo %.6g, clients %s, failed %s",
-            server_round,
+            "hbfl round %d: objective %.6g, clients %s, failed %s",
+            record["round"],
             record["elbo"],
             record["clients"],
             record["failed"],
         )
-    result = run_result(spec, fit, names, nodes, strategy, setup)
+
+    fit.run(spec.rounds, progress=False, on_round=after_round)
+    result = run_result(spec, fit, names, nodes, fit.history, engine.traffic, setup)
+    result["server_choice"] = dict(fit.server_choice)
+    if fit.server.mode == "second_order":
+        result["verdict"] = fit.verdict
     return finish_run(grid, spec, fit, nodes, result)
 
 
@@ -369,6 +356,7 @@ def server_app(run_config: Optional[Mapping] = None, on_result: Optional[Callabl
 
 __all__ = [
     "AppSpec",
+    "FlowerEngine",
     "HBFLStrategy",
     "NodeClient",
     "RUN_CONFIG_DEFAULTS",

@@ -128,26 +128,23 @@ def load_spec(config: Mapping) -> AppSpec:
     return AppSpec(dict(config), mf, options, rounds)
 
 
-def _first_order(options: Dict) -> Dict:
-    """The options with ``server="auto"`` narrowed to the first-order servers: the
-    second-order server does not run through these apps yet, and a node must build the
-    same server as the ServerApp, whatever options only the ServerApp sees."""
-    if options.get("server", "auto") == "auto":
-        options["server"] = "first_order"
-    return options
-
-
-def client_options(spec: AppSpec) -> Dict[str, Any]:
-    """The :class:`~hbfl_pyro.FederatedSVI` keywords a node builds its client with: the
-    spec's, less those that belong to the server."""
-    options = _first_order(dict(spec.options))
+def client_options(spec: AppSpec, mode: str) -> Dict[str, Any]:
+    """The :class:`~hbfl_pyro.FederatedSVI` keywords a node builds its client with, for
+    the server strategy ``mode`` the ServerApp runs: the spec's, less those that belong
+    to the server."""
+    options = dict(spec.options)
     options.update(_CLIENT_SIDE)
+    if mode == "second_order":
+        options["server"] = "second_order"
+    elif options.get("server", "auto") in ("auto", "second_order"):
+        # The ServerApp chose a first-order server (e.g. for an option only it sees).
+        options["server"] = "first_order"
     return options
 
 
 def server_options(spec: AppSpec) -> Dict[str, Any]:
     """The :class:`~hbfl_pyro.FederatedSVI` keywords the ServerApp builds its server with."""
-    options = _first_order(dict(spec.options))
+    options = dict(spec.options)
     options.update(_SERVER_SIDE)
     return options
 

@@ -72,14 +72,14 @@ def wait_for_nodes(grid, wanted: int, timeout: float) -> List[int]:
         time.sleep(0.1)
 
 
-def query_nodes(grid, node_ids: List[int], action: str, timeout: float, poll: float):
-    """Send each node a ``query`` message with ``action`` (``"hello"``, ``"report"``):
-    ``({node: decoded answer}, {node: why it gave none})``."""
+def query_nodes(grid, node_ids: List[int], action: str, timeout: float, poll: float, **fields: str):
+    """Send each node a ``query`` message with ``action`` (``"hello"``, ``"report"``) and
+    any further ``fields``: ``({node: decoded answer}, {node: why it gave none})``."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     messages = {
         nid: Message(
-            RecordDict({"hbfl.query": ConfigRecord({"action": action})}),
+            RecordDict({"hbfl.query": ConfigRecord({"action": action, **fields})}),
             dst_node_id=nid,
             message_type=MessageType.QUERY,
         )

@@ -37,7 +37,9 @@ def finish_run(grid, spec: AppSpec, fit, nodes: Dict[str, int], result: Dict) ->
     config = spec.config
     if flag(config["collect-local"]):
         timeout, poll = float(config["round-timeout"]), float(config["poll-interval"])
-        answers, errors = query_nodes(grid, list(nodes.values()), "report", timeout, poll)
+        answers, errors = query_nodes(
+            grid, list(nodes.values()), "report", timeout, poll, mode=fit.server.mode
+        )
         for why in errors.values():
             logger.warning("hbfl: a client did not report its local state: %s", why)
         result["clients"] = {a["name"]: a["state"] for a in answers.values()}
@@ -48,18 +50,18 @@ def finish_run(grid, spec: AppSpec, fit, nodes: Dict[str, int], result: Dict) ->
     return result
 
 
-def run_result(spec, fit, names, nodes, strategy, setup) -> Dict:
-    """The result dict of a server run so far (see :func:`~hbfl_pyro.flower.server_app`);
-    ``strategy`` holds ``history`` and ``traffic``."""
+def run_result(spec, fit, names, nodes, history, traffic, setup) -> Dict:
+    """The result dict of a server run so far (see :func:`~hbfl_pyro.flower.server_app`):
+    ``history`` holds a record a round, ``traffic`` each round's message sizes."""
     return {
-        "round": len(strategy.history),
+        "round": len(history),
         "seed": fit.seed,
         "model_file": str(spec.config["model-file"]),
         "names": names,
         "nodes": nodes,
         "server": fit.server.state_dict(),
-        "history": strategy.history,
-        "traffic": strategy.traffic,
+        "history": history,
+        "traffic": traffic,
         "setup_seconds": setup,
         "clients": {},
         "global": {},

@@ -517,7 +517,7 @@ def check_secagg_server(server, fraction_clients: int) -> None:
     if server.mode != "closed_form":
         raise ValueError(
             "SecAgg+ supports the closed-form server only (its client messages are sums of "
-            "summaries); this model's server is in gradient mode. Use a closed-form family "
+            f"summaries); this model's server is {server.mode!r}. Use a closed-form family "
             "(server='closed_form') or turn secagg off"
         )
     if getattr(server, "dp", None) is not None:
@@ -598,7 +598,6 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
     )
     history: List[Dict] = []
     traffic: List[Dict] = []
-    holder = type("Holder", (), {"history": history, "traffic": traffic})()
     setup = time.perf_counter() - start
     out = str(cfg["out-dir"])
     logger.info(
@@ -673,7 +672,7 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
             }
         )
         if out:
-            write_history(run_result(spec, fit, names, nodes, holder, setup), out)
+            write_history(run_result(spec, fit, names, nodes, history, traffic, setup), out)
         logger.info(
             "hbfl secagg round %d: elbo %.6g, clients %s, failed %s",
             server_round,
@@ -681,7 +680,7 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
             record["clients"],
             record["failed"],
         )
-    result = run_result(spec, fit, names, nodes, holder, setup)
+    result = run_result(spec, fit, names, nodes, history, traffic, setup)
     result["secagg"] = {
         "quantization_range": quant,
         "modulus": modulus,
