@@ -113,7 +113,8 @@ def evaluate_client(
             pointwise,
             plain=index is not None,
         )
-        static.update(observed=out["observed"], per_observation=out["per_observation"])
+        if index is None or not static:  # not from a vmapped run (batched tensors)
+            static.update(observed=out["observed"], per_observation=out["per_observation"])
         flat = {f"log_likelihood/{k}": v for k, v in out["log_likelihood"].items()}
         flat.update({f"random:{k}": v for k, v in out["posterior_predictive"].items()})
         return flat
