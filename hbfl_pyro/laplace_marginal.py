@@ -49,7 +49,7 @@ from pyro import poutine
 from torch.distributions import biject_to
 from torch.func import grad, grad_and_value, jacfwd, jacrev, vmap
 
-from .data import collate
+from .data import MASK_KEY, collate
 from .elbo import site_log_prob
 from .structure import ModelStructure, site_distribution, site_value
 from .unconstrained import GlobalLayout, is_continuous
@@ -65,6 +65,9 @@ class LaplaceMarginal:
     :param structure: its site roles.
     :param batch: the collated data of the batch's clients (``C`` clients).
     :param layout: the globals' layout (built from ``batch`` if omitted).
+    :param per_client: the batch's per-client keys (as :func:`~hbfl_pyro.data.collate`
+        was given them); when known, clients of very different sizes are evaluated in
+        groups padded to their own longest (:attr:`max_groups`), not all to the longest.
     :raises NotImplementedError: when a local site is discrete, changes shape in
         unconstrained space, or a client has more than :data:`MAX_LOCAL_SIZE` local values.
     """
@@ -88,9 +91,18 @@ class LaplaceMarginal:
     chunk = 256
     #: Data values per pass when the log joint is mapped over draws of the locals too.
     max_elements = 2**22
+    #: A batch's clients are evaluated in at most this many groups of similar sizes,
+    #: each padded to its own longest client only (collate pads every client to the
+    #: batch's longest). exam's 65 schools (2 to 198 pupils): 30% of the padded values
+    #: are data; in 4 groups, 84%.
+    max_groups = 4
 
-    def __init__(self, model: Callable, structure: ModelStructure, batch, layout=None):
+    def __init__(
+        self, model: Callable, structure: ModelStructure, batch, layout=None, per_client=None
+    ):
         self.model = model
+        self.per_client = None if per_client is None else frozenset(per_client)
+        self._group_cache: tuple = (None, None)
         self.structure = structure
         self.batch = batch
         self.num_clients = int(next(iter(batch.values())).shape[0])
@@ -189,8 +201,18 @@ class LaplaceMarginal:
     # ------------------------------------------------------------------ batched
     def _map(self, fn, z: torch.Tensor, t: torch.Tensor, data=None):
         """``fn(z, t_i, D_i)`` for every client (``z`` ``(d,)``, ``t`` ``(C, k)``), and for
-        every draw too when ``z`` is ``(S, d)`` and ``t`` ``(S, C, k)``."""
-        data = self.batch if data is None else data
+        every draw too when ``z`` is ``(S, d)`` and ``t`` ``(S, C, k)``.
+
+        The batch's clients go in groups of similar sizes (:meth:`_groups`), each group's
+        observations padded only to its longest client: the model computes what it does
+        on the fully padded batch (padding is masked out), on fewer values."""
+        if data is None:
+            groups = self._groups()
+            if groups is not None:
+                axis = z.dim() - 1  # the clients' axis, of t and of fn's outputs
+                parts = [self._map(fn, z, t.index_select(axis, i), part) for i, part in groups[0]]
+                return _cat_outputs(parts, axis, groups[1])
+            data = self.batch
         per_client = vmap(fn, in_dims=(None, 0, 0))
         if z.dim() == 1:
             return per_client(z, t, data)
@@ -206,6 +228,42 @@ class LaplaceMarginal:
         :returns: ``(C, k)``, or ``(S, C, k)``.
         """
         return self._search(z, start, tol)[0]
+
+    def _groups(self):
+        """``([(client indices, their batch cut to their longest client)], inverse order)``
+        for the current batch, or ``None`` where one pass is as cheap (equal sizes, no
+        per-observation data, or per-client keys unknown)."""
+        batch = self.batch
+        if self._group_cache[0] is batch:
+            return self._group_cache[1]
+        groups = None
+        mask = batch.get(MASK_KEY)
+        if self.per_client is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            lengths = mask.sum(1)
+            prefix = torch.arange(mask.shape[1]) < lengths[:, None]
+            cuts = _length_groups(lengths, self.max_groups) if torch.equal(mask, prefix) else None
+            if cuts is not None:
+                per_obs = [k for k, v in batch.items() if k not in self.per_client and v.dim() >= 2]
+                parts = [
+                    (
+                        index,
+                        {k: v[index, :n] if k in per_obs else v[index] for k, v in batch.items()},
+                    )
+                    for index, n in cuts
+                ]
+                order = torch.cat([index for index, _ in cuts])
+                groups = (parts, torch.argsort(order))
+        self._group_cache = (batch, groups)
+        return groups
+
+    def _padded_share(self) -> float:
+        """The share of the fully padded batch's values that a pass evaluates."""
+        groups = self._groups()
+        if groups is None:
+            return 1.0
+        mask = self.batch[MASK_KEY]
+        used = sum(len(index) * part[MASK_KEY].shape[1] for index, part in groups[0])
+        return used / mask.numel()
 
     def _map_pairs(self, fn, z: torch.Tensor, t: torch.Tensor, pairs: torch.Tensor):
         """``fn`` at some (draw, client) pairs only: ``pairs`` ``(P,)`` flat indices into
@@ -363,8 +421,9 @@ class LaplaceMarginal:
         """The log joint at ``K`` draws of the locals per draw of ``z`` (``(S, d)``):
         ``locals_`` ``(K, S, C, k)`` gives ``(K, S, C)``, mapped over the ``K`` draws too,
         in slices of draws that keep each pass within :attr:`max_elements` data values."""
-        per_draw = len(locals_) * self.num_clients * self.values_per_client
-        rows = max(1, self.max_elements // max(per_draw, 1))
+        clients = len(next(iter(self.batch.values())))
+        per_draw = len(locals_) * clients * self.values_per_client * self._padded_share()
+        rows = max(1, int(self.max_elements // max(per_draw, 1)))
         over_draws = vmap(self._map, in_dims=(None, None, 0))
         parts = [
             over_draws(self.log_joint, z[i : i + rows], locals_[:, i : i + rows])
@@ -451,6 +510,50 @@ class LaplaceMarginal:
         return out
 
 
+def _length_groups(lengths: torch.Tensor, most: int):
+    """Clients in at most ``most`` groups of consecutive sizes minimising the padded
+    values (each group padded to its longest): ``[(client indices, group length)]``, or
+    ``None`` when that saves under a fifth of the values of padding all to the longest."""
+    order = torch.argsort(lengths, stable=True)
+    size = lengths[order].double().clamp(min=1.0)
+    count = len(size)
+    # cost[j]: the least padded total of the first j clients (sorted) in b groups
+    # (a group i..j-1 costs (j - i) * size[j - 1]).
+    i = torch.arange(count + 1, dtype=torch.double)
+    span = (i[None, :] - i[:, None]) * torch.cat([size.new_zeros(1), size])[None, :]
+    span = torch.where(i[None, :] > i[:, None], span, torch.full_like(span, math.inf))
+    cost = torch.full((count + 1,), math.inf, dtype=torch.double)
+    cost[0] = 0.0
+    choices = []
+    for _ in range(most):
+        total = cost[:, None] + span  # from i to j
+        best, start = total.min(0)
+        best[0] = 0.0
+        choices.append(start)
+        cost = best
+    full = float(count * size[-1])
+    if float(cost[count]) > 0.8 * full:
+        return None
+    groups, j = [], count
+    for start in reversed(choices):
+        if j == 0:
+            break
+        i0 = int(start[j])
+        groups.append((order[i0:j], int(size[j - 1])))
+        j = i0
+    return [g for g in reversed(groups) if len(g[0])]
+
+
+def _cat_outputs(parts, axis: int, inverse: torch.Tensor):
+    """The groups' outputs (tensors, or tuples of them) joined along the clients' axis
+    and put back in the batch's order."""
+    if isinstance(parts[0], tuple):
+        return tuple(
+            _cat_outputs([p[i] for p in parts], axis, inverse) for i in range(len(parts[0]))
+        )
+    return torch.cat(parts, axis).index_select(axis, inverse)
+
+
 def psis_noise(message: Dict, size: int) -> torch.Tensor:
     """A client's standard normal noise ``(K, S, 1, k)`` for its importance-sampled PSIS
     values, from its own message's seed (so a batched engine draws what it would alone).
@@ -513,7 +616,7 @@ class MarginalClient:
         self.per_client = tuple(per_client)
         self._batch = collate([data], per_client=per_client)
         self.num_examples = int(self._batch["mask"].sum()) if "mask" in self._batch else 1
-        self.marginal = LaplaceMarginal(model, structure, self._batch, layout)
+        self.marginal = LaplaceMarginal(model, structure, self._batch, layout, per_client)
         self.start = self.marginal.initial_locals()
         self.centre = self.slope = None  # the globals at self.start, d start / d globals
 

@@ -412,3 +412,41 @@ def test_psis_corrects_a_skewed_local_factor():
         assert abs(float(mean) - exact[name][0]) < 0.1 * exact[name][1], name
         assert 0.88 < float(sd) / exact[name][1] < 1.12, name
     assert fit.verdict["local_draws"] > 0 and fit.verdict["reliable"]
+
+
+def test_ragged_clients_grouped_by_size_give_what_the_padded_batch_gives():
+    """Clients of very different sizes are evaluated in groups padded to their own
+    longest (LaplaceMarginal.max_groups): modes, derivatives, mode slopes and both kinds of
+    PSIS values equal those of the batch padded to the longest client, in its order."""
+    gen = torch.Generator().manual_seed(3)
+    clients = {}
+    for i, n in enumerate([2, 40, 3, 81, 11, 39, 80, 4]):
+        clients[f"c{i}"] = {
+            "y": torch.randint(0, 2, (n,), generator=gen).double(),
+            "x": torch.randn(n, 2, generator=gen),
+        }
+    data = FederatedData(clients)
+    model = _vector_global_unsqueeze
+    structure = discover_structure(model, data)
+    padded = LaplaceMarginal(model, structure, data.collate())
+    grouped = LaplaceMarginal(model, structure, data.collate(), per_client=data.per_client)
+    groups = grouped._groups()
+    assert groups is not None and 2 <= len(groups[0]) <= grouped.max_groups
+    assert padded._groups() is None
+    z = 0.3 * torch.randn(grouped.layout.dim, generator=gen, dtype=torch.float64)
+    start = grouped.initial_locals()
+    modes = grouped.modes(z, start)
+    torch.testing.assert_close(modes, padded.modes(z, start), rtol=1e-10, atol=1e-12)
+    for a, b in zip(grouped.derivatives(z, modes), padded.derivatives(z, modes)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    slope = grouped.mode_slope(z, modes)
+    torch.testing.assert_close(slope, padded.mode_slope(z, modes), rtol=1e-10, atol=1e-12)
+    draws = z + 0.5 * torch.randn(6, grouped.layout.dim, generator=gen, dtype=torch.float64)
+    noise = torch.randn((4, 6) + start.shape, generator=gen, dtype=torch.float64)
+    for extra in ({}, {"noise": noise}):
+        torch.testing.assert_close(
+            grouped.values(draws, modes, z, slope, **extra),
+            padded.values(draws, modes, z, slope, **extra),
+            rtol=1e-10,
+            atol=1e-10,
+        )

@@ -38,7 +38,7 @@ class BatchedMarginalEngine(InProcessEngine):
         marginal = first.marginal
         self._batch = collate([c.data for c in clients.values()], per_client=first.per_client)
         self._marginal = LaplaceMarginal(
-            marginal.model, marginal.structure, self._batch, marginal.layout
+            marginal.model, marginal.structure, self._batch, marginal.layout, first.per_client
         )
 
     def run_round(self, messages: Dict[str, Dict]) -> Tuple[Dict[str, Dict], Failures]:
