@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         "privacy",
         "client-level differential privacy (hbfl_pyro.dp: clients clip their replies, the "
         "server adds Gaussian noise to each round's sum; epsilon is reported) and secure "
-        "aggregation (Flower's SecAgg+, closed-form servers, with --engine flower-sim)",
+        "aggregation (Flower's SecAgg+: closed-form and second-order servers, with --engine "
+        "flower-sim)",
     )
     privacy.add_argument(
         "--dp-clip",
@@ -352,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument(
         "--secagg",
         action="store_true",
-        help="with --engine flower-sim: the clients' closed-form summaries travel through "
-        "Flower's SecAgg+ protocol, so the server sees only their sum",
+        help="with --engine flower-sim: the clients' replies (closed-form summaries, or the "
+        "second-order server's Laplace marginals) travel through Flower's SecAgg+ protocol, "
+        "so the server sees only their sum",
     )
     fit.add_argument(
         "--checkpoint",

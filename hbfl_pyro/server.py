@@ -274,6 +274,71 @@ class Server(ServerStrategy):
             record["delta"] = self.dp.delta
         return record
 
+    def sum_layout(self, server_round: int) -> Dict[str, Tuple[int, ...]]:
+        """Closed form: the clients' summaries (``stats/<key>``) are all the update needs
+        of them (see :meth:`~hbfl_pyro.servers.base.ServerStrategy.sum_layout`); refused in
+        gradient mode, under DP, and with stale participation of a sampled fraction."""
+        if self.family is None:
+            raise NotImplementedError(
+                "secure aggregation runs the closed-form server, not gradient mode (its Adam "
+                "step would need its own error analysis); use a closed-form family "
+                "(server='closed_form') or the second-order server"
+            )
+        if self.dp is not None:
+            raise NotImplementedError(
+                "secure aggregation with differential privacy (dp=) is not supported yet: "
+                "the server would have to add its noise to the secure sum; turn one off"
+            )
+        if self.participation == "stale" and self.fraction < 1:
+            raise NotImplementedError(
+                "participation='stale' keeps each client's latest reply, which secure "
+                "aggregation never shows the server; use participation='scaled' or fraction=1"
+            )
+        shapes, _ = self._expected_reply()
+        return {f"stats/{key}": tuple(shape) for key, shape in sorted(shapes.items())}
+
+    def aggregate_sum(
+        self,
+        server_round: int,
+        total: Dict[str, torch.Tensor],
+        clients: Sequence[str],
+        failed: Sequence[str] = (),
+    ) -> Dict:
+        """The closed-form update from the round's secure sum (``participation="scaled"``:
+        the sums over the round's ``n`` clients times ``N / n``; with every client in the
+        round also ``"stale"``'s update); returns the round's record, as :meth:`aggregate`'s.
+        """
+        self.sum_layout(server_round)  # refuses what cannot run on sums
+        self._round_state = None
+        record = {
+            "round": server_round,
+            "clients": sorted(clients),
+            "failed": sorted(failed),
+            "updated": False,
+            "elbo": float("nan"),
+        }
+        if not clients or len(clients) < self.min_clients:
+            warnings.warn(
+                f"round {server_round}: only {len(clients)} client(s) in the secure sum "
+                f"(min_clients={self.min_clients}); the global factor is not updated this "
+                "round",
+                ClientFailureWarning,
+                stacklevel=2,
+            )
+            return record
+        family = self._family()
+        scale = self.num_clients / len(clients)
+        sums = {
+            path.split("/", 1)[1]: scale * value
+            for path, value in total.items()
+            if path.startswith("stats/")
+        }
+        self.family_params = family.server_update(sums, self.num_clients)
+        own = float(family.neg_kl(self.family_params))
+        record["updated"] = True
+        record["elbo"] = own + scale * float(total["elbo"])
+        return record
+
     def halve_step(self) -> bool:
         """Halve the gradient server's step size (the stopping rule's answer to a plateau:
         :mod:`hbfl_pyro.convergence`); ``False`` in closed-form mode, which has none."""

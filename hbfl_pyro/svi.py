@@ -34,6 +34,7 @@ from .data import FederatedData
 from .dp import DPConfig
 from .elbo import server_term, with_particles
 from .engines import ENGINES, SECOND_ORDER_ENGINES, BatchedMarginalEngine
+from .engines.base import SecureSum
 from .engines.batched_marginal import batched_local_draws
 from .failures import ClientFailureError, failing_clients, failure_message
 from .families.base import ClosedFormFamily
@@ -424,7 +425,13 @@ class FederatedSVI:
         chosen = self.server.select(server_round)
         messages = {name: self.server.message(server_round, name) for name in chosen}
         replies, failures = self.engine.run_round(messages)
-        record = self.server.aggregate(server_round, replies, list(failures))
+        if isinstance(replies, SecureSum):  # secure aggregation: the server sees the sum
+            record = self.server.aggregate_sum(
+                server_round, replies.total, replies.clients, list(failures)
+            )
+            record.update(replies.record)
+        else:
+            record = self.server.aggregate(server_round, replies, list(failures))
         if failures:  # each failing client with its reason, for the report and the log
             record["errors"] = dict(failures)
         record["seconds"] = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """Transports between the server and the clients."""
 
-from .base import Engine, Failures
+from .base import Engine, Failures, Replies, SecureSum
 from .batched_marginal import BatchedMarginalEngine
 from .inprocess import InProcessEngine
 from .vectorised import VectorisedEngine
@@ -13,6 +13,8 @@ __all__ = [
     "BatchedMarginalEngine",
     "Engine",
     "Failures",
+    "Replies",
+    "SecureSum",
     "ENGINES",
     "InProcessEngine",
     "SECOND_ORDER_ENGINES",

@@ -195,12 +195,12 @@ def client_app(run_config: Optional[Mapping] = None):
     @app.train()
     def train(msg, context):
         spec, node = _node_client(context, overrides)
-        if is_secagg_message(msg):  # SecAgg+ runs the closed-form server only
+        if is_secagg_message(msg):
             return client_train(
                 msg,
                 context,
                 node.name,
-                lambda m, finish: update(context, node, "closed_form", m, finish),
+                lambda m, finish, mode: update(context, node, mode, m, finish),
             )
         if flag(spec.config["secagg"]):
             raise PermissionError(

@@ -1,11 +1,16 @@
-"""Secure aggregation: closed-form server updates through Flower's SecAgg+ protocol.
+"""Secure aggregation: server updates from sums that travel through Flower's SecAgg+.
 
-In closed-form mode (:class:`~hbfl_pyro.families.base.ClosedFormFamily`) the server needs
-only the *sum over clients* of small per-client summaries of ``q_i`` (and, for the ELBO
-record, the sum of the clients' ELBO terms). With run config ``secagg = true`` these sums
-travel through Flower's SecAgg+ protocol, so the server only ever holds the sum; it then
-applies the family's closed-form update exactly as :meth:`hbfl_pyro.Server.aggregate`
-does with ``participation="scaled"``.
+A server strategy whose update needs only the *sum over clients* of its replies declares
+which entries (:meth:`~hbfl_pyro.servers.base.ServerStrategy.sum_layout`): the
+closed-form server its clients' summaries of ``q_i``, the second-order server its clients'
+Laplace marginals with gradients and Hessians (and, in a PSIS round, their per-draw
+log-likelihoods); every reply's ELBO term is summed too. With run config
+``secagg = true`` these sums travel through Flower's SecAgg+ protocol
+(:class:`SecAggEngine`, an :class:`~hbfl_pyro.engines.base.Engine` under
+:meth:`hbfl_pyro.FederatedSVI.run`'s round loop), so the server only ever holds the sum,
+from which it updates (:meth:`~hbfl_pyro.servers.base.ServerStrategy.aggregate_sum`;
+the closed-form update is :meth:`hbfl_pyro.Server.aggregate`'s with
+``participation="scaled"``).
 
 What Flower 1.42's SecAgg+ computes (``flwr.server.workflow.SecAggPlusWorkflow`` on the
 server, ``flwr.client.mod.secaggplus_mod`` on the client; read from the installed
@@ -41,7 +46,7 @@ How hbfl_pyro uses it:
   plain mean; the server multiplies it by ``n`` (the number of results) to get the sum. The
   clients' real sizes are not sent (``num_examples`` would be in the clear), nor any
   metric.
-* each client packs its summary ``s_i`` (the family's :meth:`client_summary`, keys in
+* each client packs the summed entries of its reply ``s_i`` (the server's layout, paths in
   sorted order, flattened) and its ELBO term ``e_i`` into one vector divided element-wise
   by public bounds: ``v_i = [s_i / b, e_i / b_elbo]``, and ``c = 1``. A value outside its
   bound is **not clipped** (that would bias the posterior silently): the client raises,
@@ -56,9 +61,10 @@ How hbfl_pyro uses it:
   individual replies: with ``fraction < 1`` it is rejected; with ``fraction = 1`` it equals
   ``"scaled"`` in every round where no client fails (in process, a failed client's stale
   reply would be reused; here the round's survivors are rescaled).
-* **Gradient mode is not supported**: :func:`run_secagg_server` raises. (Gradients are
+* **Gradient mode is not supported**: :func:`check_secagg_server` raises. (Gradients are
   sums too, but their scale is unknown in advance and the server's Adam step would need
-  its own error analysis.)
+  its own error analysis.) The second-order server's per-draw log-likelihoods are
+  floored at ``-bound`` (:data:`FLOORED_AT_MINUS_BOUND`).
 
 **Quantisation error.** With ``c = 1`` and every ``|v_ij| <= 1`` nothing is clipped; each
 client's integer ``k_ij`` differs from ``(v_ij + 1) Q / 2`` by less than 1 (stochastic
@@ -93,6 +99,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..engines.base import Engine, Failures, SecureSum
 from ..server import ClientFailureWarning
 from .config import SECAGG_CONFIG_DEFAULTS, flag, load_spec
 from .messaging import discover_clients, error_text, logger, send_and_receive
@@ -151,19 +158,42 @@ def sum_error_bound(num_clients: int, bound: float, quant_range: int) -> float:
 
 
 # ---------------------------------------------------------------------- packing
-def summary_layout(shapes: Mapping[str, torch.Size]) -> List[Tuple[str, List[int]]]:
-    """The vector layout of a client's summary: ``[(key, shape)]`` in sorted key order."""
+def summary_layout(shapes: Mapping[str, Sequence[int]]) -> List[Tuple[str, List[int]]]:
+    """The vector layout of a client's reply: ``[(path, shape)]`` in sorted path order
+    (paths as :meth:`~hbfl_pyro.servers.base.ServerStrategy.sum_layout` gives them)."""
     return [(k, list(shapes[k])) for k in sorted(shapes)]
+
+
+#: Reply entries floored at ``-bound`` (NaN and ``-inf`` included): the second-order
+#: server's per-draw log-likelihoods of a PSIS round. A draw a client cannot evaluate
+#: (``-inf``: weight 0) or whose log-likelihood is below ``-bound`` stays in the protocol's
+#: range; its weight against a draw of typical log-likelihood ``l`` is at most
+#: ``exp(-bound - l)``, 0 in float64 for the default bound unless every draw is that poor
+#: (when k-hat flags the fit anyway). Values above ``+bound`` still raise.
+FLOORED_AT_MINUS_BOUND = ("log_lik",)
+
+
+def _entry(reply: Mapping, path: str, client: str):
+    node: Any = reply
+    for part in path.split("/"):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ValueError(
+                f"client {client!r}: the reply has no {path!r}, which the server's secure "
+                "sum needs (the server and this client run different servers?)"
+            )
+        node = node[part]
+    return node
 
 
 def pack(
     reply: Mapping, layout: Sequence, bound: float, elbo_bound: float, client: str = "client"
 ) -> np.ndarray:
-    """A client's reply as the vector it puts into SecAgg+: ``[stats / b, elbo / b_elbo]``.
+    """A client's reply as the vector it puts into SecAgg+: ``[entries / b, elbo / b_elbo]``.
 
-    :param reply: the client's reply (:meth:`hbfl_pyro.Client.update`, closed-form mode).
-    :param layout: :func:`summary_layout` of the family's summary (sent by the server).
-    :param bound: ``b``, the public bound on every summary element.
+    :param reply: the client's reply (:meth:`hbfl_pyro.Client.update` in closed-form mode,
+        or a second-order client's).
+    :param layout: :func:`summary_layout` of the entries the server sums (sent by it).
+    :param bound: ``b``, the public bound on every summed element.
     :param elbo_bound: ``b_elbo``, the public bound on the client's ELBO term.
     :param client: the client's name, for errors.
     :returns: a float64 vector with every element in ``[-1, 1]``.
@@ -174,37 +204,33 @@ def pack(
 
         >>> reply = {"stats": {"sum_mean": torch.tensor([2.5]), "count": torch.tensor(1.0)},
         ...          "elbo": -30.0}
-        >>> layout = summary_layout({"sum_mean": (1,), "count": ()})
+        >>> layout = summary_layout({"stats/sum_mean": (1,), "stats/count": ()})
         >>> pack(reply, layout, 10.0, 100.0).tolist()
         [0.1, 0.25, -0.3]
     """
-    stats = reply.get("stats")
-    if not isinstance(stats, Mapping):
-        raise ValueError(
-            f"client {client!r}: the reply has no closed-form summary ('stats'); SecAgg+ "
-            "needs the closed-form server"
-        )
-    want = [k for k, _ in layout]
-    if sorted(stats) != sorted(want):
-        raise ValueError(f"client {client!r}: its summary holds {sorted(stats)}, not {want}")
     parts = []
-    for key, shape in layout:
-        t = stats[key]
-        if tuple(t.shape) != tuple(shape):
+    for path, shape in layout:
+        t = _entry(reply, path, client)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(
-                f"client {client!r}: summary[{key!r}] has shape {tuple(t.shape)}, "
-                f"expected {tuple(shape)}"
+                f"client {client!r}: reply[{path!r}] has shape {got}, expected {tuple(shape)}"
             )
-        parts.append(t.detach().reshape(-1).to(torch.float64).cpu().numpy())
+        values = t.detach().reshape(-1).to(torch.float64).cpu().numpy()
+        if path.rsplit("/", 1)[-1] in FLOORED_AT_MINUS_BOUND:
+            values = np.where(np.isnan(values), -bound, np.maximum(values, -bound))
+        parts.append(values)
     values = np.concatenate(parts) if parts else np.zeros(0)
     elbo = reply.get("elbo")
+    if isinstance(elbo, torch.Tensor) and elbo.numel() == 1:
+        elbo = float(elbo)
     if not isinstance(elbo, (int, float)) or not math.isfinite(elbo):
         raise ValueError(f"client {client!r}: its ELBO {elbo!r} is not a finite number")
     if not np.isfinite(values).all():
-        raise ValueError(f"client {client!r}: its summary holds NaN or Inf")
+        raise ValueError(f"client {client!r}: its reply holds NaN or Inf")
     if values.size and np.abs(values).max() > bound:
         raise ValueError(
-            f"client {client!r}: a summary value {np.abs(values).max():.6g} exceeds the "
+            f"client {client!r}: a summed value {np.abs(values).max():.6g} exceeds the "
             f"SecAgg+ bound {bound:g}; raise the run config's secagg-bound (values are not "
             "clipped, which would bias the posterior)"
         )
@@ -219,13 +245,13 @@ def pack(
 def unpack(
     vector: np.ndarray, layout: Sequence, bound: float, elbo_bound: float
 ) -> Tuple[Dict[str, torch.Tensor], float]:
-    """Invert :func:`pack` on a *sum* of packed vectors: ``(summed stats, summed ELBO)``.
+    """Invert :func:`pack` on a *sum* of packed vectors: ``({path: sum}, summed ELBO)``.
 
     Example::
 
-        >>> layout = summary_layout({"sum_mean": (1,), "count": ()})
-        >>> stats, elbo = unpack(np.array([0.3, 0.5, -0.6]), layout, 10.0, 100.0)
-        >>> stats["sum_mean"].tolist(), float(stats["count"]), elbo
+        >>> layout = summary_layout({"stats/sum_mean": (1,), "stats/count": ()})
+        >>> sums, elbo = unpack(np.array([0.3, 0.5, -0.6]), layout, 10.0, 100.0)
+        >>> sums["stats/sum_mean"].tolist(), float(sums["stats/count"]), elbo
         ([5.0], 3.0, -60.0)
     """
     vector = np.asarray(vector, dtype=np.float64).reshape(-1)
@@ -235,41 +261,46 @@ def unpack(
             f"the secure aggregate has {vector.size} values; the layout {layout} needs "
             f"{sum(sizes) + 1}"
         )
-    stats, start = {}, 0
-    for (key, shape), size in zip(layout, sizes):
+    sums, start = {}, 0
+    for (path, shape), size in zip(layout, sizes):
         part = vector[start : start + size] * bound
-        stats[key] = torch.from_numpy(part.copy()).reshape(shape)
+        sums[path] = torch.from_numpy(part.copy()).reshape(shape)
         start += size
-    return stats, float(vector[-1] * elbo_bound)
+    return sums, float(vector[-1] * elbo_bound)
 
 
 # ---------------------------------------------------------------------- messages
-def to_fitins(message: Mapping, layout: Sequence, bound: float, elbo_bound: float):
-    """The server's message (:meth:`hbfl_pyro.Server.message`) as a legacy ``FitIns``.
+def to_fitins(
+    message: Mapping, layout: Sequence, bound: float, elbo_bound: float, mode: str = "closed_form"
+):
+    """The server's message as a legacy ``FitIns``.
 
     The tensors go into ``parameters`` (NumPy's format: float64 bit for bit), the tree's
-    skeleton, the summary layout and the bounds into ``config``.
+    skeleton, the layout of the summed entries, the bounds and the server's mode into
+    ``config``.
     """
     from flwr.common import FitIns, Scalar, ndarrays_to_parameters
 
     skeleton, tensors = flatten(dict(message))
     arrays = [np.ascontiguousarray(t.cpu().numpy()) for t in tensors.values()]
+    spec = {"layout": layout, "bound": bound, "elbo_bound": elbo_bound, "mode": mode}
     config: Dict[str, Scalar] = {
         _MESSAGE_KEY: json.dumps({"skeleton": skeleton, "keys": list(tensors)}),
-        _LAYOUT_KEY: json.dumps({"layout": layout, "bound": bound, "elbo_bound": elbo_bound}),
+        _LAYOUT_KEY: json.dumps(spec),
     }
     return FitIns(parameters=ndarrays_to_parameters(arrays), config=config)
 
 
-def from_fitins(fitins) -> Tuple[Dict, List, float, float]:
-    """Invert :func:`to_fitins`: ``(message, layout, bound, elbo_bound)``."""
+def from_fitins(fitins) -> Tuple[Dict, List, float, float, str]:
+    """Invert :func:`to_fitins`: ``(message, layout, bound, elbo_bound, mode)``."""
     from flwr.common import parameters_to_ndarrays
 
     body = json.loads(str(fitins.config[_MESSAGE_KEY]))
     arrays = parameters_to_ndarrays(fitins.parameters)
     tensors = {k: torch.from_numpy(np.array(a, copy=True)) for k, a in zip(body["keys"], arrays)}
     spec = json.loads(str(fitins.config[_LAYOUT_KEY]))
-    return unflatten(body["skeleton"], tensors), spec["layout"], spec["bound"], spec["elbo_bound"]
+    message = unflatten(body["skeleton"], tensors)
+    return message, spec["layout"], spec["bound"], spec["elbo_bound"], spec["mode"]
 
 
 def is_secagg_message(msg) -> bool:
@@ -284,8 +315,9 @@ def client_train(msg, context, name: str, update: Callable) -> Any:
 
     Runs Flower's ``secaggplus_mod``; in its ``collect masked vectors`` stage the mod
     calls back here: the server's message is decoded from the ``FitIns``, ``update``
-    (``(message, finish) -> finish(reply)``, which must store the client's state only if
-    ``finish`` returns) runs the client's local update, and the reply is packed
+    (``(message, finish, mode) -> finish(reply)``, which must store the client's state only
+    if ``finish`` returns; ``mode`` is the server's) runs the client's update, and the
+    reply is packed
     (:func:`pack`, which checks it) into a ``FitRes`` with ``num_examples = 1`` and no
     metrics. The mod masks the vector and empties the array records before replying.
     """
@@ -296,12 +328,12 @@ def client_train(msg, context, name: str, update: Callable) -> Any:
 
     def fit(inner, ctxt):
         fitins = compat.recorddict_to_fitins(inner.content, keep_input=True)
-        message, layout, bound, elbo_bound = from_fitins(fitins)
+        message, layout, bound, elbo_bound, mode = from_fitins(fitins)
 
         def finish(reply):
             return pack(reply, layout, bound, elbo_bound, client=name)
 
-        vector = update(message, finish)
+        vector = update(message, finish, mode)
         fitres = FitRes(
             status=Status(code=Code.OK, message=""),
             parameters=ndarrays_to_parameters([vector]),
@@ -380,39 +412,26 @@ class RecordingGrid:
 
 
 class SecAggStrategy:
-    """The legacy Flower strategy that SecAgg+ drives: the library's closed-form server.
+    """The legacy Flower strategy that ``SecAggPlusWorkflow`` drives, as a pass-through:
+    :meth:`configure_fit` returns the ``FitIns`` the engine prepared for the round
+    (:meth:`prepare`), and :meth:`aggregate_fit` keeps the secure *mean* of the packed
+    vectors (the same aggregate in every result) with the names of the clients in it.
 
-    ``SecAggPlusWorkflow`` calls two methods of ``flwr.server.strategy.Strategy``:
-    :meth:`configure_fit` (one ``FitIns`` per sampled client: :meth:`~hbfl_pyro.Server.message`
-    with the summary layout and bounds) and :meth:`aggregate_fit`, which receives the secure
-    *mean* of the packed vectors (the same aggregate in every result), turns it into the
-    sums and updates ``q(phi)`` in closed form (:func:`apply_sums`).
-
-    :param server: the closed-form :class:`~hbfl_pyro.Server`.
     :param nodes: ``{client name: Flower node id}``.
-    :param proxies: ``{node id: ClientProxy}``.
-    :param bound: public bound on every summary element.
-    :param elbo_bound: public bound on every client's ELBO term.
     """
 
-    def __init__(self, server, nodes: Dict[str, int], proxies: Dict, bound, elbo_bound):
-        self.server, self.nodes, self.proxies = server, dict(nodes), proxies
-        self.names = {nid: name for name, nid in self.nodes.items()}
-        self.bound, self.elbo_bound = float(bound), float(elbo_bound)
-        shapes, _ = server._expected_reply()
-        self.layout = summary_layout(shapes)
-        self.sent: Dict[int, List[str]] = {}
-        self.records: Dict[int, Dict] = {}
+    def __init__(self, nodes: Dict[str, int]):
+        self.names = {nid: name for name, nid in dict(nodes).items()}
+        self._pairs: Dict[int, List] = {}
+        #: ``{round: (client names, mean vector or None, distinct aggregates received)}``.
+        self.results: Dict[int, Tuple[List[str], Optional[np.ndarray], int]] = {}
+
+    def prepare(self, server_round: int, pairs: List) -> None:
+        """The round's ``[(client proxy, FitIns)]``."""
+        self._pairs[server_round] = pairs
 
     def configure_fit(self, server_round: int, parameters, client_manager) -> List:
-        pairs = []
-        self.sent[server_round] = self.server.select(server_round)
-        for name in self.sent[server_round]:
-            fitins = to_fitins(
-                self.server.message(server_round, name), self.layout, self.bound, self.elbo_bound
-            )
-            pairs.append((self.proxies[self.nodes[name]], fitins))
-        return pairs
+        return self._pairs.pop(server_round, [])
 
     def aggregate_fit(self, server_round: int, results, failures) -> Tuple[None, Dict]:
         from flwr.common import parameters_to_ndarrays
@@ -420,20 +439,9 @@ class SecAggStrategy:
         names = [self.names[proxy.node_id] for proxy, _ in results]
         # What the server holds: one aggregate, shared by every result (never a vector of
         # a single client); counted so that the tests can check it.
-        distinct = {bytes(b"".join(fr.parameters.tensors)) for _, fr in results}
+        distinct = len({bytes(b"".join(fr.parameters.tensors)) for _, fr in results})
         mean = parameters_to_ndarrays(results[0][1].parameters)[0] if results else None
-        failed = sorted(set(self.sent.get(server_round, [])) - set(names))
-        sums = elbo = None
-        if mean is not None:
-            sums, elbo = unpack(mean * len(results), self.layout, self.bound, self.elbo_bound)
-        record = apply_sums(self.server, server_round, sums, elbo, names, failed)
-        record["secagg"] = {
-            "aggregates": len(distinct),
-            "quantization_range": None,
-            "sums": {k: v.clone() for k, v in (sums or {}).items()},
-            "elbo_sum": elbo,
-        }
-        self.records[server_round] = record
+        self.results[server_round] = (names, mean, distinct)
         return None, {}
 
     # The workflow never calls these (no centralised or federated evaluation).
@@ -450,6 +458,172 @@ class SecAggStrategy:
         return None
 
 
+def check_secagg_server(server, fraction_clients: int) -> None:
+    """Raise ``ValueError`` unless SecAgg+ can run this server: one whose update needs only
+    the sum of the replies (closed form without DP or stale partial participation; the
+    second-order server), and at least 2 clients a round.
+
+    :param server: the server strategy (:class:`~hbfl_pyro.Server`, ...).
+    :param fraction_clients: the number of clients sampled per round.
+    """
+    if fraction_clients < 2:
+        raise ValueError(
+            f"SecAgg+ needs at least 2 clients a round, this run samples {fraction_clients}; "
+            "raise fraction or add clients"
+        )
+    try:
+        server.sum_layout(1)
+    except NotImplementedError as exc:
+        raise ValueError(f"SecAgg+ cannot run this fit: {exc}") from exc
+
+
+class SecAggEngine(Engine):
+    """A round's clients answer through Flower's SecAgg+: the server gets only their sum.
+
+    Each round the engine packs the server strategy's messages with the round's layout
+    (:meth:`~hbfl_pyro.servers.base.ServerStrategy.sum_layout`) and the public bounds into
+    ``FitIns``, runs one call of ``SecAggPlusWorkflow`` (four exchanges), and returns a
+    :class:`~hbfl_pyro.engines.base.SecureSum` (the decoded sums, the clients in them, and
+    the round's ``secagg`` record: aggregates received, ``Q`` and the sums' error bounds);
+    the clients left out are the round's failures.
+
+    :param grid: the ServerApp's grid.
+    :param context: the ServerApp's ``Context``.
+    :param server: the server strategy (its :meth:`sum_layout`).
+    :param nodes: ``{client name: Flower node id}``.
+    :param config: the merged run config (``secagg-*`` keys: :data:`SECAGG_CONFIG_DEFAULTS`).
+    """
+
+    def __init__(self, grid, context, server, nodes: Dict[str, int], config: Mapping):
+        from flwr.server import ServerConfig
+        from flwr.server.client_manager import SimpleClientManager
+        from flwr.server.compat.grid_client_proxy import GridClientProxy
+        from flwr.server.compat.legacy_context import LegacyContext
+        from flwr.server.strategy import Strategy
+        from flwr.server.workflow import SecAggPlusWorkflow
+        from flwr.serverapp import Grid
+
+        self.server, self.nodes = server, dict(nodes)
+        timeout, poll = float(config["round-timeout"]), float(config["poll-interval"])
+        self.per_round = len(server.select(1))
+        check_secagg_server(server, self.per_round)
+        self.bound, self.elbo_bound = (
+            float(config["secagg-bound"]),
+            float(config["secagg-elbo-bound"]),
+        )
+        self.modulus = int(config["secagg-modulus"])
+        self.quant = quantization_range(self.per_round, self.modulus)
+        self.recording = RecordingGrid(grid, timeout, poll)
+        # Duck-typed stand-ins, not subclasses (Flower is imported only here): RecordingGrid
+        # forwards every Grid method to the ServerApp's grid; SecAggStrategy has the legacy
+        # Strategy's methods that SecAggPlusWorkflow calls.
+        self._grid = cast(Grid, self.recording)
+        manager = SimpleClientManager()
+        self._proxies = {}
+        for nid in self.nodes.values():
+            self._proxies[nid] = GridClientProxy(nid, self._grid, int(context.run_id))
+            manager.register(self._proxies[nid])
+        self.strategy = SecAggStrategy(self.nodes)
+        self._legacy = LegacyContext(
+            context,
+            config=ServerConfig(num_rounds=1),
+            strategy=cast(Strategy, self.strategy),
+            client_manager=manager,
+        )
+        self._workflow = SecAggPlusWorkflow(
+            num_shares=config["secagg-num-shares"],
+            reconstruction_threshold=config["secagg-threshold"],
+            max_weight=1.0,
+            clipping_range=1.0,
+            quantization_range=self.quant,
+            modulus_range=self.modulus,
+            timeout=timeout,
+        )
+        self.traffic: List[Dict] = []
+
+    def run_round(self, messages: Dict[str, Dict]) -> Tuple[Any, Failures]:
+        from flwr.app import ArrayRecord, ConfigRecord
+
+        sent = list(messages)
+        server_round = int(messages[sent[0]]["round"])
+        layout = summary_layout(self.server.sum_layout(server_round))
+        pairs = [
+            (
+                self._proxies[self.nodes[name]],
+                to_fitins(messages[name], layout, self.bound, self.elbo_bound, self.server.mode),
+            )
+            for name in sent
+        ]
+        self.strategy.prepare(server_round, pairs)
+        first = len(self.recording.log)
+        state = self._legacy.state
+        state.config_records["config"] = ConfigRecord({"current_round": server_round})
+        state.array_records["parameters"] = ArrayRecord()
+        self._workflow(self._grid, self._legacy)
+        log = self.recording.log[first:]
+        errors: Dict[str, str] = {}
+        for entry in log:
+            if entry["dir"] == "up" and entry.get("error"):
+                name = self.strategy.names.get(entry["node"], str(entry["node"]))
+                errors.setdefault(name, entry["error"])
+        names, mean, distinct = self.strategy.results.pop(server_round, ([], None, 0))
+        self._record_traffic(server_round, sent, log)
+        if mean is None and errors and len(errors) == len(sent):
+            if all("RAISED_EXCEPTION" in why for why in errors.values()):
+                name, why = sorted(errors.items())[0]
+                raise RuntimeError(
+                    f"every client failed round {server_round} (first: {name!r}: {why}); "
+                    "the server state is unchanged"
+                )
+        failures = {
+            name: errors.get(name, "dropped out of the secure aggregation")
+            for name in sent
+            if name not in names
+        }
+        for name, why in failures.items():
+            logger.warning("hbfl round %d: client %r failed: %s", server_round, name, why)
+            warnings.warn(
+                f"round {server_round}: client {name!r} (node {self.nodes[name]}) failed: "
+                f"{why}; it is left out of this round",
+                ClientFailureWarning,
+                stacklevel=2,
+            )
+        total: Dict[str, Any] = {}
+        if mean is not None:
+            sums, elbo = unpack(mean * len(names), layout, self.bound, self.elbo_bound)
+            total = {**sums, "elbo": elbo}
+        n = max(len(names), 1)
+        info = {
+            "aggregates": distinct,
+            "quantization_range": self.quant,
+            "sums": {k: v.clone() for k, v in total.items() if k != "elbo"},
+            "elbo_sum": total.get("elbo"),
+            "sum_error_bound": sum_error_bound(n, self.bound, self.quant),
+            "elbo_error_bound": sum_error_bound(n, self.elbo_bound, self.quant),
+        }
+        return SecureSum(total, names, {"secagg": info}), failures
+
+    def _record_traffic(self, server_round: int, sent: List[str], log: List[Dict]) -> None:
+        down = {nid: 0 for nid in self.nodes.values()}
+        up = {nid: 0 for nid in self.nodes.values()}
+        for entry in log:
+            side = down if entry["dir"] == "down" else up
+            if entry["node"] in side:
+                side[entry["node"]] += entry["bytes"]
+        self.traffic.append(
+            {
+                "round": server_round,
+                "bytes_down": [down[self.nodes[n]] for n in sent],
+                "bytes_up": [up[self.nodes[n]] for n in sent],
+                "replies": [
+                    dict(e, node=self.strategy.names.get(e["node"], e["node"]))
+                    for e in log
+                    if e["dir"] == "up"
+                ],
+            }
+        )
+
+
 def apply_sums(
     server,
     server_round: int,
@@ -458,88 +632,21 @@ def apply_sums(
     clients: Sequence[str],
     failed: Sequence[str] = (),
 ) -> Dict:
-    """The closed-form update of :meth:`hbfl_pyro.Server.aggregate` from the round's sums.
-
-    ``participation="scaled"``: the sums over the round's ``n`` clients are multiplied by
-    ``N / n``; with every client in the round this is also ``"stale"``'s update.
-
-    :param server: a closed-form :class:`~hbfl_pyro.Server`.
-    :param sums: ``{key: sum over the round's clients of the summaries}`` (``None``: none).
-    :param elbo_sum: the sum of the round's clients' ELBO terms.
-    :param clients: the names of the clients in the sums.
-    :param failed: the names of the round's sampled clients not in them.
-    :returns: the round's record, as :meth:`~hbfl_pyro.Server.aggregate`'s.
-
-    Example::
-
-        >>> import torch
-        >>> from types import SimpleNamespace
-        >>> from hbfl_pyro.families.normal import NormalNormal
-        >>> fam = NormalNormal("mu", "theta", torch.zeros(1), torch.ones(1), torch.ones(1), ())
-        >>> server = SimpleNamespace(family=fam, num_clients=2, min_clients=1,
-        ...                          family_params=fam.init_params())
-        >>> sums = {"sum_mean": torch.tensor([3.0]), "count": torch.tensor(2.0)}
-        >>> record = apply_sums(server, 1, sums, -10.0, ["a", "b"])
-        >>> server.family_params["loc"], record["updated"]
-        (tensor([1.]), True)
-    """
-    record = {
-        "round": server_round,
-        "clients": sorted(clients),
-        "failed": sorted(failed),
-        "updated": False,
-        "elbo": float("nan"),
-    }
-    if sums is None or len(clients) < server.min_clients:
-        warnings.warn(
-            f"round {server_round}: only {len(clients)} client(s) in the secure sum "
-            f"(min_clients={server.min_clients}); the global factor is not updated this round",
-            ClientFailureWarning,
-            stacklevel=2,
-        )
-        return record
-    scale = server.num_clients / len(clients)
-    scaled = {k: scale * v for k, v in sums.items()}
-    server.family_params = server.family.server_update(scaled, server.num_clients)
-    own = float(server.family.neg_kl(server.family_params))
-    record["updated"] = True
-    record["elbo"] = own + scale * elbo_sum
-    return record
-
-
-def check_secagg_server(server, fraction_clients: int) -> None:
-    """Raise ``ValueError`` unless SecAgg+ can run this server: closed form, no ``dp``,
-    at least 2 clients a round, and no ``"stale"`` participation with ``fraction < 1``.
-
-    :param server: the :class:`~hbfl_pyro.Server`.
-    :param fraction_clients: the number of clients sampled per round.
-    """
-    if server.mode != "closed_form":
-        raise ValueError(
-            "SecAgg+ supports the closed-form server only (its client messages are sums of "
-            f"summaries); this model's server is {server.mode!r}. Use a closed-form family "
-            "(server='closed_form') or turn secagg off"
-        )
-    if getattr(server, "dp", None) is not None:
-        raise ValueError(
-            "SecAgg+ with differential privacy (dp=) is not supported yet: the server would "
-            "have to add its noise to the secure sum; turn one of them off"
-        )
-    if fraction_clients < 2:
-        raise ValueError(
-            f"SecAgg+ needs at least 2 clients a round, this run samples {fraction_clients}; "
-            "raise fraction or add clients"
-        )
-    if server.participation == "stale" and fraction_clients < server.num_clients:
-        raise ValueError(
-            "participation='stale' keeps each client's latest reply, which SecAgg+ never "
-            "shows the server; use participation='scaled' or fraction=1"
-        )
+    """Deprecated (one release): :meth:`hbfl_pyro.Server.aggregate_sum` with
+    ``{"stats/<key>": sum, "elbo": elbo_sum}``."""
+    warnings.warn(
+        "apply_sums is deprecated: use server.aggregate_sum(round, total, clients, failed)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    total: Dict[str, Any] = {f"stats/{k}": v for k, v in (sums or {}).items()}
+    total["elbo"] = elbo_sum
+    return server.aggregate_sum(server_round, total, list(clients) if sums else [], failed)
 
 
 def run_secagg_server(grid, config: Mapping, context) -> Dict:
-    """The ServerApp's work under SecAgg+: as :func:`~hbfl_pyro.flower.apps.run_server`,
-    but each round is one call of Flower's ``SecAggPlusWorkflow``.
+    """The ServerApp's work under SecAgg+: :func:`~hbfl_pyro.flower.apps.run_server` with a
+    :class:`SecAggEngine` in place of the plain Flower engine.
 
     :param grid: the ServerApp's grid.
     :param config: the merged run config (``secagg-*`` keys: :data:`SECAGG_CONFIG_DEFAULTS`).
@@ -549,151 +656,57 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
         strategy received, ``Q`` and the error bound of the sums) and ``traffic`` holds
         the serialized bytes each client sent and received over the round's four stages.
     """
-    from flwr.app import ArrayRecord, ConfigRecord
-    from flwr.server import ServerConfig
-    from flwr.server.client_manager import SimpleClientManager
-    from flwr.server.compat.grid_client_proxy import GridClientProxy
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.strategy import Strategy
-    from flwr.server.workflow import SecAggPlusWorkflow
-    from flwr.serverapp import Grid
-
     spec = load_spec(config)
     cfg = spec.config
     start = time.perf_counter()
-    timeout, poll = float(cfg["round-timeout"]), float(cfg["poll-interval"])
     names, nodes, schemas = discover_clients(grid, cfg)
     fit = build_server(spec, names, schemas)
-    server = fit.server
-    per_round = len(server.select(1))
-    check_secagg_server(server, per_round)
-    bound, elbo_bound = float(cfg["secagg-bound"]), float(cfg["secagg-elbo-bound"])
-    modulus = int(cfg["secagg-modulus"])
-    quant = quantization_range(per_round, modulus)
-    recording = RecordingGrid(grid, timeout, poll)
-    # Duck-typed stand-ins, not subclasses (Flower is imported only here): RecordingGrid
-    # forwards every Grid method to the ServerApp's grid; SecAggStrategy has the legacy
-    # Strategy's methods that SecAggPlusWorkflow calls.
-    as_grid = cast(Grid, recording)
-    manager = SimpleClientManager()
-    proxies = {}
-    for nid in nodes.values():
-        proxies[nid] = GridClientProxy(nid, as_grid, int(context.run_id))
-        manager.register(proxies[nid])
-    strategy = SecAggStrategy(server, nodes, proxies, bound, elbo_bound)
-    legacy = LegacyContext(
-        context,
-        config=ServerConfig(num_rounds=spec.rounds),
-        strategy=cast(Strategy, strategy),
-        client_manager=manager,
-    )
-    workflow = SecAggPlusWorkflow(
-        num_shares=cfg["secagg-num-shares"],
-        reconstruction_threshold=cfg["secagg-threshold"],
-        max_weight=1.0,
-        clipping_range=1.0,
-        quantization_range=quant,
-        modulus_range=modulus,
-        timeout=timeout,
-    )
-    history: List[Dict] = []
-    traffic: List[Dict] = []
+    engine = SecAggEngine(grid, context, fit.server, nodes, cfg)
+    fit.engine = engine
     setup = time.perf_counter() - start
     out = str(cfg["out-dir"])
     logger.info(
-        "hbfl secagg: %d clients on nodes %s; %d rounds, Q=%d",
+        "hbfl secagg: %d clients on nodes %s; %s server, %d rounds at most, Q=%d",
         len(names),
         nodes,
+        fit.server.mode,
         spec.rounds,
-        quant,
+        engine.quant,
     )
-    for server_round in range(1, spec.rounds + 1):
-        t0 = time.perf_counter()
-        first = len(recording.log)
-        legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
-        legacy.state.array_records["parameters"] = ArrayRecord()
-        workflow(as_grid, legacy)
-        log = recording.log[first:]
-        errors: Dict[str, str] = {}
-        for entry in log:
-            if entry["dir"] == "up" and entry.get("error"):
-                errors.setdefault(
-                    strategy.names.get(entry["node"], str(entry["node"])), entry["error"]
-                )
-        record = strategy.records.pop(server_round, None)
-        if record is None:  # the protocol halted: too few clients left to unmask
-            sent = strategy.sent.get(server_round, [])
-            if (
-                errors
-                and len(errors) == len(sent)
-                and all("RAISED_EXCEPTION" in w for w in errors.values())
-            ):
-                first_err = sorted(errors.items())[0]
-                raise RuntimeError(
-                    f"every client failed round {server_round} (first: {first_err[0]!r}: "
-                    f"{first_err[1]}); the server state is unchanged"
-                )
-            record = apply_sums(server, server_round, None, None, [], sent)
-        for name in record["failed"]:
-            why = errors.get(name, "dropped out of the secure aggregation")
-            errors.setdefault(name, why)
-            logger.warning("hbfl round %d: client %r failed: %s", server_round, name, why)
-            warnings.warn(
-                f"round {server_round}: client {name!r} (node {nodes[name]}) failed: {why}; "
-                "it is left out of this round",
-                ClientFailureWarning,
-                stacklevel=2,
-            )
-        n = len(record["clients"])
-        if "secagg" in record:
-            record["secagg"]["quantization_range"] = quant
-            record["secagg"]["sum_error_bound"] = sum_error_bound(max(n, 1), bound, quant)
-            record["secagg"]["elbo_error_bound"] = sum_error_bound(max(n, 1), elbo_bound, quant)
-        record["errors"] = dict(sorted(errors.items()))
-        record["seconds"] = time.perf_counter() - t0
-        history.append(record)
-        down = {nid: 0 for nid in nodes.values()}
-        up = {nid: 0 for nid in nodes.values()}
-        for entry in log:
-            side = down if entry["dir"] == "down" else up
-            if entry["node"] in side:
-                side[entry["node"]] += entry["bytes"]
-        sent = strategy.sent.get(server_round, [])
-        traffic.append(
-            {
-                "round": server_round,
-                "bytes_down": [down[nodes[n]] for n in sent],
-                "bytes_up": [up[nodes[n]] for n in sent],
-                "replies": [
-                    dict(e, node=strategy.names.get(e["node"], e["node"]))
-                    for e in log
-                    if e["dir"] == "up"
-                ],
-            }
-        )
+
+    def after_round(record: Dict) -> None:
         if out:
-            write_history(run_result(spec, fit, names, nodes, history, traffic, setup), out)
+            write_history(
+                run_result(spec, fit, names, nodes, fit.history, engine.traffic, setup), out
+            )
         logger.info(
-            "hbfl secagg round %d: elbo %.6g, clients %s, failed %s",
-            server_round,
+            "hbfl secagg round %d: objective %.6g, clients %s, failed %s",
+            record["round"],
             record["elbo"],
             record["clients"],
             record["failed"],
         )
-    result = run_result(spec, fit, names, nodes, history, traffic, setup)
+
+    fit.run(spec.rounds, progress=False, on_round=after_round)
+    result = run_result(spec, fit, names, nodes, fit.history, engine.traffic, setup)
+    result["server_choice"] = dict(fit.server_choice)
+    if fit.server.mode == "second_order":
+        result["verdict"] = fit.verdict
     result["secagg"] = {
-        "quantization_range": quant,
-        "modulus": modulus,
-        "bound": bound,
-        "elbo_bound": elbo_bound,
-        "clients_per_round": per_round,
+        "quantization_range": engine.quant,
+        "modulus": engine.modulus,
+        "bound": engine.bound,
+        "elbo_bound": engine.elbo_bound,
+        "clients_per_round": engine.per_round,
     }
     return finish_run(grid, spec, fit, nodes, result)
 
 
 __all__ = [
+    "FLOORED_AT_MINUS_BOUND",
     "SECAGG_CONFIG_DEFAULTS",
     "RecordingGrid",
+    "SecAggEngine",
     "SecAggStrategy",
     "apply_sums",
     "check_secagg_server",

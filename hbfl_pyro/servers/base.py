@@ -16,7 +16,7 @@ clients' summed Laplace marginals).
 from __future__ import annotations
 
 import abc
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -64,6 +64,31 @@ class ServerStrategy(abc.ABC):
         self, server_round: int, replies: Dict[str, Dict], failed: Sequence[str] = ()
     ) -> Dict:
         """Update ``q(phi)`` from the round's replies; returns the round's record."""
+
+    def sum_layout(self, server_round: int) -> Dict[str, Tuple[int, ...]]:
+        """What this round's update needs of the replies when it can do with their *sum*
+        over clients (secure aggregation): ``{path: shape}``, a path naming a reply entry
+        (``"value"``, or ``"stats/count"`` for ``reply["stats"]["count"]``); each reply's
+        ``elbo`` is summed too. A strategy that needs each client's own reply (the
+        gradient server's Adam step, stale participation) raises
+        ``NotImplementedError``, saying why."""
+        raise NotImplementedError(
+            f"the {self.mode} server needs each client's own reply; secure aggregation "
+            "runs the closed-form and the second-order servers"
+        )
+
+    def aggregate_sum(
+        self,
+        server_round: int,
+        total: Dict[str, torch.Tensor],
+        clients: Sequence[str],
+        failed: Sequence[str] = (),
+    ) -> Dict:
+        """Update ``q(phi)`` from the sum over ``clients`` of their replies' entries in
+        :meth:`sum_layout` (and ``total["elbo"]``, the sum of their ELBO terms); returns the
+        round's record, as :meth:`aggregate` does."""
+        self.sum_layout(server_round)  # says why this strategy cannot
+        raise NotImplementedError(f"{type(self).__name__}.aggregate_sum")
 
     @abc.abstractmethod
     def state_dict(self) -> Dict:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import arviz as az
 import numpy as np
@@ -271,9 +271,50 @@ class SecondOrderServer(ServerStrategy):
         self, server_round: int, replies: Dict[str, Dict], failed: Sequence[str] = ()
     ) -> Dict:
         good, bad = self._check_replies(server_round, replies, failed)
+        if self.phase == "psis":
+            total = {"log_lik": sum(r["log_lik"] for r in good.values())} if good else {}
+        elif good:
+            total = {
+                "value": sum(float(r["value"]) for r in good.values()),
+                "grad": sum(r["grad"] for r in good.values()),
+                "hess": sum(r["hess"] for r in good.values()),
+            }
+        else:
+            total = {}
+        return self._update(server_round, total, sorted(good), bad)
+
+    def sum_layout(self, server_round: int) -> Dict[str, Tuple[int, ...]]:
+        """Every reply's entries are summed by the server: its Laplace marginal's value,
+        gradient and Hessian in a Newton round, the per-draw values in a PSIS round (see
+        :meth:`~hbfl_pyro.servers.base.ServerStrategy.sum_layout`)."""
+        if self.phase == "psis":
+            return {"log_lik": (len(self._psis_draws()),)}
+        d = self.layout.dim
+        return {"value": (), "grad": (d,), "hess": (d, d)}
+
+    def aggregate_sum(
+        self,
+        server_round: int,
+        total: Dict[str, torch.Tensor],
+        clients: Sequence[str],
+        failed: Sequence[str] = (),
+    ) -> Dict:
+        """The round's update from the secure sum of the clients' replies (every client's
+        reply is needed: a round with one missing updates nothing, as in :meth:`aggregate`).
+        The clients checked their own replies; a draw a client could not evaluate comes as
+        a very low log-likelihood (see :mod:`hbfl_pyro.flower.secagg`)."""
+        bad = list(failed)
+        self._count_failures(server_round, set(clients), bad)
+        sums: Dict[str, Any] = {key: total[key] for key in self.sum_layout(server_round)}
+        if "value" in sums:
+            sums["value"] = float(sums["value"])
+        return self._update(server_round, sums, sorted(clients), bad)
+
+    def _update(self, server_round: int, total: Dict, clients: List[str], bad) -> Dict:
+        """The round's work on the sums over ``clients`` (``bad``: the round's failures)."""
         record = {
             "round": server_round,
-            "clients": sorted(good),
+            "clients": clients,
             "failed": sorted(bad),
             "phase": self.phase,
             "updated": False,
@@ -282,13 +323,13 @@ class SecondOrderServer(ServerStrategy):
             if bad:
                 record["elbo"] = float("nan")
                 return record  # the same draws go out again next round
-            finished = self._finish_psis(good)
+            finished = self._finish_psis(total["log_lik"])
             post = self._fitted()
             record.update(updated=True, elbo=post["elbo"], k_hat=post["stages"][-1]["k_hat"])
             if finished:
                 self.phase, self.done = "done", True
             return record
-        record.update(self._newton_round(server_round, good, bad))
+        record.update(self._newton_round(server_round, None if bad or not total else total))
         return record
 
     def _check_replies(self, server_round, replies, failed):
@@ -317,6 +358,12 @@ class SecondOrderServer(ServerStrategy):
                 good[name] = reply
             else:
                 bad.append(name)
+        self._count_failures(server_round, set(good), bad)
+        return good, bad
+
+    def _count_failures(self, server_round: int, good, bad) -> None:
+        """Count each client's failed rounds in a row; stop the fit when one reaches
+        ``max_failures``."""
         for name in self.client_names:
             if name in good:
                 self.failures.pop(name, None)
@@ -329,19 +376,19 @@ class SecondOrderServer(ServerStrategy):
                 "a row; every client's data must be in a second-order fit (the server sums "
                 "over all of them). Check those clients' data against the model"
             )
-        return good, bad
 
-    def _newton_round(self, server_round, good, bad) -> Dict:
-        """Judge the trial point, then either stop or propose the next one."""
+    def _newton_round(self, server_round, total: Optional[Dict]) -> Dict:
+        """Judge the trial point from the clients' summed ``value``, ``grad`` and ``hess``
+        (``None``: a client failed), then either stop or propose the next one."""
         out: Dict = {}
         value = float("nan")
-        if not bad:
+        if total is not None:
             with torch.enable_grad():
                 gp, vp = grad_and_value(self.log_prior)(self.trial)
                 hp = hessian(self.log_prior)(self.trial)
-            value = float(vp) + sum(float(r["value"]) for r in good.values())
-            gradient = gp.detach() + sum(r["grad"] for r in good.values())
-            precision = -(hp.detach() + sum(r["hess"] for r in good.values()))
+            value = float(vp) + total["value"]
+            gradient = gp.detach() + total["grad"]
+            precision = -(hp.detach() + total["hess"])
             finite = math.isfinite(value) and bool(
                 torch.isfinite(gradient).all() and torch.isfinite(precision).all()
             )
@@ -423,13 +470,13 @@ class SecondOrderServer(ServerStrategy):
         self.verdict = {"status": status, "rounds": rounds}
         self.phase = "psis"
 
-    def _finish_psis(self, good: Dict[str, Dict]) -> bool:
-        """Weigh this PSIS round's draws; ``True`` when the posterior is final, ``False``
-        when another round follows with a moment-matched proposal."""
+    def _finish_psis(self, log_lik: torch.Tensor) -> bool:
+        """Weigh this PSIS round's draws by the clients' summed per-draw ``log_lik``;
+        ``True`` when the posterior is final, ``False`` when another round follows with a
+        moment-matched proposal."""
         draws = self._psis_draws()
         post = self._fitted()
         stages = post.setdefault("stages", [])
-        log_lik = sum(r["log_lik"] for r in good.values())
         unevaluated = torch.isnan(log_lik)
         log_lik = torch.where(unevaluated, torch.tensor(-math.inf, dtype=log_lik.dtype), log_lik)
         with torch.no_grad():
