@@ -450,3 +450,28 @@ def test_ragged_clients_grouped_by_size_give_what_the_padded_batch_gives():
             rtol=1e-10,
             atol=1e-10,
         )
+
+
+def test_float32_mode_searches_stop_at_the_float_resolution():
+    """In float32 a converged Newton search's moves stall near float resolution (above
+    the default tol of 1e-9); the search stops there instead of running max_newton
+    iterations, at the float64 search's mode to float32 accuracy."""
+    clients = {
+        k: {key: v.float() for key, v in c.items()} for k, c in _binary_data("vector", 6).items()
+    }
+    data = FederatedData(clients)
+    structure = discover_structure(_vector_global_unsqueeze, data)
+    single = LaplaceMarginal(_vector_global_unsqueeze, structure, data.collate())
+    calls = []
+    parts = single._newton_parts
+    single._newton_parts = lambda *args: calls.append(1) or parts(*args)
+    z = torch.full((single.layout.dim,), 0.2, dtype=torch.float32)
+    modes = single.modes(z, single.initial_locals().float())
+    assert modes.dtype == torch.float32 and len(calls) < 15
+    double = LaplaceMarginal(
+        _vector_global_unsqueeze,
+        structure,
+        {k: v.double() if v.is_floating_point() else v for k, v in data.collate().items()},
+    )
+    exact = double.modes(z.double(), double.initial_locals().double())
+    torch.testing.assert_close(modes.double(), exact, rtol=0, atol=1e-5)
