@@ -51,6 +51,7 @@ from torch.func import grad, grad_and_value, jacfwd, jacrev, vmap
 
 from .data import MASK_KEY, collate
 from .elbo import site_log_prob
+from .functional import functional_distributions
 from .structure import ModelStructure, site_distribution, site_value
 from .unconstrained import GlobalLayout, is_continuous
 
@@ -158,7 +159,8 @@ class LaplaceMarginal:
             value = biject_to(support)(free)
             total = total + biject_to(support).log_abs_det_jacobian(free, value).sum()
             values[name] = value
-        with poutine.block(), pyro.validation_enabled(False):
+        # functional_distributions: e.g. OrderedLogistic, whose constructor writes in place.
+        with poutine.block(), pyro.validation_enabled(False), functional_distributions():
             trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(one)
         for name in self.structure.local_sites + self.structure.observed_sites:
             total = total + site_log_prob(trace.nodes[name]).sum()

@@ -35,6 +35,8 @@ from typing import Callable, Dict, Mapping, Optional, Set
 import torch
 from torch.func import vmap
 
+from .functional import functional_distributions
+
 #: Draws compared between the batched and the one-at-a-time computation.
 CHECKED_DRAWS = 2
 _WARNED: Set[str] = set()
@@ -134,7 +136,8 @@ def _vmapped(computation, draws: Mapping[str, torch.Tensor], singles):
         return computation({name: value.unsqueeze(0) for name, value in draw.items()}, 0)
 
     try:
-        out = vmap(one_draw, randomness="different")(dict(draws))
+        with functional_distributions():  # no in-place writes under vmap
+            out = vmap(one_draw, randomness="different")(dict(draws))
     except Exception:  # any failure under vmap means: loop instead (checked below too)
         return None
     # Each draw's output has the leading size-1 dim of a one-draw run: fold it in.

@@ -48,6 +48,7 @@ from torch.func import grad_and_value, hessian, vmap
 
 from ..elbo import site_log_prob
 from ..failures import ClientFailureError
+from ..functional import functional_distributions
 from ..seeding import derive_seed, seeded
 from ..structure import ModelStructure, site_value
 from ..unconstrained import GlobalLayout
@@ -204,7 +205,8 @@ class SecondOrderServer(ServerStrategy):
     def log_prior(self, z: torch.Tensor) -> torch.Tensor:
         """``log p(z)`` (the globals' prior, Jacobian included) at ``z`` ``(d,)``."""
         values = {**self._fixed, **self.layout.constrain(z)}
-        with poutine.block(), pyro.validation_enabled(False):
+        # Under vmap (the PSIS round): no distribution may write in place.
+        with poutine.block(), pyro.validation_enabled(False), functional_distributions():
             trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(
                 self.placeholder
             )
