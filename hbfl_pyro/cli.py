@@ -46,6 +46,9 @@ THIRD_PARTY_WARNINGS: Tuple[Dict[str, Any], ...] = (
     # from its autograd engine when the second-order server differentiates an indexing
     # model (``b[..., region]``) under vmap: about torch internals, nothing to act on.
     {"category": UserWarning, "message": r"An output with one or more elements was resized"},
+    # torch's note that vmap falls back to a loop for an op without a batching rule (e.g.
+    # the stick-breaking transform of a simplex local): a speed note for torch's authors.
+    {"category": UserWarning, "message": r"There is a performance drop because we have not"},
 )
 
 

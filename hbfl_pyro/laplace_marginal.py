@@ -69,8 +69,9 @@ class LaplaceMarginal:
     :param per_client: the batch's per-client keys (as :func:`~hbfl_pyro.data.collate`
         was given them); when known, clients of very different sizes are evaluated in
         groups padded to their own longest (:attr:`max_groups`), not all to the longest.
-    :raises NotImplementedError: when a local site is discrete, changes shape in
-        unconstrained space, or a client has more than :data:`MAX_LOCAL_SIZE` local values.
+    :raises NotImplementedError: when a local site is discrete, or a client has more than
+        :data:`MAX_LOCAL_SIZE` local values (unconstrained: a simplex of ``K`` counts
+        ``K - 1``).
     """
 
     #: Newton iterations at most when finding a mode; stops when no value moves more
@@ -111,7 +112,8 @@ class LaplaceMarginal:
         with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
             trace = poutine.trace(model).get_trace(one)
         self.layout = layout or GlobalLayout.from_trace(trace, structure.global_sites)
-        self.locals = []  # (name, support, one-client value shape, start, stop, event dim)
+        self.locals = []  # (name, support, one client's unconstrained shape, start, stop,
+        #                  event dim)
         size = 0
         for name in structure.local_sites:
             site = trace.nodes[name]
@@ -119,21 +121,12 @@ class LaplaceMarginal:
             support = fn.support
             if support is None or not is_continuous(support):
                 raise NotImplementedError(f"local site {name!r} is discrete ({support})")
-            if biject_to(support).inv(value).shape != value.shape:
-                raise NotImplementedError(
-                    f"local site {name!r} changes shape in unconstrained space ({support})"
-                )
-            self.locals.append(
-                (
-                    name,
-                    support,
-                    tuple(value.shape),
-                    size,
-                    size + value.numel(),
-                    fn.event_dim,
-                )
-            )
-            size += value.numel()
+            # The unconstrained shape: a simplex of K values has K - 1 free ones (the
+            # transforms change event dims only, so the clients axis stays where it is).
+            free_shape = tuple(biject_to(support).inverse_shape(value.shape))
+            free_size = math.prod(free_shape)
+            self.locals.append((name, support, free_shape, size, size + free_size, fn.event_dim))
+            size += free_size
         if size > MAX_LOCAL_SIZE:
             raise NotImplementedError(
                 f"each client has {size} local values; the Laplace marginal forms a "
