@@ -21,6 +21,7 @@ from .data import ClientData, collate
 from .elbo import client_terms, with_particles
 from .families.base import ClosedFormFamily
 from .guides import GuideError, build_local_guide, copy_module, local_moments, private_params
+from .guides.base import is_conditional
 from .seeding import derive_seed, seeded
 from .structure import ModelStructure
 
@@ -107,7 +108,7 @@ def recentre_local_guide(
     """Recentre a local factor that supports it (``StructuredLocalNormal.recentre``) at
     draws of this round's ``q(phi)``, seeded by the message (so the in-process and the
     vectorised engines draw the same centre), without touching the caller's RNG."""
-    if global_guide is None or not hasattr(local_guide, "recentre"):
+    if global_guide is None or not is_conditional(local_guide):
         return
     with seeded(derive_seed(message["seed"], "centre")), torch.no_grad():
         guide = with_particles(global_guide, CENTRE_DRAWS, structure.max_plate_nesting)
@@ -158,7 +159,7 @@ class Client:
         self.local_guide = build_local_guide(
             model, structure, self._batch, local_guide, client=name
         )
-        if family is not None and getattr(self.local_guide, "needs_globals", False):
+        if family is not None and is_conditional(self.local_guide):
             raise GuideError(
                 f"client {name!r}: a local guide conditioned on the globals needs draws of "
                 "phi, which a closed-form server does not send; use server='gradient'"

@@ -43,6 +43,7 @@ from pyro.poutine.util import site_is_subsample
 from .client import recentre_local_guide
 from .comparison import FEDERATED, NUTS_KEY, POOLED_SVI, REFERENCE, Comparison, Key
 from .guides import build_global_guide, build_local_guide, is_autoguide_spec, private_params
+from .guides.base import builds_itself, is_conditional
 from .pooled import pooled_elbo, svi_steps
 from .seeding import derive_seed, seeded
 from .summary import _drop_broadcast_dims, _index, deterministic_samples
@@ -202,8 +203,9 @@ class JointGuide:
     A plain callable holding the two modules (Pyro does not let a module that has already
     run, as both have while being checked against the model, become a submodule).
 
-    A local guide with ``needs_globals`` (e.g. :class:`~hbfl_pyro.StructuredLocalNormal`)
-    is given the global guide's draws, as in the federated fit.
+    A :class:`~hbfl_pyro.guides.base.ConditionalLocalGuide` (e.g.
+    :class:`~hbfl_pyro.StructuredLocalNormal`) is given the global guide's draws, as in the
+    federated fit.
 
     :param global_guide: a guide of the global sites.
     :param local_guide: a guide of the local sites of all clients (one batch).
@@ -215,7 +217,7 @@ class JointGuide:
 
     def __call__(self, data):
         out = dict(self.global_guide(data))
-        if getattr(self.local_guide, "needs_globals", False):
+        if is_conditional(self.local_guide):
             out.update(self.local_guide(data, globals=out))
         else:
             out.update(self.local_guide(data))
@@ -230,7 +232,7 @@ RECENTRE_EVERY = 10
 def _recentring(guide: JointGuide, structure, batch, seed: int):
     """The pooled counterpart of the clients' per-round recentring of a structured factor
     (``StructuredLocalNormal.recentre``), or ``None`` for a local guide without it."""
-    if not hasattr(guide.local_guide, "recentre"):
+    if not is_conditional(guide.local_guide):
         return None
 
     def before_step(step: int) -> None:
@@ -246,10 +248,10 @@ def _fresh_spec(guide, role: str, given=None):
     (or partial) the fit was given, else the fitted module's class."""
     if guide is None:
         return AutoNormal
-    if is_autoguide_spec(given) or (isinstance(given, type) and hasattr(given, "for_client")):
+    if is_autoguide_spec(given) or builds_itself(given):
         return given
     # FederatedSVI builds autoguides from their class (default rank, init scale): so here.
-    if isinstance(guide, AutoGuide) or hasattr(type(guide), "for_client"):
+    if isinstance(guide, AutoGuide) or is_conditional(guide):
         return type(guide)
     raise TypeError(
         f"compare_pooled cannot rebuild the federated {role} guide "

@@ -165,7 +165,9 @@ def client_terms(
             # them as sampled sites.
             for name in global_values:
                 guide_trace.nodes[name]["is_observed"] = False
-    if getattr(local_guide, "needs_globals", False):
+    from .guides.base import is_conditional  # guides import this module
+
+    if is_conditional(local_guide):
         # A structured factor q_i(theta_i | phi) reads this draw of the global sites.
         values = {name: guide_trace.nodes[name]["value"] for name in structure.global_sites}
         local_guide = partial(local_guide, globals=values)

@@ -31,6 +31,7 @@ from .client import Client
 from .data import FederatedData, collate
 from .elbo import with_particles
 from .guides import private_params
+from .guides.base import is_conditional
 from .laplace_marginal import MarginalClient, psis_noise
 from .replay import pad_batch
 from .seeding import derive_seed, seeded
@@ -204,7 +205,7 @@ class Personalised:
         guide = self.client.local_guide
         with seeded(seed):
             global_draws = self.fit.global_samples(num_samples)
-            if getattr(guide, "needs_globals", False):
+            if is_conditional(guide):
                 values = {
                     n: _particle_shaped(v, n, self.structure) for n, v in global_draws.items()
                 }
@@ -300,8 +301,8 @@ def personalise(
     if local_guide is None:
         # Autoguides and guide classes with a for_client constructor (the structured and
         # Laplace factors) are rebuilt fresh for the new client from its own data.
-        if not isinstance(template.local_guide, AutoGuide) and not hasattr(
-            type(template.local_guide), "for_client"
+        if not isinstance(template.local_guide, AutoGuide) and not is_conditional(
+            template.local_guide
         ):
             raise ValueError(
                 "the federation's clients use a custom local guide module; pass a fresh one "

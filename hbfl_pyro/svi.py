@@ -39,6 +39,7 @@ from .engines.batched_marginal import batched_local_draws
 from .failures import ClientFailureError, failing_clients, failure_message
 from .families.base import ClosedFormFamily
 from .guides import build_global_guide, private_params
+from .guides.base import is_conditional
 from .laplace_marginal import MarginalClient
 from .options import FEDERATED_SVI as OPTIONS
 from .options import RUN as RUN_OPTIONS
@@ -653,7 +654,7 @@ class FederatedSVI:
         if isinstance(self.server, SecondOrderServer):
             return self._second_order_locals(num_samples, global_draws)
         _, clients = self._first_order_parts()
-        conditional = getattr(next(iter(clients.values())).local_guide, "needs_globals", False)
+        conditional = is_conditional(next(iter(clients.values())).local_guide)
         values = None
         if conditional:
             draws = self.global_samples(num_samples) if global_draws is None else global_draws

@@ -37,6 +37,7 @@ from torch.func import functional_call
 from ..client import Client, local_objective, recentre_local_guide
 from ..data import collate
 from ..guides import build_local_guide, local_moments, private_params
+from ..guides.base import is_conditional
 from ..seeding import derive_seed, seeded
 from ..server import ClientFailureWarning
 from .base import Failures
@@ -76,9 +77,7 @@ class VectorisedEngine(InProcessEngine):
         super().__init__(clients, on_message)
         first = next(iter(clients.values()))
         self._template = first.local_guide
-        if not isinstance(self._template, AutoGuide) and not hasattr(
-            type(self._template), "for_client"
-        ):
+        if not isinstance(self._template, AutoGuide) and not is_conditional(self._template):
             # The batched guide is rebuilt from the template's class for the whole round's
             # clients: possible for autoguides and classes with ``for_client`` only.
             raise NotImplementedError(
@@ -143,7 +142,7 @@ class VectorisedEngine(InProcessEngine):
             params = dict(guide.named_parameters())
             stacked = [params[k] for k in self._names]
             global_guide = first.global_guide
-            together = getattr(guide, "batched_recentre", False)
+            together = is_conditional(guide) and guide.batched_recentre
             if family is None:
                 global_guide.load_state_dict(message["global_params"])
             if family is None and not together:

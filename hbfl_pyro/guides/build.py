@@ -36,6 +36,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ..data import num_clients
 from ..structure import ModelStructure
+from .base import builds_itself
 from .laplace import LaplaceLocalNormal
 from .spline import AutoSplineMultivariateNormal
 from .structured import StructuredLocalNormal
@@ -158,7 +159,7 @@ def build_local_guide(
     if is_autoguide_spec(guide):
         with private_params():
             guide = guide(blocked, create_plates=_clients_plate(structure))
-    elif isinstance(guide, type) and hasattr(guide, "for_client"):
+    elif builds_itself(guide):
         with private_params():  # e.g. StructuredLocalNormal: the class builds its own
             guide = guide.for_client(model, structure, batch)
     else:

@@ -51,18 +51,18 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.nn import PyroModule
 from torch.distributions import biject_to
 from torch.distributions.utils import _sum_rightmost
 
 from ..elbo import site_log_prob
 from ..structure import ModelStructure
+from .base import ConditionalLocalGuide
 
 #: Above this many local values per client the D x D curvature is too costly to form.
 MAX_LOCAL_SIZE = 32
 
 
-class LaplaceLocalNormal(PyroModule):
+class LaplaceLocalNormal(ConditionalLocalGuide):
     """``q_i(theta_i | phi)``: Newton mode and curvature of the client's conditional.
 
     Build it through :class:`~hbfl_pyro.FederatedSVI` by passing the class as
@@ -74,8 +74,6 @@ class LaplaceLocalNormal(PyroModule):
     :param batch: the collated data the guide is prototyped on (one client, or a batch).
     """
 
-    #: The library passes the round's draws of the global sites as ``globals=``.
-    needs_globals = True
     #: Newton steps (outside the autograd graph) per evaluation, from the mode found at
     #: ``q(phi)``'s mean; one differentiable step follows them.
     newton_steps = 3

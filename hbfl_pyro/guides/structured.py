@@ -40,9 +40,10 @@ from torch.distributions import biject_to
 from torch.distributions.utils import _sum_rightmost
 
 from ..structure import ModelStructure
+from .base import ConditionalLocalGuide
 
 
-class StructuredLocalNormal(PyroModule):
+class StructuredLocalNormal(ConditionalLocalGuide):
     """``q_i(theta_i | phi)``: a Normal in unconstrained space, mean and log-scale linear
     in ``phi``.
 
@@ -53,9 +54,6 @@ class StructuredLocalNormal(PyroModule):
     :param structure: its site roles.
     :param batch: the collated data the guide is prototyped on (one client, or a batch).
     """
-
-    #: The library passes the round's draws of the global sites as ``globals=``.
-    needs_globals = True
 
     #: Whether the log of the scale is linear in ``u(phi)`` too (see the class docstring).
     scale_on_globals = True
