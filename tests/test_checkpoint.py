@@ -494,3 +494,37 @@ def test_cli_resume_refuses_another_options_checkpoint(tmp_path, capsys):
     # the same options resume (one round was run, one is asked for: nothing left to run)
     assert fit("--local-steps", 2, "--resume", path) == 0
     assert "final ELBO estimate (round 1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["newton", "last round"])
+def test_a_resumed_second_order_fit_equals_the_uninterrupted_one(where, tmp_path):
+    """The second-order server's state (trial point, trust radius, accepted point, PSIS
+    stages) and each client's Newton start resume exactly: interrupted after 2 Newton
+    rounds, or before its last round (a PSIS round), it ends bit for bit as one run."""
+
+    def make():
+        return FederatedSVI(eight_schools.noncentered, eight_schools.load_data(), seed=11)
+
+    uninterrupted = make()
+    assert uninterrupted.server.mode == "second_order"
+    uninterrupted.run(progress=False)
+    total = uninterrupted.round
+    stop = 2 if where == "newton" else total - 1
+    if where == "newton":
+        assert uninterrupted.history[stop - 1]["phase"] == "newton"
+    first = make()
+    for _ in range(stop):
+        first.step()
+    path = tmp_path / "second_order.pt"
+    first.checkpoint(path)
+    resumed = make()
+    resumed.resume(path)
+    assert resumed.round == stop
+    resumed.run(progress=False)
+    _assert_same(uninterrupted.server.state_dict(), resumed.server.state_dict(), "server")
+    for name in uninterrupted.clients:
+        _assert_same(
+            uninterrupted.clients[name].state_dict(), resumed.clients[name].state_dict(), name
+        )
+    _assert_same(_history(uninterrupted), _history(resumed), "history")
+    assert uninterrupted.verdict == resumed.verdict
