@@ -44,6 +44,7 @@ from .client import recentre_local_guide
 from .comparison import FEDERATED, NUTS_KEY, POOLED_SVI, REFERENCE, Comparison, Key
 from .guides import build_global_guide, build_local_guide, is_autoguide_spec, private_params
 from .guides.base import builds_itself, is_conditional
+from .guides.joint import JointGuide
 from .pooled import pooled_elbo, svi_steps
 from .seeding import derive_seed, seeded
 from .summary import _drop_broadcast_dims, _index, deterministic_samples
@@ -197,33 +198,6 @@ def reference_rows(summary, keys: Sequence[Key], clients: Sequence[str]) -> Dict
 
 
 # ---------------------------------------------------------------------------- pooled fits
-class JointGuide:
-    """``q(phi) q(theta | phi)`` over the pooled model: a global and a local guide joined.
-
-    A plain callable holding the two modules (Pyro does not let a module that has already
-    run, as both have while being checked against the model, become a submodule).
-
-    A :class:`~hbfl_pyro.guides.base.ConditionalLocalGuide` (e.g.
-    :class:`~hbfl_pyro.StructuredLocalNormal`) is given the global guide's draws, as in the
-    federated fit.
-
-    :param global_guide: a guide of the global sites.
-    :param local_guide: a guide of the local sites of all clients (one batch).
-    """
-
-    def __init__(self, global_guide, local_guide):
-        self.global_guide = global_guide
-        self.local_guide = local_guide
-
-    def __call__(self, data):
-        out = dict(self.global_guide(data))
-        if is_conditional(self.local_guide):
-            out.update(self.local_guide(data, globals=out))
-        else:
-            out.update(self.local_guide(data))
-        return out
-
-
 #: Pooled SVI recentres a structured local factor every this many steps: about as often,
 #: per unit of optimisation, as a federated client does (once per round of a few steps).
 RECENTRE_EVERY = 10

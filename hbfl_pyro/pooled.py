@@ -6,6 +6,7 @@ This is what federated results are compared with (tests, reports). It uses plain
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .data import FederatedData
 from .guides import build_local_guide, private_params, with_private_state
+from .guides.joint import JointGuide
 from .seeding import seeded
 
 
@@ -116,7 +118,7 @@ def pooled_elbo(
         return -float(elbo.loss(model, guide, data.collate()))
 
 
-def joint_guide_of(fit) -> PooledJointGuide:
+def joint_guide_of(fit) -> JointGuide:
     """The pooled joint guide ``q(phi) prod_i q_i(theta_i)`` holding a federated fit's values.
 
     The clients' local parameters are concatenated along the clients axis into one local
@@ -131,25 +133,20 @@ def joint_guide_of(fit) -> PooledJointGuide:
         local = build_local_guide(fit.model, fit.structure, batch, type(template))
         states = [c.state_dict()["guide"] for c in fit.clients.values()]
         local.load_state_dict({k: torch.cat([s[k] for s in states]) for k in states[0]})
-    return PooledJointGuide(fit.server.global_guide, local)
+    return JointGuide(fit.server.global_guide, local)
 
 
-class PooledJointGuide:
-    """The guide :func:`joint_guide_of` returns: ``q(phi)``'s draws, then the clients'
-    locals, as one pooled guide (a plain callable holding the two modules).
+class PooledJointGuide(JointGuide):
+    """Deprecated alias (one release) of :class:`~hbfl_pyro.guides.joint.JointGuide`, the
+    one joint guide (its ``local`` attribute is the local guide)."""
 
-    :ivar global_guide: the server's ``q(phi)``.
-    :ivar local: one local guide over all clients.
-    """
-
-    def __init__(self, global_guide: Callable, local: Callable):
-        self.global_guide = global_guide
-        self.local = local
-
-    def __call__(self, data: Dict[str, torch.Tensor]):
-        out = dict(self.global_guide(data))
-        out.update(self.local(data))
-        return out
+    def __init__(self, global_guide, local_guide):
+        warnings.warn(
+            "PooledJointGuide is deprecated: use hbfl_pyro.guides.joint.JointGuide",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(global_guide, local_guide)
 
 
 __all__ = ["PooledJointGuide", "fit_pooled_svi", "joint_guide_of", "pooled_elbo", "svi_steps"]
