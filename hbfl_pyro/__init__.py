@@ -32,7 +32,7 @@ from .guides import (
 )
 from .laplace_marginal import LaplaceMarginal, MarginalClient
 from .predict import new_client_predictive, personalise
-from .server import ClientFailureWarning, Server
+from .server import ClientFailureWarning, ClosedFormServer, GradientServer, Server
 from .servers import ConvergenceWarning, SecondOrderServer, ServerStrategy
 from .structure import ModelStructure, ModelStructureError, discover_structure
 from .svi import FederatedSVI
@@ -48,11 +48,13 @@ __all__ = [
     "ClientFailureError",
     "ClientFailureWarning",
     "ClosedFormFamily",
+    "ClosedFormServer",
     "ConvergenceWarning",
     "DPConfig",
     "DataValidationError",
     "FederatedData",
     "FederatedSVI",
+    "GradientServer",
     "GuideError",
     "InverseWishart",
     "LaplaceLocalNormal",

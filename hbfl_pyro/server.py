@@ -66,7 +66,12 @@ def _problem(reply, expected: Dict[str, torch.Size], key: str) -> Optional[str]:
 
 
 class Server(ServerStrategy):
-    """The server side of federated SVI.
+    """The first-order server side of federated SVI; ``Server(...)`` builds a
+    :class:`ClosedFormServer` when given a ``family``, else a :class:`GradientServer`.
+    Both share client selection, reply checks, participation (``scaled``/``stale``), the
+    differential-privacy noise on the round's sum and the state's common part; each
+    defines what it sends (:meth:`_message_params`), what a good reply holds
+    (:meth:`_expected_reply`) and its update from the pooled replies (:meth:`_update`).
 
     :param client_names: names of all ``N`` clients.
     :param model: the Pyro model (run only on a data-free placeholder).
@@ -85,6 +90,17 @@ class Server(ServerStrategy):
         noise is added to the round's sum before the update, and the round's record holds
         the run's ``epsilon`` and ``delta`` so far (its ``elbo`` is NaN: clients send none).
     """
+
+    #: A short name recorded in the report and checkpoints (set by the subclasses).
+    mode = "first_order"
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Server:  # the mode follows from the arguments, as it always did
+            family = (
+                kwargs["family"] if "family" in kwargs else (args[5] if len(args) > 5 else None)
+            )
+            cls = ClosedFormServer if family is not None else GradientServer
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -125,33 +141,9 @@ class Server(ServerStrategy):
         self._round_state: Optional[Tuple[int, Dict[str, torch.Tensor]]] = None
         self.dp = dp
         self.dp_releases = 0  # rounds that released a noisy sum (what the accountant counts)
-        self.mode = "closed_form" if family is not None else "gradient"
         self.family_params: Optional[Dict[str, torch.Tensor]] = None
         self.optim: Optional[torch.optim.Adam] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.ExponentialLR] = None
-        if family is not None:
-            self.family_params = family.init_params()
-        else:
-            self.optim = torch.optim.Adam(self.global_guide.parameters(), lr=lr)
-            self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optim, gamma=lr_decay)
-
-    def _family(self) -> ClosedFormFamily:
-        """The closed-form family (refused in gradient mode)."""
-        if self.family is None:
-            raise RuntimeError("a gradient-mode server has no closed-form family")
-        return self.family
-
-    def closed_form_params(self) -> Dict[str, torch.Tensor]:
-        """The closed-form family's parameters of q(phi) (refused in gradient mode)."""
-        if self.family_params is None:
-            raise RuntimeError("a gradient-mode server has no family parameters")
-        return self.family_params
-
-    def _optimiser(self) -> Tuple[torch.optim.Adam, torch.optim.lr_scheduler.ExponentialLR]:
-        """The gradient mode's Adam and its decay (refused in closed-form mode)."""
-        if self.optim is None or self.scheduler is None:
-            raise RuntimeError("a closed-form server has no optimiser")
-        return self.optim, self.scheduler
 
     # ------------------------------------------------------------------ configure
     def message(self, server_round: int, client: str) -> Dict:
@@ -161,18 +153,12 @@ class Server(ServerStrategy):
             "mode": self.mode,
             "seed": derive_seed(self.seed, server_round, client),
         }
-        if self.family is not None:
-            msg["family_params"] = {
-                k: v.detach().clone() for k, v in self.closed_form_params().items()
-            }
-        else:
-            # The guide's state dict is collected once per round (walking the module is the
-            # costly part with many clients); every client still gets its own copy.
-            if self._round_state is None or self._round_state[0] != server_round:
-                state = {k: v.detach() for k, v in self.global_guide.state_dict().items()}
-                self._round_state = (server_round, state)
-            msg["global_params"] = {k: v.clone() for k, v in self._round_state[1].items()}
+        msg.update(self._message_params(server_round))
         return msg
+
+    def _message_params(self, server_round: int) -> Dict:
+        """The mode's part of a message: ``q(phi)``'s parameters."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ aggregate
     def aggregate(
@@ -225,47 +211,7 @@ class Server(ServerStrategy):
             seed = self.dp.noise_seed(self.seed, server_round)
             noisy = self.dp.noisy_sum([r[key] for r in pool.values()], seed)
             self.dp_releases += 1
-        if self.family is not None:
-            keys = next(iter(pool.values()))["stats"].keys()
-            if noisy is not None:
-                sums = {k: scale * noisy[k] for k in keys}
-            else:
-                sums = {k: scale * sum(r["stats"][k] for r in pool.values()) for k in keys}
-            self.family_params = self.family.server_update(sums, self.num_clients)
-            own = float(self.family.neg_kl(self.family_params))
-        else:
-            with private_params(), seeded(derive_seed(self.seed, server_round, "server")):
-                own_term = server_term(
-                    self.model,
-                    self.global_guide,
-                    self.placeholder,
-                    self.structure,
-                    self.num_particles,
-                )
-                optim, scheduler = self._optimiser()
-                optim.zero_grad()
-                (-own_term).backward()
-            for name, param in self.global_guide.named_parameters():
-                if noisy is not None:
-                    total = noisy[name]
-                else:
-                    total = sum(r["grads"][name] for r in pool.values())
-                param.grad = param.grad + scale * total if param.grad is not None else scale * total
-            bad = [
-                n for n, p in self.global_guide.named_parameters() if not p.grad.isfinite().all()
-            ]
-            if bad:
-                # Refuse the step: q(phi) and the optimiser stay as they were after the last
-                # good round, so the run can be checkpointed or continued with other settings.
-                raise FloatingPointError(
-                    f"round {server_round}: the gradient of the ELBO with respect to q(phi)'s "
-                    f"{', '.join(repr(n) for n in bad)} is NaN or Inf (the fit is diverging); "
-                    "q(phi) was left at its last good value. Lower server_lr / local_lr, add "
-                    "particles, or use a simpler global guide"
-                )
-            optim.step()
-            scheduler.step()
-            own = float(own_term.detach())
+        own = self._update(server_round, pool, scale, noisy)
         record["updated"] = True
         record["elbo"] = own + client_elbo
         if self.dp is not None:
@@ -274,16 +220,129 @@ class Server(ServerStrategy):
             record["delta"] = self.dp.delta
         return record
 
+    def _update(self, server_round: int, pool: Dict[str, Dict], scale: float, noisy) -> float:
+        """Update ``q(phi)`` from the pooled replies (times ``scale``; ``noisy``: their
+        noised sum under DP); returns the server's own ELBO term."""
+        raise NotImplementedError
+
+    def halve_step(self) -> bool:
+        """Halve the server's step size (the stopping rule's answer to a plateau:
+        :mod:`hbfl_pyro.convergence`); ``False`` where there is none (closed form)."""
+        return False
+
+    def _expected_reply(self) -> Tuple[Dict[str, torch.Size], str]:
+        """The names and shapes a good reply carries, and under which key."""
+        raise NotImplementedError
+
+    def _dp_problem(self, reply: Dict, key: str) -> Optional[str]:
+        """Under DP, the public ``count`` of a closed-form reply must be exactly 1 (it is
+        neither clipped nor noised); checked here so that such a reply is left out with a
+        warning naming the client, before it could enter the stale pool."""
+        if self.dp is None or key != "stats" or "count" not in reply[key]:
+            return None
+        if not bool((reply[key]["count"] == 1).all()):
+            return "its public 'count' is not 1, which differential privacy requires"
+        return None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict:
+        """A snapshot of the server's state (copies: later rounds do not change it)."""
+        state: Dict[str, Any] = {"mode": self.mode, "stale": copy.deepcopy(self.stale)}
+        if self.dp is not None:
+            state["dp_releases"] = self.dp_releases
+            state["dp_accounting"] = (float(self.dp.noise_multiplier), self.dp.accountant)
+        state.update(self._mode_state())
+        return state
+
+    def _mode_state(self) -> Dict[str, Any]:
+        """The mode's part of :meth:`state_dict` (copies)."""
+        raise NotImplementedError
+
+    def _global_params(self) -> Tuple[str, Dict[str, torch.Tensor]]:
+        """``(state key, tensors)`` of ``q(phi)``'s parameters, for :meth:`check_state`."""
+        raise NotImplementedError
+
+    def check_state(self, state: Dict) -> None:
+        """Raise ``ValueError`` unless ``state`` was written by a server like this one."""
+        if state.get("mode") != self.mode:
+            raise ValueError(
+                f"the checkpoint is of a {state.get('mode')!r}-mode server; this run's server "
+                f"is in {self.mode!r} mode"
+            )
+        if self.dp is not None and "dp_releases" not in state:
+            raise ValueError(
+                "the checkpoint is of a run without differential privacy: its rounds were "
+                "released without noise, so no epsilon holds for a continuation; start afresh"
+            )
+        if self.dp is not None and "dp_accounting" in state:
+            z, accountant = state["dp_accounting"]
+            if (z, accountant) != (float(self.dp.noise_multiplier), self.dp.accountant):
+                raise ValueError(
+                    f"the checkpoint's rounds ran with noise multiplier {z:g} ({accountant} "
+                    f"accountant); this run's DPConfig has {self.dp.noise_multiplier:g} "
+                    f"({self.dp.accountant}): epsilon would be misreported. Resume with the "
+                    "same DPConfig, or start a new run"
+                )
+        key, params = self._global_params()
+        want = {k: tuple(v.shape) for k, v in params.items()}
+        got = {k: tuple(v.shape) for k, v in state[key].items()}
+        if want != got:
+            raise ValueError(
+                f"the checkpoint's global parameters {got} differ from this run's {want}"
+            )
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.check_state(state)
+        self._round_state = None
+        self.stale = copy.deepcopy(state["stale"])
+        self.dp_releases = state.get("dp_releases", 0)
+        self._load_mode_state(state)
+
+    def _load_mode_state(self, state: Dict) -> None:
+        raise NotImplementedError
+
+
+class ClosedFormServer(Server):
+    """Closed-form mode: a :class:`~hbfl_pyro.families.base.ClosedFormFamily` solves the
+    server block exactly from the sum of the clients' summaries (see :class:`Server`)."""
+
+    mode = "closed_form"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.family_params = self._family().init_params()
+
+    def _family(self) -> ClosedFormFamily:
+        """The closed-form family (refused in gradient mode)."""
+        if self.family is None:
+            raise RuntimeError("a gradient-mode server has no closed-form family")
+        return self.family
+
+    def closed_form_params(self) -> Dict[str, torch.Tensor]:
+        """The closed-form family's parameters of q(phi) (refused in gradient mode)."""
+        if self.family_params is None:
+            raise RuntimeError("a gradient-mode server has no family parameters")
+        return self.family_params
+
+    def _message_params(self, server_round: int) -> Dict:
+        return {
+            "family_params": {k: v.detach().clone() for k, v in self.closed_form_params().items()}
+        }
+
+    def _update(self, server_round: int, pool: Dict[str, Dict], scale: float, noisy) -> float:
+        keys = next(iter(pool.values()))["stats"].keys()
+        if noisy is not None:
+            sums = {k: scale * noisy[k] for k in keys}
+        else:
+            sums = {k: scale * sum(r["stats"][k] for r in pool.values()) for k in keys}
+        family = self._family()
+        self.family_params = family.server_update(sums, self.num_clients)
+        return float(family.neg_kl(self.family_params))
+
     def sum_layout(self, server_round: int) -> Dict[str, Tuple[int, ...]]:
         """Closed form: the clients' summaries (``stats/<key>``) are all the update needs
         of them (see :meth:`~hbfl_pyro.servers.base.ServerStrategy.sum_layout`); refused in
-        gradient mode, under DP, and with stale participation of a sampled fraction."""
-        if self.family is None:
-            raise NotImplementedError(
-                "secure aggregation runs the closed-form server, not gradient mode (its Adam "
-                "step would need its own error analysis); use a closed-form family "
-                "(server='closed_form') or the second-order server"
-            )
+        differential privacy and with stale participation of a sampled fraction."""
         if self.dp is not None:
             raise NotImplementedError(
                 "secure aggregation with differential privacy (dp=) is not supported yet: "
@@ -339,34 +398,17 @@ class Server(ServerStrategy):
         record["elbo"] = own + scale * float(total["elbo"])
         return record
 
-    def halve_step(self) -> bool:
-        """Halve the gradient server's step size (the stopping rule's answer to a plateau:
-        :mod:`hbfl_pyro.convergence`); ``False`` in closed-form mode, which has none."""
-        if self.optim is None:
-            return False
-        for group in self.optim.param_groups:
-            group["lr"] *= 0.5
-        return True
-
-    def _dp_problem(self, reply: Dict, key: str) -> Optional[str]:
-        """Under DP, the public ``count`` of a closed-form reply must be exactly 1 (it is
-        neither clipped nor noised); checked here so that such a reply is left out with a
-        warning naming the client, before it could enter the stale pool."""
-        if self.dp is None or key != "stats" or "count" not in reply[key]:
-            return None
-        if not bool((reply[key]["count"] == 1).all()):
-            return "its public 'count' is not 1, which differential privacy requires"
-        return None
-
     def _expected_reply(self):
-        """The names and shapes a good reply carries (gradients or summaries)."""
-        if self.family is None:
-            return {k: p.shape for k, p in self.global_guide.named_parameters()}, "grads"
+        """A summary of ``q_i``'s moments (the family's ``client_summary``)."""
         if not hasattr(self, "_summary_shapes"):
             # The shapes of one client's summary, worked out from the schema alone.
             zeros = torch.zeros(self._local_dim())
-            cov = torch.zeros(len(zeros), len(zeros)) if self.family.covariance == "full" else zeros
-            summary = self.family.client_summary(zeros, cov)
+            cov = (
+                torch.zeros(len(zeros), len(zeros))
+                if self._family().covariance == "full"
+                else zeros
+            )
+            summary = self._family().client_summary(zeros, cov)
             self._summary_shapes = {k: v.shape for k, v in summary.items()}
         return self._summary_shapes, "stats"
 
@@ -378,66 +420,115 @@ class Server(ServerStrategy):
         value, event_dim = site_value(site), site_distribution(site).event_dim
         return int(torch.Size(value.shape[value.dim() - event_dim :]).numel())
 
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> Dict:
-        """A snapshot of the server's state (copies: later rounds do not change it)."""
-        state: Dict[str, Any] = {"mode": self.mode, "stale": copy.deepcopy(self.stale)}
-        if self.dp is not None:
-            state["dp_releases"] = self.dp_releases
-            state["dp_accounting"] = (float(self.dp.noise_multiplier), self.dp.accountant)
-        if self.family is not None:
-            state["family_params"] = {k: v.clone() for k, v in self.closed_form_params().items()}
-        else:
-            state["global_guide"] = {
-                k: v.detach().clone() for k, v in self.global_guide.state_dict().items()
-            }
-            optim, scheduler = self._optimiser()
-            state["optim"] = copy.deepcopy(optim.state_dict())
-            state["scheduler"] = copy.deepcopy(scheduler.state_dict())
-        return state
+    def _mode_state(self) -> Dict[str, Any]:
+        return {"family_params": {k: v.clone() for k, v in self.closed_form_params().items()}}
 
-    def check_state(self, state: Dict) -> None:
-        """Raise ``ValueError`` unless ``state`` was written by a server like this one."""
-        if state.get("mode") != self.mode:
-            raise ValueError(
-                f"the checkpoint is of a {state.get('mode')!r}-mode server; this run's server "
-                f"is in {self.mode!r} mode"
+    def _global_params(self) -> Tuple[str, Dict[str, torch.Tensor]]:
+        return "family_params", self.closed_form_params()
+
+    def _load_mode_state(self, state: Dict) -> None:
+        self.family_params = {k: v.clone() for k, v in state["family_params"].items()}
+
+
+class GradientServer(Server):
+    """Gradient mode: any guide of the global sites; the server adds the gradient of its
+    own term ``E_q[log p(phi) - log q(phi)]`` to the clients' and takes an Adam step (see
+    :class:`Server`)."""
+
+    mode = "gradient"
+
+    def __init__(self, *args, lr: float = 0.05, lr_decay: float = 1.0, **kwargs):
+        super().__init__(*args, lr=lr, lr_decay=lr_decay, **kwargs)
+        self.optim = torch.optim.Adam(self.global_guide.parameters(), lr=lr)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optim, gamma=lr_decay)
+
+    def _optimiser(self) -> Tuple[torch.optim.Adam, torch.optim.lr_scheduler.ExponentialLR]:
+        """The gradient mode's Adam and its decay (refused in closed-form mode)."""
+        if self.optim is None or self.scheduler is None:
+            raise RuntimeError("a closed-form server has no optimiser")
+        return self.optim, self.scheduler
+
+    def _message_params(self, server_round: int) -> Dict:
+        # The guide's state dict is collected once per round (walking the module is the
+        # costly part with many clients); every client still gets its own copy.
+        if self._round_state is None or self._round_state[0] != server_round:
+            state = {k: v.detach() for k, v in self.global_guide.state_dict().items()}
+            self._round_state = (server_round, state)
+        return {"global_params": {k: v.clone() for k, v in self._round_state[1].items()}}
+
+    def _update(self, server_round: int, pool: Dict[str, Dict], scale: float, noisy) -> float:
+        with private_params(), seeded(derive_seed(self.seed, server_round, "server")):
+            own_term = server_term(
+                self.model,
+                self.global_guide,
+                self.placeholder,
+                self.structure,
+                self.num_particles,
             )
-        if self.dp is not None and "dp_releases" not in state:
-            raise ValueError(
-                "the checkpoint is of a run without differential privacy: its rounds were "
-                "released without noise, so no epsilon holds for a continuation; start afresh"
+            optim, scheduler = self._optimiser()
+            optim.zero_grad()
+            (-own_term).backward()
+        for name, param in self.global_guide.named_parameters():
+            if noisy is not None:
+                total = noisy[name]
+            else:
+                total = sum(r["grads"][name] for r in pool.values())
+            param.grad = param.grad + scale * total if param.grad is not None else scale * total
+        bad = [n for n, p in self.global_guide.named_parameters() if not p.grad.isfinite().all()]
+        if bad:
+            # Refuse the step: q(phi) and the optimiser stay as they were after the last
+            # good round, so the run can be checkpointed or continued with other settings.
+            raise FloatingPointError(
+                f"round {server_round}: the gradient of the ELBO with respect to q(phi)'s "
+                f"{', '.join(repr(n) for n in bad)} is NaN or Inf (the fit is diverging); "
+                "q(phi) was left at its last good value. Lower server_lr / local_lr, add "
+                "particles, or use a simpler global guide"
             )
-        if self.dp is not None and "dp_accounting" in state:
-            z, accountant = state["dp_accounting"]
-            if (z, accountant) != (float(self.dp.noise_multiplier), self.dp.accountant):
-                raise ValueError(
-                    f"the checkpoint's rounds ran with noise multiplier {z:g} ({accountant} "
-                    f"accountant); this run's DPConfig has {self.dp.noise_multiplier:g} "
-                    f"({self.dp.accountant}): epsilon would be misreported. Resume with the "
-                    "same DPConfig, or start a new run"
-                )
-        params = (
-            self.closed_form_params() if self.family is not None else self.global_guide.state_dict()
+        optim.step()
+        scheduler.step()
+        return float(own_term.detach())
+
+    def halve_step(self) -> bool:
+        """Halve the server's Adam step size (the stopping rule's answer to a plateau:
+        :mod:`hbfl_pyro.convergence`)."""
+        optim, _ = self._optimiser()
+        for group in optim.param_groups:
+            group["lr"] *= 0.5
+        return True
+
+    def sum_layout(self, server_round: int) -> Dict[str, Tuple[int, ...]]:
+        """Refused: gradients are sums too, but their scale is unknown in advance, so no
+        public bound for secure aggregation's quantisation holds, and the Adam step would
+        need its own error analysis."""
+        raise NotImplementedError(
+            "secure aggregation runs the closed-form and second-order servers, not gradient "
+            "mode (no public bound on the gradients); use a closed-form family "
+            "(server='closed_form') or the second-order server"
         )
-        key = "family_params" if self.family is not None else "global_guide"
-        want = {k: tuple(v.shape) for k, v in params.items()}
-        got = {k: tuple(v.shape) for k, v in state[key].items()}
-        if want != got:
-            raise ValueError(
-                f"the checkpoint's global parameters {got} differ from this run's {want}"
-            )
 
-    def load_state_dict(self, state: Dict) -> None:
-        self.check_state(state)
-        self._round_state = None
-        self.stale = copy.deepcopy(state["stale"])
-        self.dp_releases = state.get("dp_releases", 0)
-        if self.family is not None:
-            self.family_params = {k: v.clone() for k, v in state["family_params"].items()}
-        else:
-            with private_params():
-                self.global_guide.load_state_dict(state["global_guide"])
-            optim, scheduler = self._optimiser()
-            optim.load_state_dict(copy.deepcopy(state["optim"]))
-            scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
+    def _expected_reply(self):
+        """Gradients of the client's term with respect to ``q(phi)``'s parameters."""
+        return {k: p.shape for k, p in self.global_guide.named_parameters()}, "grads"
+
+    def _mode_state(self) -> Dict[str, Any]:
+        optim, scheduler = self._optimiser()
+        return {
+            "global_guide": {
+                k: v.detach().clone() for k, v in self.global_guide.state_dict().items()
+            },
+            "optim": copy.deepcopy(optim.state_dict()),
+            "scheduler": copy.deepcopy(scheduler.state_dict()),
+        }
+
+    def _global_params(self) -> Tuple[str, Dict[str, torch.Tensor]]:
+        return "global_guide", self.global_guide.state_dict()
+
+    def _load_mode_state(self, state: Dict) -> None:
+        with private_params():
+            self.global_guide.load_state_dict(state["global_guide"])
+        optim, scheduler = self._optimiser()
+        optim.load_state_dict(copy.deepcopy(state["optim"]))
+        scheduler.load_state_dict(copy.deepcopy(state["scheduler"]))
+
+
+__all__ = ["ClientFailureWarning", "ClosedFormServer", "GradientServer", "Server"]

@@ -46,7 +46,7 @@ from .options import RUN as RUN_OPTIONS
 from .options import check as check_options
 from .psis_check import moments_close, psis_check
 from .seeding import derive_seed, seeded
-from .server import Server
+from .server import ClosedFormServer, Server
 from .server_choice import MAX_SECOND_ORDER_DIM, choose_family, choose_server  # noqa: F401 (public here too)
 from .servers.second_order import DEFAULT_LOCAL_DRAWS, ConvergenceWarning, SecondOrderServer
 from .structure import ModelStructure, discover_structure, site_value
@@ -615,7 +615,7 @@ class FederatedSVI:
         total = 0.0
         for name, client in clients.items():
             total += client.elbo(server.message(seed_round, name), num_particles)
-        if self.family is not None:
+        if isinstance(server, ClosedFormServer) and self.family is not None:
             return total + float(self.family.neg_kl(server.closed_form_params()))
         with private_params(), torch.no_grad():
             own = server_term(
@@ -637,7 +637,7 @@ class FederatedSVI:
             z = self.server.global_draws(num_samples, derive_seed(self.seed, "draws"))
             return self.layout.constrain_draws(z)
         server, _ = self._first_order_parts()
-        if self.family is not None:
+        if isinstance(server, ClosedFormServer) and self.family is not None:
             return self.family.sample_posterior(server.closed_form_params(), num_samples)
         return _draw(server.global_guide, server.placeholder, self.structure, num_samples, None)
 
