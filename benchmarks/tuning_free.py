@@ -184,7 +184,7 @@ def pooled_svi(fit, rows, draws, seed):
     of the latent sites; and the federated-vs-pooled difference in pooled sd."""
     from pyro.infer.autoguide import AutoMultivariateNormal, init_to_feasible
 
-    from hbfl_pyro.compare import _moments, _pooled_draws, _predictive, _site_layout
+    from hbfl_pyro.compare import element_moments, pooled_draws, predictive_draws, site_layout
     from hbfl_pyro.pooled import fit_pooled_svi, pooled_elbo
     from hbfl_pyro.seeding import derive_seed
 
@@ -202,10 +202,12 @@ def pooled_svi(fit, rows, draws, seed):
     losses, phases = _plateau_svi(model, guide, batch, derive_seed(seed, "pooled svi"))
     seconds = time.perf_counter() - start
     latent = list(structure.global_sites) + list(structure.local_sites)
-    layout = {s: v for s, v in _site_layout(model, batch, structure).items() if s in latent}
-    samples = _predictive(model, batch, latent, draws, derive_seed(seed, "svi draws"), guide=guide)
+    layout = {s: v for s, v in site_layout(model, batch, structure).items() if s in latent}
+    samples = predictive_draws(
+        model, batch, latent, draws, derive_seed(seed, "svi draws"), guide=guide
+    )
     per_client = {s: tuple(fit.data.names) for s, (pc, _) in layout.items() if pc}
-    moments = _moments(_pooled_draws(samples, layout, structure.plate_dim), per_client)
+    moments = element_moments(pooled_draws(samples, layout, structure.plate_dim), per_client)
     elbo = pooled_elbo(
         model, guide, fit.data, POOLED_SVI["elbo_particles"], seed=derive_seed(seed, "elbo")
     )

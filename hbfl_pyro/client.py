@@ -181,6 +181,21 @@ class Client:
         self.updates = 0  # rounds this client has taken part in
 
     @property
+    def model(self) -> Callable:
+        """The shared Pyro model."""
+        return self._model
+
+    @property
+    def structure(self) -> ModelStructure:
+        """The model's site roles."""
+        return self._structure
+
+    @property
+    def family(self) -> Optional[ClosedFormFamily]:
+        """The closed-form family of the server, or ``None`` (gradient mode)."""
+        return self._family
+
+    @property
     def batch(self):
         """This client's own data, collated as the model receives it (one client)."""
         return self._batch

@@ -25,7 +25,7 @@ from .guides import private_params
 from .replay import batched_or_looped, client_values
 from .seeding import derive_seed, seeded
 from .structure import ModelStructure, site_distribution, site_value
-from .summary import _drop_broadcast_dims
+from .summary import drop_broadcast_dims
 
 
 def inner_plates(site, structure: ModelStructure) -> List[str]:
@@ -94,7 +94,7 @@ def evaluate_client(
         >>> fit = FederatedSVI(model, {"a": {"y": torch.tensor(1.0)},
         ...                            "b": {"y": torch.tensor(2.0)}})
         >>> g, loc = fit.global_samples(50), fit.local_samples(50)
-        >>> out = evaluate_client(fit.model, fit.structure, fit.clients["a"]._batch, g,
+        >>> out = evaluate_client(fit.model, fit.structure, fit.clients["a"].batch, g,
         ...                       {s: v[:, 0] for s, v in loc.items()}, seed=0)
         >>> out["log_likelihood"]["y"].shape, out["posterior_predictive"]["y"].shape
         (torch.Size([50]), torch.Size([50]))
@@ -203,8 +203,8 @@ def _evaluate(
                 log_lik = log_p if pointwise else log_p.sum(-1)
             else:
                 log_lik = log_p.reshape(num_samples, -1).sum(-1)
-                replicated = _drop_broadcast_dims(replicated, 1, event_dim)
-                observed = _drop_broadcast_dims(observed[None], 1, event_dim)[0]
+                replicated = drop_broadcast_dims(replicated, 1, event_dim)
+                observed = drop_broadcast_dims(observed[None], 1, event_dim)[0]
             out["log_likelihood"][name] = log_lik
             out["posterior_predictive"][name] = replicated
             if pointwise:

@@ -47,11 +47,11 @@ from .guides.base import builds_itself, is_conditional
 from .guides.joint import JointGuide
 from .pooled import pooled_elbo, svi_steps
 from .seeding import derive_seed, seeded
-from .summary import _drop_broadcast_dims, _index, deterministic_samples
+from .summary import deterministic_samples, drop_broadcast_dims, element_index
 
 
 # ---------------------------------------------------------------------------- site layout
-def _site_layout(model, batch, structure) -> Dict[str, Tuple[bool, int]]:
+def site_layout(model, batch, structure) -> Dict[str, Tuple[bool, int]]:
     """``{site: (per_client, event_dim)}`` for the global, local and per-client deterministic
     sites of the model (per-observation deterministic sites are left out)."""
     with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False), private_params():
@@ -74,7 +74,7 @@ def _site_layout(model, batch, structure) -> Dict[str, Tuple[bool, int]]:
     return layout
 
 
-def _pooled_draws(samples, layout, plate_dim: int) -> Dict[str, torch.Tensor]:
+def pooled_draws(samples, layout, plate_dim: int) -> Dict[str, torch.Tensor]:
     """Draws ``{site: (n, *pooled value shape)}`` to ``(n, [clients,] *shape)``."""
     out = {}
     for site, (per_client, event_dim) in layout.items():
@@ -84,9 +84,9 @@ def _pooled_draws(samples, layout, plate_dim: int) -> Dict[str, torch.Tensor]:
         if per_client:
             axis = value.dim() - event_dim + plate_dim
             value = value.movedim(axis, 1)
-            out[site] = _drop_broadcast_dims(value, 2, event_dim)
+            out[site] = drop_broadcast_dims(value, 2, event_dim)
         else:
-            out[site] = _drop_broadcast_dims(value, 1, event_dim)
+            out[site] = drop_broadcast_dims(value, 1, event_dim)
     return out
 
 
@@ -99,14 +99,14 @@ def _federated_draws(fit, layout, num_samples: int, seed: int) -> Dict[str, torc
         det_sites = [s for s in structure.deterministic_sites if s in layout]
         det = {}
         if det_sites:
-            batches = {name: fit.clients[name]._batch for name in fit.data.names}
+            batches = {name: fit.clients[name].batch for name in fit.data.names}
             det = deterministic_samples(fit.model, batches, g, q, structure, sites=det_sites)
     out = {}
     for site, (per_client, event_dim) in layout.items():
         if site in g:
-            out[site] = _drop_broadcast_dims(g[site], 1, event_dim)
+            out[site] = drop_broadcast_dims(g[site], 1, event_dim)
         elif site in q:
-            out[site] = _drop_broadcast_dims(q[site], 2, event_dim)
+            out[site] = drop_broadcast_dims(q[site], 2, event_dim)
         elif site in det:
             per = det[site]
             if per_client:
@@ -116,7 +116,7 @@ def _federated_draws(fit, layout, num_samples: int, seed: int) -> Dict[str, torc
     return out
 
 
-def _moments(draws: Dict[str, torch.Tensor], per_client) -> Dict[Key, Tuple[float, float]]:
+def element_moments(draws: Dict[str, torch.Tensor], per_client) -> Dict[Key, Tuple[float, float]]:
     out = {}
     for site, value in draws.items():
         value = value.to(torch.float64)
@@ -129,7 +129,7 @@ def _moments(draws: Dict[str, torch.Tensor], per_client) -> Dict[Key, Tuple[floa
             flat = v.reshape(v.shape[0], -1)
             mean, sd = flat.mean(0), flat.std(0)
             for j in range(flat.shape[1]):
-                out[site, client, _index(j, shape)] = (float(mean[j]), float(sd[j]))
+                out[site, client, element_index(j, shape)] = (float(mean[j]), float(sd[j]))
     return out
 
 
@@ -181,14 +181,14 @@ def reference_rows(summary, keys: Sequence[Key], clients: Sequence[str]) -> Dict
                 means, sds = means.reshape(len(clients), -1), sds.reshape(len(clients), -1)
                 shape = tuple(torch.as_tensor(entry["mean"]).shape[1:])
                 candidates = [
-                    ((site, c, _index(e, shape)), means[i, e], sds[i, e])
+                    ((site, c, element_index(e, shape)), means[i, e], sds[i, e])
                     for i, c in enumerate(clients)
                     for e in range(means.shape[1])
                 ]
             else:
                 shape = tuple(means.shape)
                 candidates = [
-                    ((site, "", _index(e, shape)), m, s)
+                    ((site, "", element_index(e, shape)), m, s)
                     for e, (m, s) in enumerate(zip(means.reshape(-1), sds.reshape(-1)))
                 ]
         for key, mean, sd in candidates:
@@ -261,7 +261,7 @@ def pooled_guide(fit, global_guide=None, local_guide=None) -> JointGuide:
         return JointGuide(g, q)
 
 
-def _predictive(model, batch, sites, num_samples, seed, chunk=500, **kwargs):
+def predictive_draws(model, batch, sites, num_samples, seed, chunk=500, **kwargs):
     """Predictive draws of ``sites``, ``chunk`` draws at a time: Predictive also draws the
     observed sites, ``(draws, *data shape)``, which would not fit in memory all at once."""
     posterior = kwargs.pop("posterior_samples", None)
@@ -371,7 +371,7 @@ def compare_pooled(
     model, structure, data = fit.model, fit.structure, fit.data
     batch = data.collate()
     clients = tuple(data.names)
-    layout = _site_layout(model, batch, structure)
+    layout = site_layout(model, batch, structure)
     per_client = {s: clients for s, (pc, _) in layout.items() if pc}
     latent = [s for s in structure.global_sites + structure.local_sites]
     det = [s for s in structure.deterministic_sites if s in layout]
@@ -414,10 +414,10 @@ def compare_pooled(
             before_step=_recentring(guide, structure, batch, seed),
         )
         timings[POOLED_SVI] = time.perf_counter() - start
-        samples = _predictive(
+        samples = predictive_draws(
             model, batch, latent + det, num_samples, derive_seed(seed, "svi draws"), guide=guide
         )
-        draws[POOLED_SVI] = _pooled_draws(samples, layout, structure.plate_dim)
+        draws[POOLED_SVI] = pooled_draws(samples, layout, structure.plate_dim)
         elbo[POOLED_SVI] = pooled_elbo(
             model, guide, data, elbo_particles, seed=derive_seed(seed, "pooled elbo")
         )
@@ -450,7 +450,7 @@ def compare_pooled(
         samples = dict(mcmc.get_samples())
         if det:
             samples.update(
-                _predictive(
+                predictive_draws(
                     model,
                     batch,
                     det,
@@ -459,11 +459,11 @@ def compare_pooled(
                     posterior_samples=samples,
                 )
             )
-        draws[NUTS_KEY] = _pooled_draws(samples, layout, structure.plate_dim)
+        draws[NUTS_KEY] = pooled_draws(samples, layout, structure.plate_dim)
         diagnostics = _nuts_diagnostics(mcmc)
         settings.update({f"NUTS {k}": v for k, v in nuts_settings.items()})
 
-    moments = {m: _moments(d, per_client) for m, d in draws.items()}
+    moments = {m: element_moments(d, per_client) for m, d in draws.items()}
     keys = list(moments[FEDERATED])
     methods = list(draws)
     ref_name = None

@@ -233,7 +233,7 @@ class Comparison:
         """
         import arviz as az
 
-        from .report import _figure
+        from .report import new_figure
 
         idatas = self.to_inference_data()
         names = list(idatas)
@@ -246,7 +246,7 @@ class Comparison:
             if site in self.per_client:
                 shape[0] = min(shape[0], max_clients)
             rows += math.prod(shape)
-        fig = _figure(8.0, min(max(3.0, 0.3 * rows * 1.2 + 1.5), 80.0))
+        fig = new_figure(8.0, min(max(3.0, 0.3 * rows * 1.2 + 1.5), 80.0))
         ax = fig.add_subplot()
         az.plot_forest(
             [idatas[n] for n in names],

@@ -59,7 +59,7 @@ from .client_export import (
 from .guides import private_params
 from .seeding import derive_seed
 from .structure import ModelStructure
-from .summary import _drop_broadcast_dims, deterministic_samples
+from .summary import deterministic_samples, drop_broadcast_dims
 
 CHAIN_DRAW = ("chain", "draw")
 CLIENT_DIM = "client"
@@ -140,7 +140,7 @@ def _build(fit, num_samples: int, seed: int, pointwise: bool, marginal_draws: in
     structure: ModelStructure = fit.structure
     names = list(fit.data.names)
     event_dims = dict(structure.event_dims)
-    batches = {name: fit.clients[name]._batch for name in names}
+    batches = {name: fit.clients[name].batch for name in names}
     # The same draws as posterior_summary(fit, num_samples, seed), so the exported
     # posterior and summary.csv agree exactly.
     with torch.random.fork_rng():
@@ -167,10 +167,10 @@ def _build(fit, num_samples: int, seed: int, pointwise: bool, marginal_draws: in
 
     posterior = _Group()
     for site in structure.global_sites:
-        draws = _np(_drop_broadcast_dims(global_draws[site], 1, event_dims.get(site, 0)))
+        draws = _np(drop_broadcast_dims(global_draws[site], 1, event_dims.get(site, 0)))
         posterior.add(site, _chains(draws), _default_dims(site, draws.shape[1:]))
     for site in structure.local_sites:
-        draws = _np(_drop_broadcast_dims(local_draws[site], 2, event_dims.get(site, 0)))
+        draws = _np(drop_broadcast_dims(local_draws[site], 2, event_dims.get(site, 0)))
         posterior.add(site, _chains(draws), [CLIENT_DIM] + _default_dims(site, draws.shape[2:]))
     inside = _deterministic_layout(fit, batches[names[0]], global_draws, local_draws)
     for site, per_client in det.items():
@@ -455,7 +455,7 @@ def client_log_likelihood(idata, var_name: Optional[str] = None):
     return total.transpose(*CHAIN_DRAW, CLIENT_DIM).rename("client_log_likelihood")
 
 
-def _client_loo_data(idata, var_name: Optional[str]):
+def client_loo_data(idata, var_name: Optional[str]):
     import arviz as az
 
     ll = client_log_likelihood(idata, var_name)
@@ -501,8 +501,8 @@ def compare_clients_loo(
             f"{sorted(set(clients_b) - set(clients_a))}); leave-one-client-out compares "
             "models fitted to the same clients"
         )
-    a = _client_loo_data(idata_a, var_name)
-    b = _client_loo_data(idata_b, var_name)
+    a = client_loo_data(idata_a, var_name)
+    b = client_loo_data(idata_b, var_name)
     # Same client order in both, so az.compare pairs each client's elpd correctly.
     b.log_likelihood = b.log_likelihood.sel({CLIENT_DIM: clients_a})
     with warnings.catch_warnings():

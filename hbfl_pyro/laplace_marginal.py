@@ -647,9 +647,9 @@ class MarginalClient:
         importance-sampled likelihood when the message asks for ``local_draws``."""
         draws, local_draws = message["draws"], message.get("local_draws", 0)
         noise = psis_noise(message, self.marginal.size) if local_draws else None
-        return self.marginal.values(draws, self.start, self.centre, self._slope(), noise)
+        return self.marginal.values(draws, self.start, self.centre, self.slope_at_centre(), noise)
 
-    def _slope(self):
+    def slope_at_centre(self):
         """Where this client's modes move with the globals, at its last Newton round's
         globals (computed once, when the draws first need it)."""
         if self.slope is None and self.centre is not None:
@@ -663,7 +663,7 @@ class MarginalClient:
         (see :meth:`LaplaceMarginal.sample_locals`)."""
         gen = torch.Generator().manual_seed(seed)
         return self.marginal.sample_locals(
-            z, self.start, gen, self.centre, self._slope(), local_draws
+            z, self.start, gen, self.centre, self.slope_at_centre(), local_draws
         )
 
     def state_dict(self) -> Dict:

@@ -191,7 +191,7 @@ class Personalised:
         if self.structure.deterministic_sites:
             local = {site: v.unsqueeze(1) for site, v in draws.items()}
             found = deterministic_samples(
-                self.fit.model, {self.name: self.client._batch}, global_draws, local, self.structure
+                self.fit.model, {self.name: self.client.batch}, global_draws, local, self.structure
             )
             for site, per_client in found.items():
                 if self.name in per_client:  # sites inside the clients plate only
@@ -200,18 +200,16 @@ class Personalised:
 
     def _first_order_draws(self, num_samples: int, seed: int):
         """Draws of ``q(phi)`` and of the new client's ``q(theta_new)`` paired with them."""
-        from .svi import _draw, _particle_shaped
+        from .svi import draw_from_guide, particle_shaped
 
         guide = self.client.local_guide
         with seeded(seed):
             global_draws = self.fit.global_samples(num_samples)
             if is_conditional(guide):
-                values = {
-                    n: _particle_shaped(v, n, self.structure) for n, v in global_draws.items()
-                }
+                values = {n: particle_shaped(v, n, self.structure) for n, v in global_draws.items()}
                 guide = partial(guide, globals=values)
-            draws = _draw(
-                guide, self.client._batch, self.structure, num_samples, self.structure.plate
+            draws = draw_from_guide(
+                guide, self.client.batch, self.structure, num_samples, self.structure.plate
             )
         return global_draws, draws
 
@@ -385,7 +383,9 @@ def _personalise_second_order(fit, client_data, seed, name, local_guide, num_par
         "seed": derive_seed(seed, "personalise-elbo", name),
     }
     noise = psis_noise(message, client.marginal.size) if local_draws else None
-    log_lik = client.marginal.values(z, client.start, client.centre, client._slope(), noise)
+    log_lik = client.marginal.values(
+        z, client.start, client.centre, client.slope_at_centre(), noise
+    )
     return Personalised(name, client, fit.structure, float(log_lik.mean()), fit)
 
 

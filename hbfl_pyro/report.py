@@ -78,7 +78,7 @@ def write_netcdf(idata, path) -> Optional[Path]:
 
 
 # ---------------------------------------------------------------------------- figures
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -115,7 +115,7 @@ def plot_forest(idata, path, var_names: Optional[Sequence[str]] = None) -> Path:
         sizes = posterior[var].sizes
         shape = [sizes[d] if d not in coords else len(coords[d]) for d in sizes]
         rows += math.prod(shape[2:])  # after chain, draw
-    fig = _figure(7.0, min(max(2.5, 0.28 * rows + 1.2), 60.0))
+    fig = new_figure(7.0, min(max(2.5, 0.28 * rows + 1.2), 60.0))
     ax = fig.add_subplot()
     az.plot_forest(
         idata,
@@ -147,7 +147,7 @@ def plot_elbo(history: Sequence[Mapping], path) -> Path:
 
     rounds = [r["round"] for r in history if math.isfinite(r.get("elbo", float("nan")))]
     elbo = [r["elbo"] for r in history if math.isfinite(r.get("elbo", float("nan")))]
-    fig = _figure(9.0, 3.4)
+    fig = new_figure(9.0, 3.4)
     left, right = fig.subplots(1, 2)
     if not rounds:
         for ax in (left, right):
@@ -203,12 +203,12 @@ def _loo_line(idata) -> str:
     """Leave-one-client-out PSIS-LOO of the export, as one markdown paragraph."""
     import arviz as az
 
-    from .export import _client_loo_data
+    from .export import client_loo_data
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loo = az.loo(_client_loo_data(idata, None), pointwise=True)
+            loo = az.loo(client_loo_data(idata, None), pointwise=True)
     except Exception as exc:  # a report must not fail on a diagnostic
         return f"Leave-one-client-out PSIS-LOO could not be computed: {exc}"
     from .export import MARGINAL

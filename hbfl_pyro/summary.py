@@ -34,7 +34,7 @@ Row = Dict[str, Union[str, float]]
 
 
 # ---------------------------------------------------------------------------- draws
-def _drop_broadcast_dims(draws: torch.Tensor, lead: int, event_dim: int) -> torch.Tensor:
+def drop_broadcast_dims(draws: torch.Tensor, lead: int, event_dim: int) -> torch.Tensor:
     """Drop size-1 batch dims of ``draws`` after its first ``lead`` dims; keep event dims."""
     shape = draws.shape[lead:]
     event_dim = min(event_dim, len(shape))
@@ -79,7 +79,7 @@ def deterministic_samples(
 
     Example::
 
-        >>> draws = deterministic_samples(fit.model, {n: c._batch for n, c in fit.clients.items()},
+        >>> draws = deterministic_samples(fit.model, {n: c.batch for n, c in fit.clients.items()},
         ...                               fit.global_samples(100), fit.local_samples(100),
         ...                               fit.structure)  # doctest: +SKIP
         >>> draws["theta"]["A"].shape  # doctest: +SKIP
@@ -153,11 +153,11 @@ def _align(node, num_samples: int, nesting: int, plate_dim: int) -> Optional[tor
     if value.shape[clients_axis] != 1:
         return None
     value = value.expand((num_samples,) + tuple(value.shape[1:])).select(clients_axis, 0)
-    return _drop_broadcast_dims(value, 1, event_dim)
+    return drop_broadcast_dims(value, 1, event_dim)
 
 
 # ---------------------------------------------------------------------------- rows
-def _index(flat: int, shape) -> str:
+def element_index(flat: int, shape) -> str:
     if not shape:
         return ""
     coords = []
@@ -177,7 +177,7 @@ def _rows(site: str, client: str, draws: torch.Tensor) -> List[Row]:
         {
             "site": site,
             "client": client,
-            "index": _index(j, shape),
+            "index": element_index(j, shape),
             "mean": float(mean[j]),
             "sd": float(sd[j]),
             "q5": float(q5[j]),
@@ -223,15 +223,15 @@ def posterior_summary(
         local_draws = fit.local_samples(num_samples, global_draws=global_draws)
         det = {}
         if deterministic and structure.deterministic_sites:
-            batches = {name: fit.clients[name]._batch for name in fit.data.names}
+            batches = {name: fit.clients[name].batch for name in fit.data.names}
             det = deterministic_samples(fit.model, batches, global_draws, local_draws, structure)
     rows: List[Row] = []
     for site in structure.global_sites:
-        draws = _drop_broadcast_dims(global_draws[site], 1, event_dims.get(site, 0))
+        draws = drop_broadcast_dims(global_draws[site], 1, event_dims.get(site, 0))
         rows += _rows(site, "", draws)
     for site in structure.local_sites:
         for i, client in enumerate(fit.data.names):
-            draws = _drop_broadcast_dims(local_draws[site][:, i], 1, event_dims.get(site, 0))
+            draws = drop_broadcast_dims(local_draws[site][:, i], 1, event_dims.get(site, 0))
             rows += _rows(site, client, draws)
     for site, per_client in det.items():
         for client, draws in per_client.items():

@@ -639,7 +639,9 @@ class FederatedSVI:
         server, _ = self._first_order_parts()
         if isinstance(server, ClosedFormServer) and self.family is not None:
             return self.family.sample_posterior(server.closed_form_params(), num_samples)
-        return _draw(server.global_guide, server.placeholder, self.structure, num_samples, None)
+        return draw_from_guide(
+            server.global_guide, server.placeholder, self.structure, num_samples, None
+        )
 
     def local_samples(
         self, num_samples: int = 1000, global_draws: Optional[Dict[str, torch.Tensor]] = None
@@ -658,12 +660,12 @@ class FederatedSVI:
         values = None
         if conditional:
             draws = self.global_samples(num_samples) if global_draws is None else global_draws
-            values = {n: _particle_shaped(draws[n], n, self.structure) for n in draws}
+            values = {n: particle_shaped(draws[n], n, self.structure) for n in draws}
         per_client = []
         for c in clients.values():
             guide = partial(c.local_guide, globals=values) if conditional else c.local_guide
             per_client.append(
-                _draw(guide, c._batch, self.structure, num_samples, self.structure.plate)
+                draw_from_guide(guide, c.batch, self.structure, num_samples, self.structure.plate)
             )
         return {
             s: torch.stack([d[s] for d in per_client], dim=1) for s in self.structure.local_sites
@@ -764,7 +766,7 @@ class FederatedSVI:
         self.load_state_dict(load_checkpoint(path, self.fingerprint()))
 
 
-def _particle_shaped(draws: torch.Tensor, site: str, structure: ModelStructure) -> torch.Tensor:
+def particle_shaped(draws: torch.Tensor, site: str, structure: ModelStructure) -> torch.Tensor:
     """Global draws ``(n, *shape)`` laid out as under the particle plate (left of all plates)."""
     event_dim = structure.event_dim(site)
     shape = draws.shape[1:]
@@ -773,7 +775,9 @@ def _particle_shaped(draws: torch.Tensor, site: str, structure: ModelStructure) 
     return draws.reshape(draws.shape[:1] + (1,) * pad + shape)
 
 
-def _draw(guide, batch, structure: ModelStructure, num_samples: int, plate: Optional[str]):
+def draw_from_guide(
+    guide, batch, structure: ModelStructure, num_samples: int, plate: Optional[str]
+):
     """``num_samples`` vectorised draws of a guide's sites, without singleton plate dims.
 
     With ``plate`` given (a local guide of one client), the clients-plate axis is dropped.

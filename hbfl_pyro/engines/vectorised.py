@@ -113,7 +113,7 @@ class VectorisedEngine(InProcessEngine):
             first = self.clients[names[0]]
             with private_params():
                 self._guides[size] = build_local_guide(
-                    first._model, first._structure, batch, type(self._template)
+                    first.model, first._structure, batch, type(self._template)
                 )
         return self._guides[size]
 
@@ -137,7 +137,7 @@ class VectorisedEngine(InProcessEngine):
         batch = self._collated(names, clients)
         guide = self._batched_guide(names, batch)
         message = messages[names[0]]
-        config, structure, family = first.config, first._structure, first._family
+        config, structure, family = first.config, first.structure, first.family
         with private_params(), seeded(derive_seed(message["seed"], "vectorised")):
             params = dict(guide.named_parameters())
             stacked = [params[k] for k in self._names]
@@ -148,7 +148,7 @@ class VectorisedEngine(InProcessEngine):
             if family is None and not together:
                 for name, client in zip(names, clients):  # as Client.update does, first
                     recentre_local_guide(
-                        client.local_guide, global_guide, structure, client._batch, messages[name]
+                        client.local_guide, global_guide, structure, client.batch, messages[name]
                     )
             with torch.no_grad():
                 for j, param in enumerate(stacked):
@@ -168,7 +168,7 @@ class VectorisedEngine(InProcessEngine):
             if adam is not None:
                 for _ in range(config.steps):
                     terms = local_objective(
-                        first._model,
+                        first.model,
                         structure,
                         family,
                         message,
@@ -189,7 +189,7 @@ class VectorisedEngine(InProcessEngine):
             replies = self._replies(names, clients, message, guide, batch, global_guide)
         for client, name in zip(clients, names):
             if client.dp is not None:  # as Client.update does: clip on the client, no ELBO
-                key = "stats" if client._family is not None else "grads"
+                key = "stats" if client.family is not None else "grads"
                 reply = replies[name]
                 reply[key] = client.dp.clip_message(reply[key], f"client {name!r}")
                 reply["elbo"] = 0.0
@@ -233,7 +233,7 @@ class VectorisedEngine(InProcessEngine):
 
     def _replies(self, names, clients, message, guide, batch, global_guide) -> Dict[str, Dict]:
         first = clients[0]
-        config, structure, family = first.config, first._structure, first._family
+        config, structure, family = first.config, first.structure, first.family
         size = len(names)
         replies = {
             n: {"client": n, "round": message["round"], "num_examples": c.num_examples}
@@ -242,7 +242,7 @@ class VectorisedEngine(InProcessEngine):
 
         def terms_with(global_factor):
             return local_objective(
-                first._model, structure, family, message, global_factor, guide, batch,
+                first.model, structure, family, message, global_factor, guide, batch,
                 size, config.grad_particles, config.moment_matched,
             )  # fmt: skip
 
