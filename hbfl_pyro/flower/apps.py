@@ -42,7 +42,6 @@ simulation engine numbers its nodes ``0..N-1``).
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -51,9 +50,9 @@ import torch
 
 from .config import RUN_CONFIG_DEFAULTS, AppSpec, client_options, flag, load_spec, merged_config
 from .engine import SERVER_RECORD, FlowerEngine
-from .messaging import discover_clients, logger, send_and_receive
+from .messaging import discover_clients, send_and_receive
 from .records import decode, encode, has_tree, record_dict
-from .run import build_server, finish_run, run_result, write_history, write_result
+from .run import build_server, run_with_engine, write_result
 from .secagg import client_train, is_secagg_message, run_secagg_server
 
 #: Record prefix of the client's state in the Flower context.
@@ -279,47 +278,16 @@ class HBFLStrategy:
 
 
 def run_server(grid, config: Mapping) -> Dict:
-    """The ServerApp's work: discover the clients, then run :class:`~hbfl_pyro.FederatedSVI`'s
-    own rounds through a :class:`~hbfl_pyro.flower.engine.FlowerEngine`; returns the result.
+    """The ServerApp's work: :class:`~hbfl_pyro.FederatedSVI`'s own rounds through a
+    :class:`~hbfl_pyro.flower.engine.FlowerEngine` (:func:`~hbfl_pyro.flower.run.run_with_engine`);
+    whatever server the options choose (closed-form, gradient or second-order) runs as in
+    process: the same selection, aggregation, stopping rule and verdict."""
 
-    Whatever server the options choose (closed-form, gradient or second-order) runs as in
-    process: the same selection, aggregation, stopping rule and verdict.
-    """
-    spec = load_spec(config)
-    start = time.perf_counter()
-    names, nodes, schemas = discover_clients(grid, spec.config)
-    fit = build_server(spec, names, schemas)
-    timeout, poll = float(spec.config["round-timeout"]), float(spec.config["poll-interval"])
-    engine = FlowerEngine(grid, nodes, fit.server.mode, timeout, poll)
-    fit.engine = engine
-    out = str(spec.config["out-dir"])
-    logger.info(
-        "hbfl: %d clients on nodes %s; %s server, %d rounds at most",
-        len(names),
-        nodes,
-        fit.server.mode,
-        spec.rounds,
-    )
-    setup = time.perf_counter() - start
+    def flower_engine(fit, nodes: Dict[str, int], cfg: Dict) -> FlowerEngine:
+        timeout, poll = float(cfg["round-timeout"]), float(cfg["poll-interval"])
+        return FlowerEngine(grid, nodes, fit.server.mode, timeout, poll)
 
-    def after_round(record: Dict) -> None:
-        if out:  # progress, for whoever watches a deployment
-            so_far = run_result(spec, fit, names, nodes, fit.history, engine.traffic, setup)
-            write_history(so_far, out)
-        logger.info(
-            "hbfl round %d: objective %.6g, clients %s, failed %s",
-            record["round"],
-            record["elbo"],
-            record["clients"],
-            record["failed"],
-        )
-
-    fit.run(spec.rounds, progress=False, on_round=after_round)
-    result = run_result(spec, fit, names, nodes, fit.history, engine.traffic, setup)
-    result["server_choice"] = dict(fit.server_choice)
-    if fit.server.mode == "second_order":
-        result["verdict"] = fit.verdict
-    return finish_run(grid, spec, fit, nodes, result)
+    return run_with_engine(grid, config, flower_engine)
 
 
 def server_app(run_config: Optional[Mapping] = None, on_result: Optional[Callable] = None):

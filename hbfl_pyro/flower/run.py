@@ -1,22 +1,75 @@
 """The pieces of a server run that the plain and the SecAgg+ ServerApp share.
 
-:func:`build_server` builds the server side of :class:`~hbfl_pyro.FederatedSVI` from the
-clients' data schemas; :func:`run_result` is the run's result dict, :func:`finish_run` its
-end (the clients' local states when asked, a summary of ``q(phi)``, the files in
-``out-dir``), and :func:`write_result` / :func:`write_history` write ``result.pt`` and
-``history.json``.
+:func:`run_with_engine` is a ServerApp's whole run with a given engine (plain Flower
+messages or SecAgg+); :func:`build_server` builds the server side of
+:class:`~hbfl_pyro.FederatedSVI` from the clients' data schemas; :func:`run_result` is the
+run's result dict, :func:`finish_run` its end (the clients' local states when asked, a
+summary of ``q(phi)``, the files in ``out-dir``), and :func:`write_result` /
+:func:`write_history` write ``result.pt`` and ``history.json``.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .config import AppSpec, flag, server_options
-from .messaging import logger, query_nodes
+from .config import AppSpec, flag, load_spec, server_options
+from .messaging import discover_clients, logger, query_nodes
+
+
+def run_with_engine(
+    grid,
+    config: Mapping,
+    make_engine: Callable[[Any, Dict[str, int], Dict[str, Any]], Any],
+    extra: Optional[Callable[[Any], Dict]] = None,
+) -> Dict:
+    """A ServerApp's whole run: discover the clients, build the server side of
+    :class:`~hbfl_pyro.FederatedSVI`, give it the engine ``make_engine(fit, nodes,
+    run_config)`` (a Flower engine with a ``traffic`` list), run its own rounds
+    (:meth:`~hbfl_pyro.FederatedSVI.run`: selection, aggregation, stopping rule, verdict),
+    and finish (:func:`finish_run`); ``extra(engine)`` adds entries to the result."""
+    spec = load_spec(config)
+    start = time.perf_counter()
+    names, nodes, schemas = discover_clients(grid, spec.config)
+    fit = build_server(spec, names, schemas)
+    engine = make_engine(fit, nodes, spec.config)
+    fit.engine = engine
+    out = str(spec.config["out-dir"])
+    logger.info(
+        "hbfl: %d clients on nodes %s; %s server through %s, %d rounds at most",
+        len(names),
+        nodes,
+        fit.server.mode,
+        type(engine).__name__,
+        spec.rounds,
+    )
+    setup = time.perf_counter() - start
+
+    def after_round(record: Dict) -> None:
+        if out:  # progress, for whoever watches a deployment
+            so_far = run_result(spec, fit, names, nodes, fit.history, engine.traffic, setup)
+            write_history(so_far, out)
+        logger.info(
+            "hbfl round %d: objective %.6g, clients %s, failed %s",
+            record["round"],
+            record["elbo"],
+            record["clients"],
+            record["failed"],
+        )
+
+    fit.run(spec.rounds, progress=False, on_round=after_round)
+    result = run_result(spec, fit, names, nodes, fit.history, engine.traffic, setup)
+    result["server_choice"] = dict(fit.server_choice)
+    if fit.server.mode == "second_order":
+        result["verdict"] = fit.verdict
+    if extra is not None:
+        result.update(extra(engine))
+    return finish_run(grid, spec, fit, nodes, result)
 
 
 def build_server(spec: AppSpec, names: List[str], schemas: Dict[str, Dict]):
@@ -108,6 +161,7 @@ __all__ = [
     "finish_run",
     "global_summary",
     "run_result",
+    "run_with_engine",
     "write_history",
     "write_result",
 ]

@@ -92,7 +92,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
@@ -101,10 +100,10 @@ import torch
 
 from ..engines.base import Engine, Failures, SecureSum
 from ..server import ClientFailureWarning
-from .config import SECAGG_CONFIG_DEFAULTS, flag, load_spec
-from .messaging import discover_clients, error_text, logger, send_and_receive
+from .config import SECAGG_CONFIG_DEFAULTS, flag
+from .messaging import error_text, logger, send_and_receive
 from .records import flatten, unflatten
-from .run import build_server, finish_run, run_result, write_history
+from .run import run_with_engine
 
 #: Relative slack for float64 rounding in the protocol's dequantisation (see module doc).
 FLOAT_SLACK = 1e-6
@@ -656,50 +655,22 @@ def run_secagg_server(grid, config: Mapping, context) -> Dict:
         strategy received, ``Q`` and the error bound of the sums) and ``traffic`` holds
         the serialized bytes each client sent and received over the round's four stages.
     """
-    spec = load_spec(config)
-    cfg = spec.config
-    start = time.perf_counter()
-    names, nodes, schemas = discover_clients(grid, cfg)
-    fit = build_server(spec, names, schemas)
-    engine = SecAggEngine(grid, context, fit.server, nodes, cfg)
-    fit.engine = engine
-    setup = time.perf_counter() - start
-    out = str(cfg["out-dir"])
-    logger.info(
-        "hbfl secagg: %d clients on nodes %s; %s server, %d rounds at most, Q=%d",
-        len(names),
-        nodes,
-        fit.server.mode,
-        spec.rounds,
-        engine.quant,
-    )
 
-    def after_round(record: Dict) -> None:
-        if out:
-            write_history(
-                run_result(spec, fit, names, nodes, fit.history, engine.traffic, setup), out
-            )
-        logger.info(
-            "hbfl secagg round %d: objective %.6g, clients %s, failed %s",
-            record["round"],
-            record["elbo"],
-            record["clients"],
-            record["failed"],
-        )
+    def secagg_engine(fit, nodes: Dict[str, int], cfg: Dict) -> SecAggEngine:
+        return SecAggEngine(grid, context, fit.server, nodes, cfg)
 
-    fit.run(spec.rounds, progress=False, on_round=after_round)
-    result = run_result(spec, fit, names, nodes, fit.history, engine.traffic, setup)
-    result["server_choice"] = dict(fit.server_choice)
-    if fit.server.mode == "second_order":
-        result["verdict"] = fit.verdict
-    result["secagg"] = {
-        "quantization_range": engine.quant,
-        "modulus": engine.modulus,
-        "bound": engine.bound,
-        "elbo_bound": engine.elbo_bound,
-        "clients_per_round": engine.per_round,
-    }
-    return finish_run(grid, spec, fit, nodes, result)
+    def protocol(engine: SecAggEngine) -> Dict:
+        return {
+            "secagg": {
+                "quantization_range": engine.quant,
+                "modulus": engine.modulus,
+                "bound": engine.bound,
+                "elbo_bound": engine.elbo_bound,
+                "clients_per_round": engine.per_round,
+            }
+        }
+
+    return run_with_engine(grid, config, secagg_engine, protocol)
 
 
 __all__ = [
