@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from ..seeding import derive_seed
+from ..servers.base import select_indices
 from .nets import WeightFunction
 
 __all__ = [
@@ -78,6 +79,9 @@ def select_clients(num_clients: int, fraction: float, seed: int, server_round: i
     """The clients of a round: ``round(fraction * N)`` of them (at least one), sorted,
     seeded by ``(seed, round)`` only, so every method of a comparison sees the same ones.
 
+    The package's one selection, :func:`hbfl_pyro.servers.base.select_indices` (what
+    :meth:`~hbfl_pyro.servers.ServerStrategy.select` draws too), with ``fraction`` checked.
+
     Example::
 
         >>> select_clients(10, 0.3, seed=0, server_round=1) == select_clients(10, 0.3, 0, 1)
@@ -87,11 +91,7 @@ def select_clients(num_clients: int, fraction: float, seed: int, server_round: i
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    k = max(1, int(round(fraction * num_clients)))
-    if k >= num_clients:
-        return list(range(num_clients))
-    gen = torch.Generator().manual_seed(derive_seed(seed, server_round, "select"))
-    return sorted(torch.randperm(num_clients, generator=gen)[:k].tolist())
+    return select_indices(num_clients, fraction, seed, server_round)
 
 
 def batch_schedule(n: int, batch_size: int, epochs: int, seed: int) -> List[torch.Tensor]:

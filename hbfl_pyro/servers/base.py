@@ -23,6 +23,29 @@ import torch
 from ..seeding import derive_seed
 
 
+def select_indices(num_clients: int, fraction: float, seed: int, server_round) -> List[int]:
+    """The indices of the clients sampled for a round: ``round(fraction * N)`` of them (at
+    least one), sorted, drawn by ``torch.randperm`` with a generator seeded by
+    ``derive_seed(seed, server_round, "select")`` and nothing else, so every method of a
+    comparison (and every strategy, in-process or deep) sees the same clients.
+
+    The one client selection of the package: :meth:`ServerStrategy.select` and the deep
+    trainers (:func:`hbfl_pyro.deep.local.select_clients`) both call it.
+
+    Example::
+
+        >>> select_indices(10, 0.3, seed=0, server_round=1) == select_indices(10, 0.3, 0, 1)
+        True
+        >>> len(select_indices(10, 0.3, 0, 1)), select_indices(4, 1.0, 0, 1)
+        (3, [0, 1, 2, 3])
+    """
+    k = max(1, int(round(fraction * num_clients)))
+    if k >= num_clients:
+        return list(range(num_clients))
+    gen = torch.Generator().manual_seed(derive_seed(seed, server_round, "select"))
+    return torch.randperm(num_clients, generator=gen)[:k].sort().values.tolist()
+
+
 class ServerStrategy(abc.ABC):
     """One server strategy (see the module docstring).
 
@@ -46,13 +69,9 @@ class ServerStrategy(abc.ABC):
     done: bool = False
 
     def select(self, server_round: int) -> List[str]:
-        """The clients sampled for a round (seeded by ``(seed, round)``)."""
-        n = self.num_clients
-        k = max(1, int(round(self.fraction * n)))
-        if k == n:
-            return list(self.client_names)
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "select"))
-        chosen = torch.randperm(n, generator=gen)[:k].sort().values
+        """The clients sampled for a round (seeded by ``(seed, round)``,
+        :func:`select_indices`)."""
+        chosen = select_indices(self.num_clients, self.fraction, self.seed, server_round)
         return [self.client_names[i] for i in chosen]
 
     @abc.abstractmethod
