@@ -96,6 +96,40 @@ def _in_plate(site, plate: str) -> bool:
     return any(frame.name == plate for frame in site["cond_indep_stack"])
 
 
+def _clients_plate_hint(model: Callable, data: FederatedData, one, plate: str) -> str:
+    """How to fix a model without the clients plate ``plate``: name the plate whose size
+    is the number of clients (the same plate, of size 1 on one client's data and of size 2
+    on two clients'), if the model has exactly one such plate, else how to write it."""
+    generic = (
+        f"wrap the per-client part of the model in `with pyro.plate({plate!r}, num_clients(data)):`"
+    )
+
+    def sizes(trace) -> Dict[str, int]:
+        return {
+            frame.name: frame.size
+            for site in _sample_sites(trace).values()
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        }
+
+    if len(data) < 2:
+        return generic
+    try:
+        two = poutine.trace(model).get_trace(data.collate([0, 1]))
+    except Exception:  # the caller's trace of one client worked; say the generic fix
+        return generic
+    first, second = sizes(one), sizes(two)
+    candidates = [n for n, size in second.items() if size == 2 and first.get(n) == 1]
+    if len(candidates) != 1:
+        return generic
+    found = candidates[0]
+    return (
+        f"the model's plate {found!r} has one entry per client: rename it {plate!r}, or "
+        f"name it as the clients plate (FederatedSVI(..., plate={found!r}); in a model "
+        f'file, fit_options = {{"plate": "{found}"}})'
+    )
+
+
 def _trace(model: Callable, batch, what: str):
     try:
         return poutine.trace(model).get_trace(batch)
@@ -123,9 +157,8 @@ def discover_structure(
     plated = [n for n, s in sites.items() if _in_plate(s, plate)]
     if not plated:
         raise ModelStructureError(
-            f"no sample site is inside a plate named {plate!r}; wrap the per-client part "
-            f"of the model in `with pyro.plate({plate!r}, num_clients):` (or pass the "
-            "plate's name as `plate=`)"
+            f"no sample site is inside a plate named {plate!r}; "
+            + _clients_plate_hint(model, data, one, plate)
         )
     plate_dim = next(
         f.dim for s in sites.values() for f in s["cond_indep_stack"] if f.name == plate

@@ -36,6 +36,12 @@ from hbfl_pyro.modelfile import ModelFileError, load_model_file
 FAST = dict(local_steps=1, grad_particles=2, server_particles=2)
 
 
+def _no_plate(data):
+    """Every client's data in one plate-free likelihood: no clients plate to find."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    pyro.sample("y", dist.Normal(mu, 1.0).expand(data["y"].shape).to_event(2), obs=data["y"])
+
+
 def _normal(data):
     """Normal-normal with ragged clients, the padding masked (the library's idiom)."""
     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
@@ -523,7 +529,15 @@ CASES = [
         "no clients plate",
         lambda tmp: _svi(_normal, plate="groups"),
         M,
-        r"no sample site is inside a plate named 'groups'",
+        # the model's own plate 'clients' is named as the fix
+        r"no sample site is inside a plate named 'groups'; the model's plate 'clients' has "
+        r"one entry per client: rename it 'groups', or .*plate='clients'",
+    ),
+    case(
+        "no plate at all",
+        lambda tmp: _svi(_no_plate),
+        M,
+        r"no sample site is inside a plate named 'clients'; wrap the per-client part",
     ),
     case("no observed site", lambda tmp: _svi(_no_observations), M, r"no observed site"),
     case(
