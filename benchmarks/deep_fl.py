@@ -53,7 +53,7 @@ import torch
 from hbfl_pyro.deep import FedHB, FlatNet, LocalSpec, diag_prior, iso_prior, mlp, partition
 from hbfl_pyro.deep.baselines import FedProx, Pooled, local_only
 from hbfl_pyro.deep.data import load_images, load_mnist
-from hbfl_pyro.deep.local import schedules_for
+from hbfl_pyro.deep.local import LEGACY_ENGINES, schedules_for
 from hbfl_pyro.deep.metrics import _pooled as pooled_scores
 from hbfl_pyro.deep.metrics import evaluate
 from hbfl_pyro.deep.mixture import FedHBMixture, evaluate_mixture, mixture_priors
@@ -316,7 +316,8 @@ def cost(args, x, y) -> List[Dict]:
         init = FlatNet(net).vector()
         fits = {}
         for method, engine in configs:
-            opts = dict(local=spec, engine=engine, chunk_size=args.chunk_size)
+            # The table keeps its short labels: loop = "inprocess", vmap = "vectorised".
+            opts = dict(local=spec, engine=LEGACY_ENGINES[engine], chunk_size=args.chunk_size)
             if method == "fedavg":
                 fits[method, engine] = FedProx(net, clients, **opts)
             else:
@@ -445,7 +446,12 @@ def main(argv=None):
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--net", default="mlp", choices=["mlp", "cnn"])
     p.add_argument("--hidden", type=int, nargs="*", default=[200, 200])
-    p.add_argument("--engine", default="vmap", choices=["vmap", "loop"])
+    p.add_argument(
+        "--engine",
+        default="vectorised",
+        choices=["vectorised", "inprocess", *LEGACY_ENGINES],
+        help="the deep trainers' engine (vmap and loop: the former names)",
+    )
     p.add_argument(
         "--chunk-size",
         type=int,
@@ -463,6 +469,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/deep_fl")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
+    args.engine = LEGACY_ENGINES.get(args.engine, args.engine)
     args.chunk_size = args.chunk_size or None
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -88,7 +88,7 @@ def ditto_reference(net, clients, lam, rounds, spec, seed):
     return w, torch.stack(v), biggest
 
 
-@pytest.mark.parametrize("engine", ["loop", "vmap"])
+@pytest.mark.parametrize("engine", ["inprocess", "vectorised"])
 @pytest.mark.parametrize("lam", [0.0, 0.7])
 def test_ditto_matches_its_update_rule(engine, lam):
     clients, spec = toy_clients(), LocalSpec(epochs=2, batch_size=8, lr=0.1)
@@ -161,7 +161,9 @@ def test_per_fedavg_step_is_the_formula(variant):
     full Hessian (torch.autograd.functional.hessian)."""
     (x, y), net = toy_clients(sizes=(24,))[0], net0()
     a, b = 0.3, 0.2
-    fit = PerFedAvg(net, [(x, y)], alpha=a, variant=variant, local=LocalSpec(lr=b), engine="loop")
+    fit = PerFedAvg(
+        net, [(x, y)], alpha=a, variant=variant, local=LocalSpec(lr=b), engine="inprocess"
+    )
     w = fit.global_weights()
     batches = [torch.arange(0, 8), torch.arange(8, 16), torch.arange(16, 24)]
     # A step takes 2 (FO) or 3 (HF) minibatches: give exactly one step's worth.
@@ -182,7 +184,7 @@ def test_per_fedavg_vmap_equals_loop(variant):
     fits = [
         PerFedAvg(net0(), clients, alpha=0.05, variant=variant, local=spec, engine=e, seed=1,
                   fraction=0.75)
-        for e in ("loop", "vmap")
+        for e in ("inprocess", "vectorised")
     ]  # fmt: skip
     for fit in fits:
         fit.run(3)

@@ -142,7 +142,7 @@ def test_fedhb_engines_agree(small_mnist):
     net = tiny_net()
     fam = iso_prior(FlatNet(net).vector(), prox_weight=5.0)
     runs = {}
-    for engine in ("loop", "vmap"):
+    for engine in ("inprocess", "vectorised"):
         fit = FedHB(
             net,
             split.clients,
@@ -155,11 +155,11 @@ def test_fedhb_engines_agree(small_mnist):
         )
         fit.run(3)
         runs[engine] = fit
-    a, b = runs["loop"].params, runs["vmap"].params
+    a, b = runs["inprocess"].params, runs["vectorised"].params
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-12, atol=TOL), key
-    chosen = [r["clients"] for r in runs["loop"].history]
-    assert chosen == [r["clients"] for r in runs["vmap"].history]
+    chosen = [r["clients"] for r in runs["inprocess"].history]
+    assert chosen == [r["clients"] for r in runs["vectorised"].history]
     assert all(len(set(c)) == 3 for c in chosen) and len({tuple(c) for c in chosen}) > 1
 
 
@@ -229,7 +229,7 @@ def test_pyro_client_block_is_the_torch_objective(kind):
         assert torch.allclose(grad_pyro.reshape(-1), grad_fast, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("engine", ["loop", "vmap"])
+@pytest.mark.parametrize("engine", ["inprocess", "vectorised"])
 def test_one_round_equals_federated_svi(engine):
     """A whole round: FederatedSVI (AutoDelta, closed-form server) == FedHB (Adam, full batch,
     summed objective), both starting at m0. Only round 1 compares: FederatedSVI's clients

@@ -45,8 +45,12 @@ def tiny_net(seed=0, sizes=(49, 12, 10)):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "prior,participation,engine",
-    [(iso_prior, "scaled", "vmap"), (diag_prior, "stale", "loop"), (iso_prior, "stale", "vmap")],
-    ids=["iso-scaled-vmap", "diag-stale-loop", "iso-stale-vmap"],
+    [
+        (iso_prior, "scaled", "vectorised"),
+        (diag_prior, "stale", "inprocess"),
+        (iso_prior, "stale", "vectorised"),
+    ],
+    ids=["iso-scaled-vectorised", "diag-stale-inprocess", "iso-stale-vectorised"],
 )
 def test_one_component_is_fedhb_exactly(small_mnist, prior, participation, engine):
     """Same family, clients, schedule: with K = 1 every responsibility is exactly 1, the

@@ -65,7 +65,7 @@ def reference(clients, **kw):
     return FlatNet(out).vector()
 
 
-def hierarchy(clients, family, engine="loop", weighting="size"):
+def hierarchy(clients, family, engine="inprocess", weighting="size"):
     net = net0()
     fit = FedHB(
         net,
@@ -109,7 +109,7 @@ def equal(mnist_small):
     return split.clients
 
 
-@pytest.mark.parametrize("engine", ["loop", "vmap"])
+@pytest.mark.parametrize("engine", ["inprocess", "vectorised"])
 def test_fedavg_is_the_vague_limit(unequal, engine, report):
     ref = reference(unequal, weighting="size")
     fit = hierarchy(unequal, fedavg_family, engine)
@@ -153,7 +153,7 @@ def test_engine_fedprox_equals_reference(unequal):
             unequal,
             mu=mu,
             fraction=FRACTION,
-            engine="vmap",
+            engine="vectorised",
             seed=SEED,
             local=LocalSpec(epochs=EPOCHS, batch_size=BATCH, lr=LR),
         )

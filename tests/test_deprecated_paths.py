@@ -9,6 +9,7 @@ import importlib
 import sys
 
 import pytest
+import torch
 
 import hbfl_pyro.guides
 
@@ -37,3 +38,48 @@ def test_the_package_has_every_moved_name():
             if name.isupper():  # module constants stay on their module
                 continue
             assert getattr(hbfl_pyro.guides, name) is getattr(importlib.import_module(new), name)
+
+
+# --------------------------------------------------------------------------------------
+# The deep trainers' former engine names (issue 17 point 4): "loop" / "vmap" are now the
+# core's "inprocess" / "vectorised"; the old names work for one release and warn.
+# --------------------------------------------------------------------------------------
+
+
+def _deep_fits():
+    from hbfl_pyro.deep import Ditto, FedHB, FedProx, FlatNet, LocalSpec, PerFedAvg, iso_prior, mlp
+
+    def make(cls, engine, **kw):
+        torch.manual_seed(0)
+        net = mlp((4, 5, 3))
+        gen = torch.Generator().manual_seed(1)
+        clients = [
+            (torch.randn(n, 4, generator=gen), torch.randint(0, 3, (n,), generator=gen))
+            for n in (12, 7, 9)
+        ]
+        if cls is FedHB:
+            kw["family"] = iso_prior(FlatNet(net).vector())
+        return cls(net, clients, local=LocalSpec(batch_size=4), engine=engine, seed=2, **kw)
+
+    return [(FedProx, {"mu": 0.1}), (FedHB, {"eps": 0.1}), (Ditto, {}), (PerFedAvg, {})], make
+
+
+@pytest.mark.parametrize("old,new", [("loop", "inprocess"), ("vmap", "vectorised")])
+def test_deep_engine_names_warn_and_give_the_same_result(old, new):
+    fits, make = _deep_fits()
+    for cls, kw in fits:
+        with pytest.warns(DeprecationWarning, match=f'engine="{old}" is deprecated') as caught:
+            before = make(cls, old, **kw)
+        assert caught[0].filename == __file__  # names the caller's line
+        after = make(cls, new, **kw)
+        assert before.engine == after.engine == new
+        before.run(2)
+        after.run(2)
+        assert torch.equal(before.global_weights(), after.global_weights()), cls.__name__
+
+
+def test_deep_engine_names_unknown_is_an_error():
+    from hbfl_pyro.deep import FedProx, mlp
+
+    with pytest.raises(ValueError, match="'inprocess' or 'vectorised'"):
+        FedProx(mlp((2, 2)), [(torch.zeros(3, 2), torch.zeros(3))], engine="threads")

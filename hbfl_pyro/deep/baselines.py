@@ -11,8 +11,8 @@ hierarchy only the schedule — which clients take part in a round
 order and batches" means in the special-case tests.
 
 :class:`FedProx` is FedProx(mu) (``mu = 0``: FedAvg) on the same local engine as
-:class:`~hbfl_pyro.deep.fedhb.FedHB` (loop or vmap), for benchmarks where round times
-must be comparable.
+:class:`~hbfl_pyro.deep.fedhb.FedHB` (``"inprocess"`` or ``"vectorised"``), for benchmarks
+where round times must be comparable.
 
 :class:`Pooled` is centralised training on all clients' training data together with the
 budget of the federated runs (the upper reference of evaluation.md §B), and

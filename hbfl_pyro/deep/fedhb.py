@@ -64,6 +64,7 @@ from .local import (
     LocalSpec,
     Penalty,
     QuadraticPenalty,
+    engine_name,
     schedules_for,
     select_clients,
     train_loop,
@@ -204,7 +205,9 @@ class FederatedTrainer:
         ``(x_train, y_train)`` pairs.
     :param fraction: fraction of clients per round.
     :param local: the clients' :class:`~hbfl_pyro.deep.local.LocalSpec`.
-    :param engine: ``"vmap"`` (one batched computation per round) or ``"loop"``.
+    :param engine: ``"vectorised"`` (one batched computation per round) or
+        ``"inprocess"`` (the clients one after another), the core's names; the former
+        ``"vmap"`` / ``"loop"`` work for one release and warn.
     :param chunk_size: clients per vmapped chunk (``None``: all of a round at once).
     :param seed: seeds client selection (by round) and minibatches (by round and client).
     """
@@ -216,12 +219,13 @@ class FederatedTrainer:
         *,
         fraction: float = 1.0,
         local: Optional[LocalSpec] = None,
-        engine: str = "vmap",
+        engine: str = "vectorised",
         chunk_size: Optional[int] = None,
         seed: int = 0,
     ):
-        if engine not in ("vmap", "loop"):
-            raise ValueError(f"engine must be 'vmap' or 'loop', got {engine!r}")
+        # The warning names the caller: the user's line, through a subclass's __init__.
+        direct = type(self).__init__ is FederatedTrainer.__init__
+        engine = engine_name(engine, stacklevel=3 if direct else 4)
         flat = FlatNet(net)
         #: The network as ``f(theta, x)`` (a :class:`~hbfl_pyro.deep.FlatNet`, or what a
         #: method predicts with, e.g. pFedBayes's mean-field predictive).
@@ -273,7 +277,7 @@ class FederatedTrainer:
     ) -> torch.Tensor:
         """Local training of ``data``'s clients with the configured engine."""
         spec = spec or self.local
-        if self.engine == "loop":
+        if self.engine == "inprocess":
             return train_loop(self.net, starts, data, schedules, spec, penalty)
         return train_vmap(self.net, starts, data, schedules, spec, penalty, self.chunk_size)
 

@@ -11,11 +11,12 @@ FedAvg: none). With ``normalise=True`` (the default) the optimiser sees ``L_i / 
 the same minimiser, but step sizes then mean what they mean for FedAvg's mean-loss SGD,
 so one learning rate serves every method and client size.
 
-:func:`train_loop` runs clients one after another with ``torch.optim``;
-:func:`train_vmap` runs them as one batched computation — ``torch.func.vmap`` of
-``torch.func.grad`` over the stacked client vectors, each client's minibatches gathered
-from its padded data, clients that have run out of minibatches sitting out the later
-steps, and the optimiser applied row-wise with each client's own step count. Both consume
+:func:`train_loop` (the trainers' ``engine="inprocess"``) runs clients one after another
+with ``torch.optim``; :func:`train_vmap` (``engine="vectorised"``) runs them as one batched
+computation — ``torch.func.vmap`` of ``torch.func.grad`` over the stacked client
+vectors, each client's minibatches gathered from its padded data, clients that have run
+out of minibatches sitting out the later steps, and the optimiser applied row-wise with
+each client's own step count. Both consume
 the same :func:`batch_schedule`, so they compute the same updates (tested to round-off).
 Both run on the device of the start vectors (CUDA included); a
 :class:`QuadraticPenalty` has its gradient added in place rather than through autograd.
@@ -24,8 +25,9 @@ Both run on the device of the start vectors (CUDA included); a
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +38,56 @@ from ..servers.base import select_indices
 from .nets import WeightFunction
 
 __all__ = [
+    "ENGINES",
+    "LEGACY_ENGINES",
     "LocalSpec",
     "QuadraticPenalty",
     "batch_schedule",
     "client_loss",
+    "engine_name",
     "select_clients",
     "train_loop",
     "train_vmap",
 ]
+
+#: The engines' names, the core's (:class:`~hbfl_pyro.FederatedSVI`'s ``engine``):
+#: ``"inprocess"`` runs the clients one after another (:func:`train_loop`, the reference),
+#: ``"vectorised"`` as one batched computation (:func:`train_vmap`).
+ENGINES = ("inprocess", "vectorised")
+
+#: The deep trainers' former engine names (deprecated, one release) and their new ones.
+LEGACY_ENGINES: Dict[str, str] = {"loop": "inprocess", "vmap": "vectorised"}
+
+
+def engine_name(engine: str, stacklevel: int = 3) -> str:
+    """``engine`` in the core's vocabulary (:data:`ENGINES`). The former names ``"loop"``
+    and ``"vmap"`` still work for one release and warn (``DeprecationWarning``).
+
+    Example::
+
+        >>> engine_name("vectorised")
+        'vectorised'
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     name = engine_name("loop")
+        >>> name, caught[0].category.__name__
+        ('inprocess', 'DeprecationWarning')
+    """
+    if engine in LEGACY_ENGINES:
+        new = LEGACY_ENGINES[engine]
+        warnings.warn(
+            f'engine="{engine}" is deprecated: use engine="{new}" (the core\'s engine names)',
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
+        return new
+    if engine not in ENGINES:
+        raise ValueError(
+            f"engine must be 'inprocess' or 'vectorised' (formerly 'loop' / 'vmap'), got {engine!r}"
+        )
+    return engine
+
 
 #: ``penalty(theta, n_i) -> scalar``: added to the client's summed NLL (``n_i`` lets a
 #: penalty stated per example, like FedProx's, be scaled to the summed objective).

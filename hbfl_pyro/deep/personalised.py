@@ -20,7 +20,7 @@ Ditto and pFedBayes also keep the *persistent* personal models their papers eval
 (updated whenever a client takes part); :meth:`personal_weights` returns them, for
 ``evaluate(fit, split, personal=fit.personal_weights())``.
 
-Which engine: Ditto runs the shared engines (``engine="vmap"`` or ``"loop"``);
+Which engine: Ditto runs the shared engines (``engine="vectorised"`` or ``"inprocess"``);
 Per-FedAvg has its own step (two or three minibatches per step), vmapped or looped, tested
 equal; pFedBayes draws fresh weight noise at every step and runs a loop.
 
@@ -294,7 +294,7 @@ class PerFedAvg(FederatedTrainer):
         step = self._step_fn()
         if not data:
             return starts.new_zeros((0, self.net.d))
-        if self.engine == "loop":
+        if self.engine == "inprocess":
             out = []
             for theta, (x, y), steps in zip(starts, data, groups):
                 theta = theta.detach().clone()
@@ -348,7 +348,7 @@ class PerFedAvg(FederatedTrainer):
         if self.adapt_steps is not None:
             schedules = [s[: self.adapt_steps] for s in schedules]
         starts = self.weights if clients is None else self.starts(list(clients))
-        if self.engine == "loop":
+        if self.engine == "inprocess":
             return train_loop(self.net, starts, data, schedules, spec, None)
         return train_vmap(self.net, starts, data, schedules, spec, None, self.chunk_size)
 
