@@ -4,6 +4,13 @@
   :meth:`hbfl_pyro.servers.ServerStrategy.select` both draw through
   :func:`hbfl_pyro.servers.base.select_indices`, which chooses exactly what each of them
   chose before (their former code is kept here as the reference).
+- **One round loop**: :meth:`FederatedTrainer.step` runs select, local updates, aggregate
+  and record as hooks; every trainer (FedHB, the mixture, FedProx, Pooled, Ditto,
+  Per-FedAvg, pFedBayes) runs through it.
+- **state_dict / load_state_dict**: a run stopped after any round and resumed in a fresh
+  trainer equals the uninterrupted run bit for bit (weights, personal models, history).
+
+The former engine names ("loop", "vmap") are checked in tests/test_deprecated_paths.py.
 """
 
 from types import SimpleNamespace
@@ -11,7 +18,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hbfl_pyro.deep import select_clients
+from hbfl_pyro.deep import (
+    Ditto,
+    FedHB,
+    FedHBMixture,
+    FedProx,
+    FlatNet,
+    LocalSpec,
+    PerFedAvg,
+    PFedBayes,
+    Pooled,
+    diag_prior,
+    iso_prior,
+    mixture_priors,
+    mlp,
+    select_clients,
+)
 from hbfl_pyro.seeding import derive_seed
 from hbfl_pyro.servers import ServerStrategy
 from hbfl_pyro.servers.base import select_indices
@@ -60,3 +82,140 @@ def test_one_selection_chooses_what_both_chose_before():
     assert select_indices(10, 0.3, 4, "tag") == former_deep_selection(10, 0.3, 4, "tag")
     with pytest.raises(ValueError, match="fraction"):
         select_clients(10, 0.0, 0, 1)
+
+
+# --------------------------------------------------------------------------------------
+# The round loop's hooks
+# --------------------------------------------------------------------------------------
+
+
+def toy(sizes=(20, 9, 14, 5, 12, 17), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    clients = [
+        (torch.randn(n, 4, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in sizes
+    ]
+    torch.manual_seed(seed)
+    return mlp((4, 6, 3)), clients
+
+
+def test_the_round_loop_runs_the_hooks_in_order():
+    net, clients = toy()
+    calls = []
+
+    class Traced(FedProx):
+        def select(self, server_round):
+            calls.append(("select", server_round))
+            return [0, 2]
+
+        def local_updates(self, server_round, chosen):
+            calls.append(("local_updates", server_round, chosen))
+            return super().local_updates(server_round, chosen)
+
+        def aggregate_round(self, server_round, chosen, replies):
+            calls.append(("aggregate_round", server_round, chosen, tuple(replies.shape)))
+            return {"note": server_round, **super().aggregate_round(server_round, chosen, replies)}
+
+    fit = Traced(net, clients, local=LocalSpec(batch_size=8))
+    record = fit.step()
+    d = fit.net.d
+    assert calls == [
+        ("select", 1),
+        ("local_updates", 1, [0, 2]),
+        ("aggregate_round", 1, [0, 2], (2, d)),
+    ]
+    assert list(record) == ["round", "clients", "note", "seconds"]
+    assert record["clients"] == [0, 2] and fit.round == 1 and fit.history == [record]
+
+
+# --------------------------------------------------------------------------------------
+# state_dict / load_state_dict: resume == uninterrupted
+# --------------------------------------------------------------------------------------
+
+
+def _fedhb(net, clients, **kw):
+    return FedHB(net, clients, iso_prior(FlatNet(net).vector(), prox_weight=3.0), eps=0.1, **kw)
+
+
+def _fedhb_stale_own(net, clients, **kw):
+    fam = diag_prior(FlatNet(net).vector(), prox_weight=2.0)
+    return FedHB(net, clients, fam, eps=0.1, participation="stale", start="own", **kw)
+
+
+def _mixture_warmup(net, clients, **kw):
+    fams = mixture_priors(net, 2, seed=1, prox_weight=50.0, pseudo_clients=0.01)
+    return FedHBMixture(net, clients, fams, eps=0.1, warmup_rounds=1, mixing="learned", **kw)
+
+
+def _mixture_cluster(net, clients, **kw):
+    fams = mixture_priors(net, 2, seed=1, prox_weight=50.0, pseudo_clients=0.01)
+    return FedHBMixture(net, clients, fams, eps=0.1, cluster_rounds=2, hold_rounds=1, **kw)
+
+
+TRAINERS = {
+    "fedavg": lambda net, clients, **kw: FedProx(net, clients, **kw),
+    "fedprox": lambda net, clients, **kw: FedProx(net, clients, mu=0.3, **kw),
+    "fedhb": _fedhb,
+    "fedhb-stale-own": _fedhb_stale_own,
+    "mixture-warmup": _mixture_warmup,
+    "mixture-cluster": _mixture_cluster,
+    "pooled": lambda net, clients, **kw: Pooled(net, clients, **kw),
+    "ditto": lambda net, clients, **kw: Ditto(net, clients, lam=0.5, **kw),
+    "perfedavg": lambda net, clients, **kw: PerFedAvg(net, clients, variant="hf", **kw),
+    "pfedbayes": lambda net, clients, **kw: PFedBayes(net, clients, **kw),
+}
+
+
+def same(a, b) -> bool:
+    """Bit-for-bit equality of nested records (tensors, dicts, lists, numbers)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def without_seconds(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+@pytest.mark.parametrize("name", sorted(TRAINERS))
+def test_resumed_run_equals_the_uninterrupted_one(name):
+    net, clients = toy()
+    make = TRAINERS[name]
+    opts = dict(fraction=0.5, local=LocalSpec(epochs=1, batch_size=4, lr=0.1), seed=3)
+    rounds = 5
+    whole = make(net, clients, **opts)
+    whole.run(rounds)
+    for stop in (1, 2, 3):
+        first = make(net, clients, **opts)
+        first.run(stop)
+        state = first.state_dict()
+        assert state["round"] == stop and state["trainer"] == type(first).__name__
+        first.run(1)  # the snapshot is a copy: running on does not change it
+        resumed = make(net, clients, **opts)
+        resumed.load_state_dict(state)
+        resumed.run(rounds - stop)
+        assert resumed.round == rounds
+        assert same(resumed.global_weights(), whole.global_weights()), stop
+        if hasattr(whole, "personal_weights"):
+            assert same(resumed.personal_weights(), whole.personal_weights()), stop
+        assert same(without_seconds(resumed.history), without_seconds(whole.history)), stop
+        for key in state:
+            if key not in ("trainer", "round", "history"):
+                assert same(resumed.state_dict()[key], whole.state_dict()[key]), (stop, key)
+    # Personalisation after a resumed run is the same too.
+    assert same(resumed.finetune(clients[:2], 1), whole.finetune(clients[:2], 1))
+
+
+def test_load_state_dict_refuses_another_trainers_state():
+    net, clients = toy()
+    fedhb = _fedhb(net, clients)
+    fedhb.run(1)
+    with pytest.raises(ValueError, match="not a FedProx state"):
+        FedProx(net, clients).load_state_dict(fedhb.state_dict())
+    state = fedhb.state_dict()
+    del state["own"]
+    with pytest.raises(ValueError, match="expected"):
+        _fedhb(net, clients).load_state_dict(state)

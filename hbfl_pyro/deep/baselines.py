@@ -23,7 +23,6 @@ Per-FedAvg, pFedBayes) are in :mod:`hbfl_pyro.deep.personalised`.
 from __future__ import annotations
 
 import copy
-import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -119,6 +118,8 @@ class FedProx(FederatedTrainer):
         (2, torch.Size([43]))
     """
 
+    STATE = {"weights": "weights"}
+
     def __init__(
         self,
         net: nn.Module,
@@ -193,6 +194,8 @@ class Pooled(FederatedTrainer):
         [32, 32]
     """
 
+    STATE = {"weights": "weights", "queue": "_queue", "passes": "_pass", "owed": "_owed"}
+
     def __init__(self, net: nn.Module, clients: Sequence[ClientLike], **kwargs):
         super().__init__(net, clients, **kwargs)
         self.pooled = (
@@ -216,23 +219,18 @@ class Pooled(FederatedTrainer):
             self._pass += 1
         return self._queue.pop(0)
 
-    def step(self) -> Dict:
-        """One round's budget of pooled minibatches (see the class doc)."""
-        server_round = self.round + 1
-        start = time.perf_counter()
-        chosen = select_clients(self.num_clients, self.fraction, self.seed, server_round)
+    def local_updates(self, server_round: int, chosen: List[int]) -> Tuple[torch.Tensor, int]:
+        """The round's budget of pooled minibatches (see the class doc): the pooled model
+        after them, and the number of examples they held."""
         self._owed += self.local.epochs * sum(self.sizes[i] for i in chosen)
         batches = []
         while self._owed > 0:
             batches.append(self._next_batch())
             self._owed -= len(batches[-1])
-        self.weights = self.train(self.weights, [self.pooled], [batches], None)[0]
-        record = {
-            "round": server_round,
-            "clients": chosen,
-            "examples": sum(len(b) for b in batches),
-            "seconds": time.perf_counter() - start,
-        }
-        self.round = server_round
-        self.history.append(record)
-        return record
+        weights = self.train(self.weights, [self.pooled], [batches], None)[0]
+        return weights, sum(len(b) for b in batches)
+
+    def aggregate(self, chosen: List[int], thetas: Tuple[torch.Tensor, int]) -> Dict:
+        """The pooled model is the global model."""
+        self.weights, examples = thetas
+        return {"examples": examples}

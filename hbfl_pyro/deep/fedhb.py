@@ -187,6 +187,17 @@ def prox_weight(family: ClosedFormFamily, params: Params) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
+def _copy(value):
+    """A copy of nested dicts, lists and tuples of tensors (tensors cloned)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v) for v in value)
+    return value
+
+
 def _tensors(client: ClientLike) -> Tuple[torch.Tensor, torch.Tensor]:
     if isinstance(client, ClientSplit):
         return client.x_train, client.y_train
@@ -194,11 +205,28 @@ def _tensors(client: ClientLike) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 class FederatedTrainer:
-    """The round loop shared by FedHB and the engine versions of FedAvg / FedProx.
+    """The round loop shared by every deep method: FedHB, its mixture, the engine versions
+    of FedAvg / FedProx, the pooled reference and the personalised baselines.
 
-    Subclasses define :meth:`penalty` (what the clients add to their summed NLL),
-    :meth:`aggregate` (the server update from the round's client vectors) and
-    :meth:`global_weights`.
+    :meth:`step` runs one round as four steps, each a hook a method may override::
+
+        chosen  = self.select(round)                          # which clients take part
+        replies = self.local_updates(round, chosen)           # their local training
+        entries = self.aggregate_round(round, chosen, replies)  # the server update
+        record  = {"round", "clients", **entries, "seconds"}  # appended to history
+
+    - :meth:`select`: the package's one client selection
+      (:func:`~hbfl_pyro.servers.base.select_indices`, seeded by ``(seed, round)``), the
+      same for every method and for :class:`~hbfl_pyro.FederatedSVI`'s strategies;
+    - :meth:`local_updates`: by default each chosen client starts where :meth:`starts`
+      puts it and trains with :meth:`penalty` on its minibatches (seeded by
+      ``(seed, round, client)``) with the configured engine; returns ``(C, d)``;
+    - :meth:`aggregate_round`: by default :meth:`aggregate` (the server update from the
+      clients' replies), whose dict of entries goes into the round's record.
+
+    Subclasses define :meth:`penalty`, :meth:`aggregate` and :meth:`global_weights`, and
+    name the attributes that hold their state between rounds in :attr:`STATE` (for
+    :meth:`state_dict` / :meth:`load_state_dict`).
 
     :param net: the network; its current weights are the starting point ``m0``.
     :param clients: training clients, :class:`~hbfl_pyro.deep.data.ClientSplit` or
@@ -211,6 +239,10 @@ class FederatedTrainer:
     :param chunk_size: clients per vmapped chunk (``None``: all of a round at once).
     :param seed: seeds client selection (by round) and minibatches (by round and client).
     """
+
+    #: ``{state_dict key: attribute}``: what a method keeps between rounds, besides the
+    #: round counter and the history (every other random choice derives from ``seed``).
+    STATE: Dict[str, str] = {}
 
     def __init__(
         self,
@@ -255,7 +287,9 @@ class FederatedTrainer:
     def penalty(self) -> Penalty:
         raise NotImplementedError
 
-    def aggregate(self, chosen: List[int], thetas: torch.Tensor) -> Dict:
+    def aggregate(self, chosen: List[int], thetas) -> Dict:
+        """The server update from the chosen clients' replies (what
+        :meth:`local_updates` returned); returns the round record's entries."""
         raise NotImplementedError
 
     def global_weights(self) -> torch.Tensor:
@@ -265,6 +299,22 @@ class FederatedTrainer:
         """Where the training clients ``clients`` start local training: ``(d,)`` (all at
         the global weights, the default) or ``(C, d)``."""
         return self.global_weights()
+
+    def select(self, server_round: int) -> List[int]:
+        """The round's clients (indices, sorted): :func:`~hbfl_pyro.deep.local.select_clients`."""
+        return select_clients(self.num_clients, self.fraction, self.seed, server_round)
+
+    def local_updates(self, server_round: int, chosen: List[int]):
+        """The chosen clients' local training; returns their replies for
+        :meth:`aggregate_round` (by default their final vectors ``(C, d)``)."""
+        schedules = schedules_for(self.sizes, self.local, self.seed, server_round, chosen)
+        data = [self.data[i] for i in chosen]
+        return self.train(self.starts(chosen), data, schedules, self.penalty())
+
+    def aggregate_round(self, server_round: int, chosen: List[int], replies) -> Dict:
+        """The server's part of the round; returns the record's entries (by default
+        :meth:`aggregate`)."""
+        return self.aggregate(chosen, replies)
 
     # ------------------------------------------------------------------ training
     def train(
@@ -282,25 +332,50 @@ class FederatedTrainer:
         return train_vmap(self.net, starts, data, schedules, spec, penalty, self.chunk_size)
 
     def step(self) -> Dict:
-        """One round; returns its record (clients, seconds, and the subclass's entries)."""
+        """One round (select, local updates, aggregate, record; see the class doc);
+        returns its record (round, clients, the method's entries, seconds)."""
         server_round = self.round + 1
         start = time.perf_counter()
-        chosen = select_clients(self.num_clients, self.fraction, self.seed, server_round)
-        schedules = schedules_for(self.sizes, self.local, self.seed, server_round, chosen)
-        data = [self.data[i] for i in chosen]
-        thetas = self.train(self.starts(chosen), data, schedules, self.penalty())
-        record = {"round": server_round, "clients": chosen}
-        record.update(self.aggregate(chosen, thetas))
+        chosen = self.select(server_round)
+        record: Dict = {"round": server_round, "clients": chosen}
+        replies = self.local_updates(server_round, chosen)
+        record.update(self.aggregate_round(server_round, chosen, replies))
         record["seconds"] = time.perf_counter() - start
         self.round = server_round
         self.history.append(record)
         return record
 
     def run(self, rounds: int) -> List[Dict]:
-        """Run ``rounds`` rounds; returns the whole history."""
+        """Run ``rounds`` (more) rounds; returns the whole history."""
         for _ in range(rounds):
             self.step()
         return self.history
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict:
+        """A snapshot of the run between rounds: the round, the history and the method's
+        :attr:`STATE` (copies). Loaded into a trainer built with the same arguments
+        (:meth:`load_state_dict`), the rest of the run equals the uninterrupted one bit
+        for bit: selection, minibatches and every other random draw derive from
+        ``(seed, round, ...)``. (The mixture's gating network, trained after the rounds,
+        is not part of it.)"""
+        state = {"trainer": type(self).__name__, "round": self.round}
+        state.update({key: _copy(getattr(self, attr)) for key, attr in self.STATE.items()})
+        state["history"] = _copy(self.history)
+        return state
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Continue from a :meth:`state_dict` of a trainer of the same class and arguments."""
+        expected = {"trainer", "round", "history", *self.STATE}
+        if state.get("trainer") != type(self).__name__ or set(state) != expected:
+            raise ValueError(
+                f"not a {type(self).__name__} state: got trainer {state.get('trainer')!r} "
+                f"with keys {sorted(state)}, expected {sorted(expected)}"
+            )
+        for key, attr in self.STATE.items():
+            setattr(self, attr, _copy(state[key]))
+        self.round = int(state["round"])
+        self.history = _copy(state["history"])
 
     def finetune_plan(
         self, data: Sequence[ClientLike], epochs: int, tag: str, **spec_changes
@@ -413,6 +488,8 @@ class FedHB(FederatedTrainer):
         torch.Size([67])
     """
 
+    STATE = {"params": "params", "stale": "_stale", "own": "_own"}
+
     def __init__(
         self,
         net: nn.Module,
@@ -506,14 +583,6 @@ class FedHB(FederatedTrainer):
         if self.start == "own":
             self._own.update(zip(chosen, thetas))
         return {"prox_weight": self.prox_weight(), "client_spread": _spread(sums, self.eps)}
-
-    def state_dict(self) -> Dict:
-        return {
-            "round": self.round,
-            "params": {k: v.clone() for k, v in self.params.items()},
-            "stale": dict(self._stale),
-            "own": dict(self._own),
-        }
 
 
 # --------------------------------------------------------------------------------------

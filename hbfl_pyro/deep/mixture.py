@@ -93,7 +93,7 @@ from .fedhb import (
     iso_prior,
     prox_weight,
 )
-from .local import LocalSpec, QuadraticPenalty, schedules_for, select_clients
+from .local import LocalSpec, QuadraticPenalty, schedules_for
 from .metrics import evaluate, scores
 from .nets import FlatNet, WeightFunction
 
@@ -404,6 +404,15 @@ class FedHBMixture(FederatedTrainer):
         (torch.Size([5, 3]), True)
     """
 
+    STATE = {
+        "params": "params",
+        "alpha": "alpha",
+        "client_resp": "client_resp",
+        "stale": "_stale",
+        "labels": "labels",
+        "updates": "_updates",
+    }
+
     def __init__(
         self,
         net: nn.Module,
@@ -567,43 +576,40 @@ class FedHBMixture(FederatedTrainer):
             best.append(int((nll - log_w).argmin()))
         return best
 
-    def step(self) -> Dict:
-        """One round: selection, best-centre starts, local training with the soft-min prox,
-        responsibilities, per-component server update (in the shared rounds of
-        ``cluster_rounds``: component 0 alone, then the clustering)."""
-        import time
-
-        server_round = self.round + 1
-        start = time.perf_counter()
-        chosen = select_clients(self.num_clients, self.fraction, self.seed, server_round)
+    def local_updates(self, server_round: int, chosen: List[int]):
+        """Best-centre starts and local training with the soft-min prox; in the shared
+        rounds of ``cluster_rounds`` component 0's centre and prox, in the ``hold_rounds``
+        each client's held component. Returns ``(thetas, responsibilities)``, the latter
+        ``None`` when the clients report their optimal ``q(z_i)`` (computed by
+        :meth:`aggregate`)."""
         schedules = schedules_for(self.sizes, self.local, self.seed, server_round, chosen)
         data = [self.data[i] for i in chosen]
-        record = {"round": server_round, "clients": chosen}
         if server_round <= self.cluster_rounds:
             starts = self.centers()[0]
             thetas = self.train(starts, data, schedules, self._shared_penalty())
             self._updates.update(zip(chosen, thetas - starts))
             resp = torch.zeros(len(chosen), self.K, dtype=thetas.dtype, device=thetas.device)
             resp[:, 0] = 1.0
-            record.update(self.aggregate(chosen, thetas, resp))
-            if server_round == self.cluster_rounds:
-                record["clusters"] = self._cluster_components(thetas)
-        elif server_round <= self.cluster_rounds + self.hold_rounds:
+            return thetas, resp
+        if server_round <= self.cluster_rounds + self.hold_rounds:
             new = [(i, x) for i, x in zip(chosen, data) if i not in self.labels]
             # A client first heard from now keeps the centre it chooses.
             self.labels.update(zip([i for i, _ in new], self.best_components([x for _, x in new])))
             starts = self.centers()[[self.labels[i] for i in chosen]]
             thetas = self.train(starts, data, schedules, self.penalty())
             resp = F.one_hot(torch.tensor([self.labels[i] for i in chosen]), self.K)
-            record.update(self.aggregate(chosen, thetas, resp.to(thetas)))
-        else:
-            starts = self.client_starts(data, server_round)
-            thetas = self.train(starts, data, schedules, self.penalty())
-            record.update(self.aggregate(chosen, thetas))
-        record["seconds"] = time.perf_counter() - start
-        self.round = server_round
-        self.history.append(record)
-        return record
+            return thetas, resp.to(thetas)
+        starts = self.client_starts(data, server_round)
+        return self.train(starts, data, schedules, self.penalty()), None
+
+    def aggregate_round(self, server_round: int, chosen: List[int], replies) -> Dict:
+        """The per-component server update (:meth:`aggregate`); at the end of the shared
+        rounds of ``cluster_rounds``, the clustering (record entry ``"clusters"``)."""
+        thetas, resp = replies
+        entries = self.aggregate(chosen, thetas, resp)
+        if server_round == self.cluster_rounds:
+            entries["clusters"] = self._cluster_components(thetas)
+        return entries
 
     def _shared_penalty(self) -> MixturePenalty:
         """Component 0's prox alone (FedHB's quadratic), for the shared rounds."""
@@ -684,14 +690,6 @@ class FedHBMixture(FederatedTrainer):
         ]
         self.alpha = self.alpha0 + counts
         return counts
-
-    def state_dict(self) -> Dict:
-        return {
-            "round": self.round,
-            "params": [{k: v.clone() for k, v in p.items()} for p in self.params],
-            "alpha": self.alpha.clone(),
-            "client_resp": dict(self.client_resp),
-        }
 
     # ------------------------------------------------------------------ personalisation
     def finetune(

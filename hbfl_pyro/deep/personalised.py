@@ -1,8 +1,9 @@
 """Personalised-FL baselines on the shared round loop (evaluation.md §B): Ditto,
 Per-FedAvg and a pFedBayes-style mean-field Bayesian method.
 
-Each is a :class:`~hbfl_pyro.deep.fedhb.FederatedTrainer`: the same client sampling
-(:func:`~hbfl_pyro.deep.local.select_clients`, seeded by ``(seed, round)``), the same
+Each is a :class:`~hbfl_pyro.deep.fedhb.FederatedTrainer`: the same round loop
+(:meth:`~hbfl_pyro.deep.fedhb.FederatedTrainer.step` and its hooks), the same client
+sampling (:func:`~hbfl_pyro.deep.local.select_clients`, seeded by ``(seed, round)``), the same
 minibatches (:func:`~hbfl_pyro.deep.local.batch_schedule`, seeded by
 ``(seed, round, client)``) and the same :meth:`finetune` protocol as FedAvg, FedProx and
 FedHB, so that :func:`~hbfl_pyro.deep.metrics.evaluate` scores every method alike:
@@ -32,7 +33,6 @@ issue 17).
 from __future__ import annotations
 
 import math
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -48,7 +48,6 @@ from .local import (
     QuadraticPenalty,
     _pad_stack,
     schedules_for,
-    select_clients,
     train_loop,
     train_vmap,
 )
@@ -109,6 +108,8 @@ class Ditto(FederatedTrainer):
         >>> len(fit.run(2)), fit.personal_weights().shape
         (2, torch.Size([3, 43]))
     """
+
+    STATE = {"weights": "weights", "personal": "personal"}
 
     def __init__(
         self,
@@ -223,6 +224,8 @@ class PerFedAvg(FederatedTrainer):
         >>> len(fit.run(2)), fit.finetune(clients, 1).shape
         (2, torch.Size([3, 43]))
     """
+
+    STATE = {"weights": "weights"}
 
     def __init__(
         self,
@@ -478,6 +481,8 @@ class PFedBayes(FederatedTrainer):
         (2, torch.Size([86]), torch.Size([3, 86]))
     """
 
+    STATE = {"weights": "weights", "personal": "personal"}
+
     def __init__(
         self,
         net: nn.Module,
@@ -585,11 +590,10 @@ class PFedBayes(FederatedTrainer):
         gen = torch.Generator(device=self.init.device)
         return gen.manual_seed(derive_seed(self.seed, "pfedbayes", *tag))
 
-    def step(self) -> Dict:
-        """One round (see the class doc)."""
-        server_round = self.round + 1
-        start = time.perf_counter()
-        chosen = select_clients(self.num_clients, self.fraction, self.seed, server_round)
+    def local_updates(self, server_round: int, chosen: List[int]) -> torch.Tensor:
+        """Steps 1-2 of the class doc for each chosen client, one after another (fresh
+        weight noise from a generator seeded by ``(seed, round, client)``); updates the
+        clients' ``q_i`` and returns their localized global models ``p``, ``(C, 2 d)``."""
         schedules = schedules_for(self.sizes, self.local, self.seed, server_round, chosen)
         priors = []
         for i, batches in zip(chosen, schedules):
@@ -599,18 +603,13 @@ class PFedBayes(FederatedTrainer):
             )
             self.personal[i] = q
             priors.append(p)
-        stacked = torch.stack(priors)
-        w = _weights(chosen, self.sizes, 1, self.weighting, stacked)
-        self.weights = (1 - self.beta) * self.weights + self.beta * _weighted_sum(w, stacked)
-        record = {
-            "round": server_round,
-            "clients": chosen,
-            "global_sigma": float(F.softplus(self.weights[self.base.d :]).mean()),
-            "seconds": time.perf_counter() - start,
-        }
-        self.round = server_round
-        self.history.append(record)
-        return record
+        return torch.stack(priors)
+
+    def aggregate(self, chosen: List[int], thetas: torch.Tensor) -> Dict:
+        """``z <- (1 - beta) z + beta * average(p)``."""
+        w = _weights(chosen, self.sizes, 1, self.weighting, thetas)
+        self.weights = (1 - self.beta) * self.weights + self.beta * _weighted_sum(w, thetas)
+        return {"global_sigma": float(F.softplus(self.weights[self.base.d :]).mean())}
 
     def finetune(
         self,
