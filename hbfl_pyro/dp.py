@@ -9,7 +9,8 @@ multiplier halved.
 
 **Mechanism.** Each participating client clips its message vector (every data-dependent
 tensor of its reply, flattened and concatenated) to L2 norm ``clip`` *on the client*
-(:meth:`DPConfig.clip_message`) and sends no ELBO value. The server clips every reply again
+(:meth:`DPConfig.clip_message`) and sends no ELBO value. The server's
+:class:`~hbfl_pyro.servers.dp.DifferentialPrivacy` wrapper clips every reply again
 (a no-op for an honest client; it bounds the sensitivity whatever a transport or a faulty
 client did), sums the round's pool and adds ``N(0, (z * clip)^2 I)`` once to the sum
 (:meth:`DPConfig.noisy_sum`), from a generator of its own seeded afresh from the operating

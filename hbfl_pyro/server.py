@@ -31,6 +31,7 @@ from .families.base import ClosedFormFamily
 from .guides import private_params
 from .seeding import derive_seed, seeded
 from .servers.base import ServerStrategy
+from .servers.dp import DifferentialPrivacy
 from .structure import ModelStructure, site_distribution, site_value
 
 logger = logging.getLogger("hbfl_pyro")
@@ -65,13 +66,24 @@ def _problem(reply, expected: Dict[str, torch.Size], key: str) -> Optional[str]:
     return None
 
 
+def _warn_dp_attribute(name: str) -> None:
+    warnings.warn(
+        f"Server.{name} is deprecated: a server holds no differential-privacy state; a DP "
+        f"run's server is a hbfl_pyro.servers.DifferentialPrivacy, whose {name} it is",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
 class Server(ServerStrategy):
     """The first-order server side of federated SVI; ``Server(...)`` builds a
     :class:`ClosedFormServer` when given a ``family``, else a :class:`GradientServer`.
-    Both share client selection, reply checks, participation (``scaled``/``stale``), the
-    differential-privacy noise on the round's sum and the state's common part; each
-    defines what it sends (:meth:`_message_params`), what a good reply holds
-    (:meth:`_expected_reply`) and its update from the pooled replies (:meth:`_update`).
+    Both share client selection, reply checks, participation (``scaled``/``stale``) and the
+    state's common part; each defines what it sends (:meth:`_message_params`), what a good
+    reply holds (:meth:`expected_reply`) and its update from the sum of the pooled replies
+    (:meth:`_update`). A round is :meth:`gather` (checks and the pool) then :meth:`update`
+    (from the pool's sum): :class:`~hbfl_pyro.servers.dp.DifferentialPrivacy` puts its
+    noise between the two, so the server itself holds no privacy code.
 
     :param client_names: names of all ``N`` clients.
     :param model: the Pyro model (run only on a data-free placeholder).
@@ -86,20 +98,31 @@ class Server(ServerStrategy):
     :param lr_decay: multiplicative learning-rate decay per round (gradient mode).
     :param num_particles: particles for the server term's gradient.
     :param seed: the run's seed.
-    :param dp: a :class:`~hbfl_pyro.dp.DPConfig`: every reply is clipped again, Gaussian
-        noise is added to the round's sum before the update, and the round's record holds
-        the run's ``epsilon`` and ``delta`` so far (its ``elbo`` is NaN: clients send none).
+    :param dp: deprecated: ``Server(..., dp=cfg)`` returns the server wrapped in
+        :class:`~hbfl_pyro.servers.dp.DifferentialPrivacy` (``DifferentialPrivacy(Server(...),
+        cfg)``), with a ``DeprecationWarning``; wrap the server yourself instead.
     """
 
     #: A short name recorded in the report and checkpoints (set by the subclasses).
     mode = "first_order"
 
-    def __new__(cls, *args, **kwargs):
+    def __new__(cls, *args, dp=None, **kwargs):
         if cls is Server:  # the mode follows from the arguments, as it always did
             family = (
                 kwargs["family"] if "family" in kwargs else (args[5] if len(args) > 5 else None)
             )
             cls = ClosedFormServer if family is not None else GradientServer
+        if dp is not None:
+            # The old spelling: DP was part of this class. It now wraps the server, so the
+            # object returned is the wrapper (Python then skips __init__, which the wrapped
+            # server has had).
+            warnings.warn(
+                "Server(..., dp=cfg) is deprecated: use "
+                "hbfl_pyro.servers.DifferentialPrivacy(Server(...), cfg)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return DifferentialPrivacy(cls(*args, **kwargs), dp)
         return super().__new__(cls)
 
     def __init__(
@@ -118,7 +141,7 @@ class Server(ServerStrategy):
         lr_decay: float = 1.0,
         num_particles: int = 8,
         seed: int = 0,
-        dp=None,
+        dp: None = None,  # taken by __new__ (deprecated); None by the time it gets here
     ):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -139,11 +162,23 @@ class Server(ServerStrategy):
         self.stale: Dict[str, Dict] = {}
         # (round, q(phi)'s state dict) behind that round's messages
         self._round_state: Optional[Tuple[int, Dict[str, torch.Tensor]]] = None
-        self.dp = dp
-        self.dp_releases = 0  # rounds that released a noisy sum (what the accountant counts)
         self.family_params: Optional[Dict[str, torch.Tensor]] = None
         self.optim: Optional[torch.optim.Adam] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.ExponentialLR] = None
+
+    # Deprecated (one release): the DP attributes a server had before DP became a wrapper.
+    # A server alone has none; a DP run's are on its DifferentialPrivacy wrapper.
+    @property
+    def dp(self) -> None:
+        """Deprecated: always ``None`` (see :class:`~hbfl_pyro.servers.dp.DifferentialPrivacy`)."""
+        _warn_dp_attribute("dp")
+        return None
+
+    @property
+    def dp_releases(self) -> int:
+        """Deprecated: always 0 (see :class:`~hbfl_pyro.servers.dp.DifferentialPrivacy`)."""
+        _warn_dp_attribute("dp_releases")
+        return 0
 
     # ------------------------------------------------------------------ configure
     def message(self, server_round: int, client: str) -> Dict:
@@ -165,11 +200,37 @@ class Server(ServerStrategy):
         self, server_round: int, replies: Dict[str, Dict], failed: Sequence[str] = ()
     ) -> Dict:
         """Update ``q(phi)`` from the round's replies; returns the round's record."""
+        record, pool = self.gather(server_round, replies, failed)
+        if pool is None:
+            return record
+        _, key = self.expected_reply()
+        keys = next(iter(pool.values()))[key].keys()
+        total = {k: sum(r[key][k] for r in pool.values()) for k in keys}
+        return self.update(server_round, record, pool, total)
+
+    def gather(
+        self,
+        server_round: int,
+        replies: Dict[str, Dict],
+        failed: Sequence[str] = (),
+        screen: Optional[Callable[[Dict], Optional[str]]] = None,
+    ) -> Tuple[Dict, Optional[Dict[str, Dict]]]:
+        """The first half of :meth:`aggregate`: check the replies, warn about and leave out
+        unusable ones, and pool the good ones (``participation``).
+
+        :param screen: a further check of a reply that passed this server's own (why it is
+            unusable, or ``None``): a wrapper's, e.g. differential privacy's public count.
+        :returns: the round's record so far and the pool, ``{client: reply}``, whose sum
+            :meth:`update` takes; the pool is ``None`` (and the record final) when fewer
+            than ``min_clients`` replies are good.
+        """
         self._round_state = None  # q(phi) changes below
         good, bad = {}, list(failed)
-        expected, key = self._expected_reply()
+        expected, key = self.expected_reply()
         for name, reply in replies.items():
-            problem = _problem(reply, expected, key) or self._dp_problem(reply, key)
+            problem = _problem(reply, expected, key)
+            if problem is None and screen is not None:
+                problem = screen(reply)
             if problem is None:
                 good[name] = reply
             else:
@@ -178,7 +239,7 @@ class Server(ServerStrategy):
                     f"round {server_round}: client {name!r} sent an unusable reply ({problem}); "
                     "it is left out of this round",
                     ClientFailureWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         record = {
             "round": server_round,
@@ -191,38 +252,39 @@ class Server(ServerStrategy):
                 f"round {server_round}: only {len(good)} good replies (min_clients="
                 f"{self.min_clients}); the global factor is not updated this round",
                 ClientFailureWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             record["elbo"] = float("nan")
-            if self.dp is not None:
-                record["epsilon"] = self.dp.epsilon(self.dp_releases)
-                record["delta"] = self.dp.delta
-            return record
+            return record, None
         if self.participation == "stale":
             self.stale.update(good)
-            pool, scale = self.stale, self.num_clients / len(self.stale)
-        else:
-            pool, scale = good, self.num_clients / len(good)
+            return record, self.stale
+        return record, good
+
+    def update(
+        self,
+        server_round: int,
+        record: Dict,
+        pool: Dict[str, Dict],
+        total: Dict[str, torch.Tensor],
+    ) -> Dict:
+        """The second half of :meth:`aggregate`: update ``q(phi)`` from ``total``, the sum
+        over the ``pool`` (from :meth:`gather`) of its replies' payloads, times ``N / |pool|``.
+
+        The server reads the pool only for its size and ELBO terms; whatever the sum is (a
+        wrapper may have added noise to it) it is all the update sees of the payloads.
+        :returns: ``record``, completed.
+        """
+        scale = self.num_clients / len(pool)
         client_elbo = scale * sum(r["elbo"] for r in pool.values())
-        noisy = None
-        if self.dp is not None:
-            # Noise on the unscaled sum; scaling and the update are post-processing.
-            self.dp.check_round(self.dp_releases + 1)  # also where no FederatedSVI drives
-            seed = self.dp.noise_seed(self.seed, server_round)
-            noisy = self.dp.noisy_sum([r[key] for r in pool.values()], seed)
-            self.dp_releases += 1
-        own = self._update(server_round, pool, scale, noisy)
+        own = self._update(server_round, total, scale)
         record["updated"] = True
         record["elbo"] = own + client_elbo
-        if self.dp is not None:
-            record["elbo"] = float("nan")  # clients send no ELBO under DP
-            record["epsilon"] = self.dp.epsilon(self.dp_releases)
-            record["delta"] = self.dp.delta
         return record
 
-    def _update(self, server_round: int, pool: Dict[str, Dict], scale: float, noisy) -> float:
-        """Update ``q(phi)`` from the pooled replies (times ``scale``; ``noisy``: their
-        noised sum under DP); returns the server's own ELBO term."""
+    def _update(self, server_round: int, total: Dict[str, torch.Tensor], scale: float) -> float:
+        """Update ``q(phi)`` from the pool's summed payloads (times ``scale``); returns the
+        server's own ELBO term."""
         raise NotImplementedError
 
     def halve_step(self) -> bool:
@@ -230,27 +292,15 @@ class Server(ServerStrategy):
         :mod:`hbfl_pyro.convergence`); ``False`` where there is none (closed form)."""
         return False
 
-    def _expected_reply(self) -> Tuple[Dict[str, torch.Size], str]:
-        """The names and shapes a good reply carries, and under which key."""
+    def expected_reply(self) -> Tuple[Dict[str, torch.Size], str]:
+        """The names and shapes a good reply's payload carries, and under which key
+        (``"stats"`` or ``"grads"``)."""
         raise NotImplementedError
-
-    def _dp_problem(self, reply: Dict, key: str) -> Optional[str]:
-        """Under DP, the public ``count`` of a closed-form reply must be exactly 1 (it is
-        neither clipped nor noised); checked here so that such a reply is left out with a
-        warning naming the client, before it could enter the stale pool."""
-        if self.dp is None or key != "stats" or "count" not in reply[key]:
-            return None
-        if not bool((reply[key]["count"] == 1).all()):
-            return "its public 'count' is not 1, which differential privacy requires"
-        return None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict:
         """A snapshot of the server's state (copies: later rounds do not change it)."""
         state: Dict[str, Any] = {"mode": self.mode, "stale": copy.deepcopy(self.stale)}
-        if self.dp is not None:
-            state["dp_releases"] = self.dp_releases
-            state["dp_accounting"] = (float(self.dp.noise_multiplier), self.dp.accountant)
         state.update(self._mode_state())
         return state
 
@@ -269,20 +319,6 @@ class Server(ServerStrategy):
                 f"the checkpoint is of a {state.get('mode')!r}-mode server; this run's server "
                 f"is in {self.mode!r} mode"
             )
-        if self.dp is not None and "dp_releases" not in state:
-            raise ValueError(
-                "the checkpoint is of a run without differential privacy: its rounds were "
-                "released without noise, so no epsilon holds for a continuation; start afresh"
-            )
-        if self.dp is not None and "dp_accounting" in state:
-            z, accountant = state["dp_accounting"]
-            if (z, accountant) != (float(self.dp.noise_multiplier), self.dp.accountant):
-                raise ValueError(
-                    f"the checkpoint's rounds ran with noise multiplier {z:g} ({accountant} "
-                    f"accountant); this run's DPConfig has {self.dp.noise_multiplier:g} "
-                    f"({self.dp.accountant}): epsilon would be misreported. Resume with the "
-                    "same DPConfig, or start a new run"
-                )
         key, params = self._global_params()
         want = {k: tuple(v.shape) for k, v in params.items()}
         got = {k: tuple(v.shape) for k, v in state[key].items()}
@@ -295,7 +331,6 @@ class Server(ServerStrategy):
         self.check_state(state)
         self._round_state = None
         self.stale = copy.deepcopy(state["stale"])
-        self.dp_releases = state.get("dp_releases", 0)
         self._load_mode_state(state)
 
     def _load_mode_state(self, state: Dict) -> None:
@@ -329,31 +364,22 @@ class ClosedFormServer(Server):
             "family_params": {k: v.detach().clone() for k, v in self.closed_form_params().items()}
         }
 
-    def _update(self, server_round: int, pool: Dict[str, Dict], scale: float, noisy) -> float:
-        keys = next(iter(pool.values()))["stats"].keys()
-        if noisy is not None:
-            sums = {k: scale * noisy[k] for k in keys}
-        else:
-            sums = {k: scale * sum(r["stats"][k] for r in pool.values()) for k in keys}
+    def _update(self, server_round: int, total: Dict[str, torch.Tensor], scale: float) -> float:
+        sums = {k: scale * t for k, t in total.items()}
         family = self._family()
         self.family_params = family.server_update(sums, self.num_clients)
         return float(family.neg_kl(self.family_params))
 
     def sum_layout(self, server_round: int) -> Dict[str, Tuple[int, ...]]:
         """Closed form: the clients' summaries (``stats/<key>``) are all the update needs
-        of them (see :meth:`~hbfl_pyro.servers.base.ServerStrategy.sum_layout`); refused in
-        differential privacy and with stale participation of a sampled fraction."""
-        if self.dp is not None:
-            raise NotImplementedError(
-                "secure aggregation with differential privacy (dp=) is not supported yet: "
-                "the server would have to add its noise to the secure sum; turn one off"
-            )
+        of them (see :meth:`~hbfl_pyro.servers.base.ServerStrategy.sum_layout`); refused
+        with stale participation of a sampled fraction."""
         if self.participation == "stale" and self.fraction < 1:
             raise NotImplementedError(
                 "participation='stale' keeps each client's latest reply, which secure "
                 "aggregation never shows the server; use participation='scaled' or fraction=1"
             )
-        shapes, _ = self._expected_reply()
+        shapes, _ = self.expected_reply()
         return {f"stats/{key}": tuple(shape) for key, shape in sorted(shapes.items())}
 
     def aggregate_sum(
@@ -398,7 +424,7 @@ class ClosedFormServer(Server):
         record["elbo"] = own + scale * float(total["elbo"])
         return record
 
-    def _expected_reply(self):
+    def expected_reply(self):
         """A summary of ``q_i``'s moments (the family's ``client_summary``)."""
         if not hasattr(self, "_summary_shapes"):
             # The shapes of one client's summary, worked out from the schema alone.
@@ -456,7 +482,7 @@ class GradientServer(Server):
             self._round_state = (server_round, state)
         return {"global_params": {k: v.clone() for k, v in self._round_state[1].items()}}
 
-    def _update(self, server_round: int, pool: Dict[str, Dict], scale: float, noisy) -> float:
+    def _update(self, server_round: int, total: Dict[str, torch.Tensor], scale: float) -> float:
         with private_params(), seeded(derive_seed(self.seed, server_round, "server")):
             own_term = server_term(
                 self.model,
@@ -469,11 +495,8 @@ class GradientServer(Server):
             optim.zero_grad()
             (-own_term).backward()
         for name, param in self.global_guide.named_parameters():
-            if noisy is not None:
-                total = noisy[name]
-            else:
-                total = sum(r["grads"][name] for r in pool.values())
-            param.grad = param.grad + scale * total if param.grad is not None else scale * total
+            grad = scale * total[name]
+            param.grad = param.grad + grad if param.grad is not None else grad
         bad = [n for n, p in self.global_guide.named_parameters() if not p.grad.isfinite().all()]
         if bad:
             # Refuse the step: q(phi) and the optimiser stay as they were after the last
@@ -506,7 +529,7 @@ class GradientServer(Server):
             "(server='closed_form') or the second-order server"
         )
 
-    def _expected_reply(self):
+    def expected_reply(self):
         """Gradients of the client's term with respect to ``q(phi)``'s parameters."""
         return {k: p.shape for k, p in self.global_guide.named_parameters()}, "grads"
 

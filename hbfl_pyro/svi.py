@@ -48,6 +48,7 @@ from .psis_check import moments_close, psis_check
 from .seeding import derive_seed, seeded
 from .server import ClosedFormServer, Server
 from .server_choice import MAX_SECOND_ORDER_DIM, choose_family, choose_server  # noqa: F401 (public here too)
+from .servers.dp import DifferentialPrivacy
 from .servers.second_order import DEFAULT_LOCAL_DRAWS, ConvergenceWarning, SecondOrderServer
 from .structure import ModelStructure, discover_structure, site_value
 from .unconstrained import GlobalLayout
@@ -154,8 +155,9 @@ class FederatedSVI:
     """
 
     #: The server: a first-order :class:`~hbfl_pyro.server.Server` (closed form or
-    #: gradient) or the :class:`~hbfl_pyro.servers.SecondOrderServer`.
-    server: Union[Server, SecondOrderServer]
+    #: gradient; with ``dp=``, wrapped in :class:`~hbfl_pyro.servers.DifferentialPrivacy`)
+    #: or the :class:`~hbfl_pyro.servers.SecondOrderServer`.
+    server: Union[Server, DifferentialPrivacy, SecondOrderServer]
     #: Each client by name: :class:`~hbfl_pyro.client.Client` objects with a first-order
     #: server, :class:`~hbfl_pyro.laplace_marginal.MarginalClient` with the second-order one.
     clients: Union[Dict[str, Client], Dict[str, MarginalClient]]
@@ -398,7 +400,7 @@ class FederatedSVI:
         participation = options["participation"]
         if participation is None:
             participation = "stale" if self.family is not None else "scaled"
-        self.server = Server(
+        server = Server(
             self.data.names,
             self.model,
             self.structure,
@@ -412,8 +414,9 @@ class FederatedSVI:
             lr_decay=options["lr_decay"],
             num_particles=options["server_particles"],
             seed=self.seed,
-            dp=dp,
         )
+        # Differential privacy wraps the server: the noise goes on each round's sum.
+        self.server = server if dp is None else DifferentialPrivacy(server, dp)
         self.engine = ENGINES[engine or "inprocess"](clients, on_message)
 
     # ------------------------------------------------------------------ rounds
@@ -598,7 +601,9 @@ class FederatedSVI:
         (:meth:`hbfl_pyro.dp.DPConfig.report`). Covers what the server releases (``q(phi)``,
         the history); :meth:`elbo` and the clients' local factors read the clients directly
         and are not covered."""
-        return None if self.dp is None else self.dp.report(self._first_order_parts()[0].dp_releases)
+        if not isinstance(self.server, DifferentialPrivacy):
+            return None
+        return self.server.report()
 
     # ------------------------------------------------------------------ evaluation
     def elbo(self, num_particles: int = 256) -> float:
@@ -687,13 +692,17 @@ class FederatedSVI:
         return {s: torch.cat([d[s] for d in per_client], dim=1) for s in self.structure.local_sites}
 
     def _first_order_parts(self) -> Tuple[Server, Dict[str, Client]]:
-        """The first-order server and its clients (what the first-order paths use)."""
-        if not isinstance(self.server, Server):
+        """The first-order server (inside a :class:`DifferentialPrivacy` wrapper, if any)
+        and its clients (what the first-order paths use)."""
+        server = self.server
+        if isinstance(server, DifferentialPrivacy):
+            server = server.strategy
+        if not isinstance(server, Server):
             raise RuntimeError(
                 "this operation needs a first-order server; the fit's is second-order"
             )
         # _init_first_order made every client a Client.
-        return self.server, cast(Dict[str, Client], self.clients)
+        return server, cast(Dict[str, Client], self.clients)
 
     def _second_order_parts(self) -> Tuple[SecondOrderServer, Dict[str, MarginalClient]]:
         """The second-order server and its clients."""

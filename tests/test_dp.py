@@ -16,6 +16,7 @@ What is checked, and why it can fail:
 - settings that cannot work are refused with errors naming the fix.
 """
 
+import inspect
 import math
 
 import eight_schools
@@ -26,8 +27,9 @@ import pytest
 import torch
 from pyro import poutine
 
-from hbfl_pyro import FederatedSVI, NIWFull, num_clients
+from hbfl_pyro import ClosedFormServer, FederatedSVI, NIWFull, Server, num_clients
 from hbfl_pyro import dp as dp_module
+from hbfl_pyro import server as server_module
 from hbfl_pyro.dp import (
     DPConfig,
     epsilon,
@@ -37,6 +39,8 @@ from hbfl_pyro.dp import (
     project_moments,
     zcdp_epsilon,
 )
+from hbfl_pyro.seeding import derive_seed
+from hbfl_pyro.servers import DifferentialPrivacy, ServerStrategy
 
 DELTA = 1e-5
 CASES = {
@@ -393,3 +397,123 @@ def test_a_reply_with_a_wrong_public_count_is_left_out():
         fit.run(1, progress=False)
     assert "client01" not in fit.server.stale and len(fit.server.stale) == 2
     assert fit.verdict["dropped_clients"] == ["client01"]
+
+
+# ---------------------------------------------------------------------- the wrapper
+# q(phi) after 3 rounds of each fit below, as the DP code inside hbfl_pyro.server computed
+# it before DP became the DifferentialPrivacy wrapper (commit 54352b5; float.hex, exact).
+PRE_WRAPPER = {
+    "closed_form": {
+        "loc": "0x1.4821a0906245ap-4",
+        "scale": "0x1.a0a8e18091998p-1",
+    },
+    "gradient": {
+        "locs.mu_unconstrained": "0x1.f9eb7840a9c05p-4",
+        "locs.tau_unconstrained": "0x1.339b48e8b94afp-3",
+        "scales.mu_unconstrained": "-0x1.0d175571792fap+1",
+        "scales.tau_unconstrained": "-0x1.0d2074896f9cfp+1",
+    },
+}
+
+
+def _wrapped_fit(mode, on_message=None):
+    """Half the clients per round (stale pool in closed form, scaled sums in gradient
+    mode), a clip that binds, reproducible noise: every part of the DP path is exercised."""
+    if mode == "closed_form":
+        model, data, options, clip = normal_normal.model, normal_normal.load_data(6), {}, 0.1
+    else:
+        model, data, clip = eight_schools.noncentered, eight_schools.load_data(), 0.05
+        options = dict(server="gradient", grad_particles=2, server_particles=2)
+    dp = DPConfig(clip=clip, noise_multiplier=1.0, reproducible_noise=True)
+    return FederatedSVI(
+        model, data, fraction=0.5, local_steps=3, seed=0, dp=dp, on_message=on_message, **options
+    )
+
+
+@pytest.mark.parametrize("mode", sorted(PRE_WRAPPER))
+def test_the_wrapper_gives_the_pre_wrapper_fit_exactly(mode):
+    fit = _wrapped_fit(mode)
+    assert isinstance(fit.server, DifferentialPrivacy) and fit.server.mode == mode
+    fit.run(3, progress=False)
+    state = fit.state_dict()["server"]
+    params = state["family_params" if mode == "closed_form" else "global_guide"]
+    assert {k: float(v).hex() for k, v in params.items()} == PRE_WRAPPER[mode]
+    assert state["dp_releases"] == fit.server.dp_releases == 3
+    assert [r["epsilon"] for r in fit.history] == [fit.dp.epsilon(t) for t in (1, 2, 3)]
+    # what reads the wrapped server (draws of q(phi), the ELBO) sees through the wrapper
+    assert fit.global_samples(4)[fit.structure.global_sites[0]].shape[0] == 4
+    assert math.isfinite(fit.elbo(num_particles=2))
+
+
+@pytest.mark.parametrize("mode", sorted(PRE_WRAPPER))
+def test_the_wrapped_server_sees_only_noisy_sums(mode, monkeypatch):
+    """The wrapped server holds no DP code: its own aggregate is never called under DP, and
+    the only sum its update gets is the noisy sum of its pool's re-clipped payloads."""
+    fit = _wrapped_fit(mode)
+    server = fit.server.strategy
+    assert not {"dp", "dp_releases"} & set(vars(server))
+    source = inspect.getsource(server_module)
+    assert not any(word in source for word in ("noisy_sum", "noise_seed", "epsilon", "clip"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the wrapped server's aggregate ran under DP")
+
+    monkeypatch.setattr(server, "aggregate", refuse)
+    seen = []
+    update = server.update
+
+    def recording(server_round, record, pool, total):
+        _, key = server.expected_reply()
+        seen.append((server_round, [r[key] for r in pool.values()], total))
+        return update(server_round, record, pool, total)
+
+    monkeypatch.setattr(server, "update", recording)
+    fit.run(2, progress=False)
+    assert [r for r, _, _ in seen] == [1, 2]
+    for server_round, payloads, total in seen:
+        want = fit.dp.noisy_sum(payloads, derive_seed(0, server_round, "dp"))
+        plain = {k: sum(p[k] for p in payloads) for k in total}
+        assert list(total) == list(want)
+        assert all(torch.equal(total[k], want[k]) for k in want)
+        assert not all(torch.equal(total[k], plain[k]) for k in plain)
+
+
+def test_server_dp_is_deprecated_and_builds_the_wrapper():
+    """The old spellings keep working for one release: Server(..., dp=cfg) returns the
+    wrapper, and a server's dp / dp_releases read None / 0, each with a DeprecationWarning."""
+    fit = FederatedSVI(normal_normal.model, normal_normal.load_data(num_clients=3), seed=0)
+    plain = fit.server
+    args = (fit.data.names, fit.model, fit.structure, fit.data.placeholder(), None, fit.family)
+    cfg = DPConfig(clip=1.0, noise_multiplier=1.0)
+    with pytest.warns(DeprecationWarning, match=r"DifferentialPrivacy\(Server\(...\), cfg\)"):
+        wrapped = Server(*args, seed=0, dp=cfg)
+    assert isinstance(wrapped, DifferentialPrivacy) and wrapped.dp is cfg
+    assert isinstance(wrapped.strategy, ClosedFormServer) and wrapped.participation == "scaled"
+    with pytest.warns(DeprecationWarning, match="Server.dp is deprecated"):
+        assert plain.dp is None
+    with pytest.warns(DeprecationWarning, match="Server.dp_releases is deprecated"):
+        assert plain.dp_releases == 0
+
+
+def test_the_wrapper_refuses_what_it_cannot_privatise():
+    fit = FederatedSVI(
+        normal_normal.model,
+        normal_normal.load_data(num_clients=3),
+        seed=0,
+        dp=DPConfig(clip=1.0, noise_multiplier=1.0),
+    )
+    # Secure aggregation: the server could not re-clip each reply (the sensitivity would
+    # rest on every client clipping honestly).
+    with pytest.raises(NotImplementedError, match="secure aggregation with differential"):
+        fit.server.sum_layout(1)
+    with pytest.raises(NotImplementedError, match="secure aggregation with differential"):
+        fit.server.aggregate_sum(1, {}, [])
+
+    class SecondOrderLike(ServerStrategy):  # any strategy without clippable replies
+        mode = "second_order"
+        message = aggregate = state_dict = check_state = load_state_dict = None
+
+    with pytest.raises(TypeError, match="first-order replies.*server='gradient'"):
+        DifferentialPrivacy(SecondOrderLike(), fit.dp)
+    with pytest.raises(TypeError, match="dp must be a hbfl_pyro.dp.DPConfig"):
+        DifferentialPrivacy(fit.server.strategy, {"clip": 1.0})

@@ -1,10 +1,18 @@
 """Server strategies: one base (:class:`ServerStrategy`) and its implementations.
 
 - :class:`~hbfl_pyro.server.Server`: the closed-form and gradient (first-order) modes;
-- :class:`SecondOrderServer`: trust-region Newton on the clients' Laplace marginals.
+- :class:`SecondOrderServer`: trust-region Newton on the clients' Laplace marginals;
+- :class:`DifferentialPrivacy`: wraps a first-order server with client-level DP.
 """
 
 from .base import ServerStrategy
+from .dp import DifferentialPrivacy
 from .second_order import ConvergenceWarning, SecondOrderServer, trust_region_step
 
-__all__ = ["ConvergenceWarning", "SecondOrderServer", "ServerStrategy", "trust_region_step"]
+__all__ = [
+    "ConvergenceWarning",
+    "DifferentialPrivacy",
+    "SecondOrderServer",
+    "ServerStrategy",
+    "trust_region_step",
+]
