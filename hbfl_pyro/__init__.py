@@ -42,7 +42,7 @@ from .guides import (
 from .laplace_marginal import LaplaceMarginal, MarginalClient
 from .predict import new_client_predictive, personalise
 from .server import ClientFailureWarning, ClosedFormServer, GradientServer, Server
-from .servers import ConvergenceWarning, SecondOrderServer, ServerStrategy
+from .servers import ConvergenceWarning, DifferentialPrivacy, SecondOrderServer, ServerStrategy
 from .structure import ModelStructure, ModelStructureError, discover_structure
 from .svi import FederatedSVI
 
@@ -61,6 +61,7 @@ __all__ = [
     "ConvergenceWarning",
     "DPConfig",
     "DataValidationError",
+    "DifferentialPrivacy",
     "FederatedData",
     "FederatedSVI",
     "GradientServer",
