@@ -20,7 +20,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 #: A client whose replies fail this many rounds in a row (rounds it took part in) stops
 #: the fit, or is dropped with ``on_client_failure="drop"``.
@@ -51,22 +51,33 @@ def failing_clients(
     return sorted(stuck)
 
 
-def failure_message(server_round: int, clients: Sequence[str], final: bool = False) -> str:
-    """Why the fit stopped, naming the clients and the two ways on."""
+#: What :func:`failure_message` tells the user to do, by default (a federated SVI fit).
+FIT_REMEDY = (
+    "their data would be missing from the posterior. Check those clients' data against "
+    "the model (the ClientFailureWarnings above give each error), or pass "
+    "on_client_failure='drop' to fit without them (the verdict then names them)"
+)
+
+
+def failure_message(
+    server_round: int,
+    clients: Sequence,
+    final: bool = False,
+    rounds_in_a_row: int = MAX_FAILED_ROUNDS,
+    remedy: Optional[str] = None,
+) -> str:
+    """Why the fit stopped, naming the clients and the ways on (``remedy``, by default
+    :data:`FIT_REMEDY`; ``rounds_in_a_row`` as given to :func:`failing_clients`)."""
     what = (
         "took part and never sent a usable reply"
         if final
-        else f"failed {MAX_FAILED_ROUNDS} rounds in a row"
+        else f"failed {rounds_in_a_row} rounds in a row"
     )
-    return (
-        f"round {server_round}: client(s) {list(clients)} {what}; their data would be "
-        "missing from the posterior. Check those clients' data against the model (the "
-        "ClientFailureWarnings above give each error), or pass on_client_failure='drop' "
-        "to fit without them (the verdict then names them)"
-    )
+    return f"round {server_round}: client(s) {list(clients)} {what}; {remedy or FIT_REMEDY}"
 
 
 __all__ = [
+    "FIT_REMEDY",
     "MAX_FAILED_ROUNDS",
     "ClientFailureError",
     "failing_clients",

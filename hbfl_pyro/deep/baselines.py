@@ -196,6 +196,9 @@ class Pooled(FederatedTrainer):
 
     STATE = {"weights": "weights", "queue": "_queue", "passes": "_pass", "owed": "_owed"}
 
+    #: One pooled model, no per-client replies: no client can fail (see FederatedTrainer).
+    PER_CLIENT = False
+
     def __init__(self, net: nn.Module, clients: Sequence[ClientLike], **kwargs):
         super().__init__(net, clients, **kwargs)
         self.pooled = (

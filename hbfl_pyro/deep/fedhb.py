@@ -47,7 +47,8 @@ client block has exactly the value and gradient of :func:`client_objective` (tes
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import pyro
 import pyro.distributions as dist
@@ -57,8 +58,10 @@ from torch import nn
 from torch.func import vmap
 
 from ..data import num_clients
+from ..failures import MAX_FAILED_ROUNDS, ClientFailureError, failing_clients, failure_message
 from ..families.base import ClosedFormFamily, Params
 from ..families.niw import NIWDiag, NIWFull, NIWIso
+from ..server import ClientFailureWarning
 from .data import ClientSplit
 from .local import (
     LocalSpec,
@@ -198,6 +201,54 @@ def _copy(value):
     return value
 
 
+#: What the deep trainers tell the user when a client keeps failing.
+DEEP_REMEDY = (
+    "its data would be missing from the model. Check those clients' data and local "
+    "training (the ClientFailureWarnings above give each error), or leave them out of the "
+    "trainer's clients"
+)
+
+
+def _reply_parts(replies) -> Tuple:
+    """A round's replies as a tuple of per-client parts (tensors with one row per client,
+    or ``None``): a tensor alone or a tuple of them (e.g. the mixture's ``(thetas, resp)``)."""
+    return replies if isinstance(replies, tuple) else (replies,)
+
+
+def _finite_rows(replies) -> Optional[torch.Tensor]:
+    """Which clients' replies hold only finite numbers, ``(C,)`` bool (``None``: no
+    floating-point part to check)."""
+    ok = None
+    for part in _reply_parts(replies):
+        if isinstance(part, torch.Tensor) and part.is_floating_point():
+            rows = torch.isfinite(part.reshape(part.shape[0], -1)).all(-1)
+            ok = rows if ok is None else ok & rows
+    return ok
+
+
+def _take_rows(replies, positions: List[int]):
+    """The replies of the clients at ``positions`` (same layout as ``replies``)."""
+    parts = []
+    for part in _reply_parts(replies):
+        if isinstance(part, torch.Tensor):
+            part = part[torch.tensor(positions, dtype=torch.long, device=part.device)]
+        parts.append(part)
+    return tuple(parts) if isinstance(replies, tuple) else parts[0]
+
+
+def _join_rows(replies: List[Any]):
+    """Per-client replies (each of one client, same layout) joined into one round's."""
+    first = replies[0]
+    columns = zip(*map(_reply_parts, replies))
+    parts = [None if col[0] is None else torch.cat(list(col)) for col in columns]
+    return tuple(parts) if isinstance(first, tuple) else parts[0]
+
+
+def _reason(exc: BaseException) -> str:
+    """A failure's reason as the core's engines record it."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _tensors(client: ClientLike) -> Tuple[torch.Tensor, torch.Tensor]:
     if isinstance(client, ClientSplit):
         return client.x_train, client.y_train
@@ -228,6 +279,20 @@ class FederatedTrainer:
     name the attributes that hold their state between rounds in :attr:`STATE` (for
     :meth:`state_dict` / :meth:`load_state_dict`).
 
+    **Failing clients** (the core's semantics, :mod:`hbfl_pyro.failures`): a chosen client
+    whose local training raises, or whose reply holds NaN or Inf, is left out of the
+    round's aggregate with a :class:`~hbfl_pyro.ClientFailureWarning`; the record's
+    ``clients`` then lists the clients that replied, ``failed`` the others and ``errors``
+    each one's reason (both keys only in rounds where a client failed). When the batched
+    local training raises, every chosen client is trained alone to find the culprit(s);
+    if all of them raise, the error is the code's, not a client's, and is raised. With
+    fewer than ``min_clients`` good replies the server is not updated (``"updated":
+    False`` in the record). A client that fails ``max_failures`` rounds in a row (rounds
+    it was chosen for) stops the run with :class:`~hbfl_pyro.ClientFailureError` naming
+    it. Methods whose replies are not per client (:class:`~hbfl_pyro.deep.Pooled`) set
+    :attr:`PER_CLIENT` to ``False`` and run unguarded. Local training, vectorised
+    included, is row-wise: a NaN in one client's row never reaches another's.
+
     :param net: the network; its current weights are the starting point ``m0``.
     :param clients: training clients, :class:`~hbfl_pyro.deep.data.ClientSplit` or
         ``(x_train, y_train)`` pairs.
@@ -238,7 +303,14 @@ class FederatedTrainer:
         ``"vmap"`` / ``"loop"`` work for one release and warn.
     :param chunk_size: clients per vmapped chunk (``None``: all of a round at once).
     :param seed: seeds client selection (by round) and minibatches (by round and client).
+    :param min_clients: fewest good replies for the server to update (as the core's).
+    :param max_failures: rounds in a row a client may fail before the run stops naming it
+        (the core's :data:`~hbfl_pyro.failures.MAX_FAILED_ROUNDS`).
     """
+
+    #: Whether :meth:`local_updates` returns one reply per chosen client (rows of a tensor
+    #: or of each tensor of a tuple): the failure handling applies to such replies.
+    PER_CLIENT = True
 
     #: ``{state_dict key: attribute}``: what a method keeps between rounds, besides the
     #: round counter and the history (every other random choice derives from ``seed``).
@@ -254,6 +326,8 @@ class FederatedTrainer:
         engine: str = "vectorised",
         chunk_size: Optional[int] = None,
         seed: int = 0,
+        min_clients: int = 1,
+        max_failures: int = MAX_FAILED_ROUNDS,
     ):
         # The warning names the caller: the user's line, through a subclass's __init__.
         direct = type(self).__init__ is FederatedTrainer.__init__
@@ -268,6 +342,15 @@ class FederatedTrainer:
         self.fraction, self.seed, self.engine = fraction, seed, engine
         self.local = local if local is not None else LocalSpec()
         self.chunk_size = chunk_size
+        per_round = max(1, int(round(fraction * self.num_clients)))
+        if not 1 <= min_clients <= per_round:
+            raise ValueError(
+                f"min_clients must be between 1 and the {per_round} client(s) sampled per round "
+                f"(fraction={fraction}, {self.num_clients} clients), got {min_clients}"
+            )
+        if max_failures < 1:
+            raise ValueError(f"max_failures must be >= 1, got {max_failures}")
+        self.min_clients, self.max_failures = int(min_clients), int(max_failures)
         self.round = 0
         self.history: List[Dict] = []
 
@@ -333,17 +416,84 @@ class FederatedTrainer:
 
     def step(self) -> Dict:
         """One round (select, local updates, aggregate, record; see the class doc);
-        returns its record (round, clients, the method's entries, seconds)."""
+        returns its record (round, clients, the method's entries, seconds; ``failed`` and
+        ``errors`` when a client failed, ``updated`` when the server was not).
+
+        :raises ClientFailureError: when a client has failed ``max_failures`` rounds in a
+            row (the round is recorded first, as the core's)."""
         server_round = self.round + 1
         start = time.perf_counter()
         chosen = self.select(server_round)
         record: Dict = {"round": server_round, "clients": chosen}
-        replies = self.local_updates(server_round, chosen)
-        record.update(self.aggregate_round(server_round, chosen, replies))
+        replies, failures = self.guarded_updates(server_round, chosen)
+        if failures:
+            chosen = [i for i in chosen if i not in failures]
+            record["clients"] = chosen
+            record["failed"] = sorted(failures)
+            record["errors"] = {i: failures[i] for i in sorted(failures)}
+        if len(chosen) >= self.min_clients:
+            record.update(self.aggregate_round(server_round, chosen, replies))
+        else:
+            warnings.warn(
+                f"round {server_round}: only {len(chosen)} good replies (min_clients="
+                f"{self.min_clients}); the global model is not updated this round",
+                ClientFailureWarning,
+                stacklevel=2,
+            )
+            record["updated"] = False
         record["seconds"] = time.perf_counter() - start
         self.round = server_round
         self.history.append(record)
+        stuck = failing_clients(self.history, self.max_failures) if failures else []
+        if stuck:
+            raise ClientFailureError(
+                failure_message(
+                    server_round, stuck, rounds_in_a_row=self.max_failures, remedy=DEEP_REMEDY
+                )
+            )
         return record
+
+    def guarded_updates(self, server_round: int, chosen: List[int]) -> Tuple[Any, Dict[int, str]]:
+        """:meth:`local_updates` with the core's failure handling (see the class doc):
+        returns the good clients' replies (those of ``chosen`` not failed, in order) and
+        ``{client: reason}`` for the failed ones. Replies are untouched when none failed."""
+        if not self.PER_CLIENT:
+            return self.local_updates(server_round, chosen), {}
+        failures: Dict[int, str] = {}
+        try:
+            replies = self.local_updates(server_round, chosen)
+            answered = list(chosen)
+        except Exception as batch_error:
+            # Charge the failure to its client(s): each chosen client trains alone.
+            parts, answered, first = [], [], None
+            for i in chosen:
+                try:
+                    parts.append(self.local_updates(server_round, [i]))
+                except Exception as exc:
+                    first = first or exc
+                    failures[i] = _reason(exc)
+                else:
+                    answered.append(i)
+            if not parts:  # every client raised: a bug in the code, not a client's fault
+                raise (first or batch_error) from None
+            replies = _join_rows(parts)
+        finite = _finite_rows(replies)
+        if finite is not None and not bool(finite.all()):
+            keep = []
+            for j, (i, ok) in enumerate(zip(answered, finite.tolist())):
+                if ok:
+                    keep.append(j)
+                else:
+                    failures[i] = "its local training returned NaN or Inf weights"
+            replies = _take_rows(replies, keep)
+        for i in sorted(failures):
+            warnings.warn(
+                f"round {server_round}: client {i} failed ({failures[i]}); it is left out of "
+                "this round",
+                ClientFailureWarning,
+                stacklevel=3,
+            )
+        return replies, failures
 
     def run(self, rounds: int) -> List[Dict]:
         """Run ``rounds`` (more) rounds; returns the whole history."""

@@ -587,7 +587,6 @@ class FedHBMixture(FederatedTrainer):
         if server_round <= self.cluster_rounds:
             starts = self.centers()[0]
             thetas = self.train(starts, data, schedules, self._shared_penalty())
-            self._updates.update(zip(chosen, thetas - starts))
             resp = torch.zeros(len(chosen), self.K, dtype=thetas.dtype, device=thetas.device)
             resp[:, 0] = 1.0
             return thetas, resp
@@ -604,8 +603,12 @@ class FedHBMixture(FederatedTrainer):
 
     def aggregate_round(self, server_round: int, chosen: List[int], replies) -> Dict:
         """The per-component server update (:meth:`aggregate`); at the end of the shared
-        rounds of ``cluster_rounds``, the clustering (record entry ``"clusters"``)."""
+        rounds of ``cluster_rounds``, the clustering (record entry ``"clusters"``). In the
+        shared rounds the clients' updates ``m_i - m0`` are kept for it first (those of
+        the clients that replied; component 0's centre has not moved since they started)."""
         thetas, resp = replies
+        if server_round <= self.cluster_rounds:
+            self._updates.update(zip(chosen, thetas - self.centers()[0]))
         entries = self.aggregate(chosen, thetas, resp)
         if server_round == self.cluster_rounds:
             entries["clusters"] = self._cluster_components(thetas)

@@ -590,20 +590,30 @@ class PFedBayes(FederatedTrainer):
         gen = torch.Generator(device=self.init.device)
         return gen.manual_seed(derive_seed(self.seed, "pfedbayes", *tag))
 
-    def local_updates(self, server_round: int, chosen: List[int]) -> torch.Tensor:
+    def local_updates(
+        self, server_round: int, chosen: List[int]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-2 of the class doc for each chosen client, one after another (fresh
-        weight noise from a generator seeded by ``(seed, round, client)``); updates the
-        clients' ``q_i`` and returns their localized global models ``p``, ``(C, 2 d)``."""
+        weight noise from a generator seeded by ``(seed, round, client)``); returns their
+        localized global models ``p`` and new ``q_i``, both ``(C, 2 d)`` (the ``q_i`` are
+        stored by :meth:`aggregate_round`, for the clients that did not fail)."""
         schedules = schedules_for(self.sizes, self.local, self.seed, server_round, chosen)
-        priors = []
+        priors, personal = [], []
         for i, batches in zip(chosen, schedules):
             gen = self._generator(server_round, i)
             q, p = self.client_update(
                 self.personal[i], self.weights, self.data[i], batches, gen, self.local
             )
-            self.personal[i] = q
+            personal.append(q)
             priors.append(p)
-        return torch.stack(priors)
+        return torch.stack(priors), torch.stack(personal)
+
+    def aggregate_round(self, server_round: int, chosen: List[int], replies) -> Dict:
+        """Keep the clients' new ``q_i``, then the server update (:meth:`aggregate`)."""
+        priors, personal = replies
+        for i, q in zip(chosen, personal):
+            self.personal[i] = q
+        return self.aggregate(chosen, priors)
 
     def aggregate(self, chosen: List[int], thetas: torch.Tensor) -> Dict:
         """``z <- (1 - beta) z + beta * average(p)``."""
