@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hbfl_pyro.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hbfl_pyro.deep import (
     Ditto,
     FedHB,
@@ -219,3 +220,64 @@ def test_load_state_dict_refuses_another_trainers_state():
     del state["own"]
     with pytest.raises(ValueError, match="expected"):
         _fedhb(net, clients).load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint files: save_checkpoint / load_checkpoint with the trainer's fingerprint
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(TRAINERS))
+def test_a_run_resumed_from_a_checkpoint_file_equals_the_uninterrupted_one(name, tmp_path):
+    net, clients = toy()
+    make = TRAINERS[name]
+    opts = dict(fraction=0.5, local=LocalSpec(epochs=1, batch_size=4, lr=0.1), seed=3)
+    whole = make(net, clients, **opts)
+    whole.run(5)
+    first = make(net, clients, **opts)
+    first.run(2)
+    path = tmp_path / "deep.pt"
+    save_checkpoint(first.state_dict(), path, first.fingerprint())
+    resumed = make(net, clients, **opts)  # a fresh trainer
+    resumed.load_state_dict(load_checkpoint(path, resumed.fingerprint()))
+    assert resumed.round == 2
+    resumed.run(3)
+    assert same(resumed.global_weights(), whole.global_weights())
+    if hasattr(whole, "personal_weights"):
+        assert same(resumed.personal_weights(), whole.personal_weights())
+    assert same(without_seconds(resumed.history), without_seconds(whole.history))
+    # The trainer's own spelling: checkpoint(path) / resume(path).
+    first.checkpoint(path)
+    again = make(net, clients, **opts)
+    again.resume(path)
+    again.run(3)
+    assert same(again.global_weights(), whole.global_weights())
+
+
+def test_a_checkpoint_file_is_refused_by_another_trainer_network_or_clients(tmp_path):
+    net, clients = toy()
+    opts = dict(local=LocalSpec(epochs=1, batch_size=4, lr=0.1), seed=3)
+    fit = _fedhb(net, clients, **opts)
+    fit.run(1)
+    path = tmp_path / "fedhb.pt"
+    fit.checkpoint(path)
+
+    def refused(other, match):
+        with pytest.raises(CheckpointError, match=match):
+            other.resume(path)
+        assert other.round == 0 and other.history == []  # nothing changed
+
+    refused(FedProx(net, clients, **opts), r"trainer: 'FedHB' in the checkpoint, 'FedProx' here")
+    torch.manual_seed(0)
+    wider = mlp((4, 7, 3))
+    refused(_fedhb(wider, clients, **opts), r"network\['1.weight'\]: \[6, 4\] in the checkpoint")
+    refused(_fedhb(net, clients[:5], **opts), r"clients: 6 in the checkpoint, 5 here")
+    refused(_fedhb(net, clients, **{**opts, "seed": 4}), r"seed: 3 in the checkpoint, 4 here")
+    stale = FedHB(
+        net, clients, fit.family, eps=0.1, participation="stale", **opts
+    )  # another setting of the same trainer
+    refused(stale, r"settings\['participation'\]: 'scaled' in the checkpoint, 'stale' here")
+    # The same trainer, network and clients resume it (another engine too).
+    same_run = _fedhb(net, clients, engine="inprocess", **opts)
+    same_run.resume(path)
+    assert same_run.round == 1

@@ -119,6 +119,7 @@ class FedProx(FederatedTrainer):
     """
 
     STATE = {"weights": "weights"}
+    SETTINGS = ("mu", "weighting")
 
     def __init__(
         self,

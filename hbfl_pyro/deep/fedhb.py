@@ -57,6 +57,7 @@ from pyro import poutine
 from torch import nn
 from torch.func import vmap
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import num_clients
 from ..failures import MAX_FAILED_ROUNDS, ClientFailureError, failing_clients, failure_message
 from ..families.base import ClosedFormFamily, Params
@@ -249,6 +250,18 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _setting(value):
+    """A setting as a plain value for :meth:`FederatedTrainer.fingerprint`: a family by
+    its type and dimension, lists element-wise, numbers and strings as they are."""
+    if isinstance(value, ClosedFormFamily):
+        return f"{type(value).__name__}(d={getattr(value, 'd', None)})"
+    if isinstance(value, (list, tuple)):
+        return [_setting(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
 def _tensors(client: ClientLike) -> Tuple[torch.Tensor, torch.Tensor]:
     if isinstance(client, ClientSplit):
         return client.x_train, client.y_train
@@ -316,6 +329,10 @@ class FederatedTrainer:
     #: round counter and the history (every other random choice derives from ``seed``).
     STATE: Dict[str, str] = {}
 
+    #: The attributes holding a method's settings (numbers, strings, families by type):
+    #: part of :meth:`fingerprint`, so a checkpoint is not resumed under other settings.
+    SETTINGS: Tuple[str, ...] = ()
+
     def __init__(
         self,
         net: nn.Module,
@@ -333,6 +350,8 @@ class FederatedTrainer:
         direct = type(self).__init__ is FederatedTrainer.__init__
         engine = engine_name(engine, stacklevel=3 if direct else 4)
         flat = FlatNet(net)
+        #: ``{parameter name: shape}`` of the network (for :meth:`fingerprint`).
+        self.layout = {name: list(shape) for name, shape in zip(flat.names, flat.shapes)}
         #: The network as ``f(theta, x)`` (a :class:`~hbfl_pyro.deep.FlatNet`, or what a
         #: method predicts with, e.g. pFedBayes's mean-field predictive).
         self.net: WeightFunction = flat
@@ -527,6 +546,40 @@ class FederatedTrainer:
         self.round = int(state["round"])
         self.history = _copy(state["history"])
 
+    # ------------------------------------------------------------------ checkpoint files
+    def fingerprint(self) -> Dict:
+        """What a checkpoint must match to be resumed by this trainer (plain values, the
+        same on every machine): the trainer, the network's parameter names and shapes, the
+        weights' dtype, the clients (their number and training-set sizes), the seed, the
+        fraction, the local spec and the method's :attr:`SETTINGS`. Like
+        :meth:`~hbfl_pyro.FederatedSVI.fingerprint`, it leaves out what does not change the
+        state's meaning (the engine, ``chunk_size``, the failure options)."""
+        return {
+            "trainer": type(self).__name__,
+            "network": dict(self.layout),
+            "dtype": str(self.init.dtype),
+            "clients": self.num_clients,
+            "client sizes": list(self.sizes),
+            "seed": self.seed,
+            "fraction": float(self.fraction),
+            "local": dict(self.local.__dict__),
+            "settings": {name: _setting(getattr(self, name)) for name in self.SETTINGS},
+        }
+
+    def checkpoint(self, path) -> None:
+        """Write :meth:`state_dict` to ``path``, atomically, with :meth:`fingerprint`
+        (:func:`hbfl_pyro.checkpoint.save_checkpoint`)."""
+        save_checkpoint(self.state_dict(), path, self.fingerprint())
+
+    def resume(self, path) -> None:
+        """Load a state written by :meth:`checkpoint` (or ``save_checkpoint(trainer.
+        state_dict(), path, trainer.fingerprint())``); the next round continues the run,
+        bit for bit as if uninterrupted. The file is read without unpickling code and
+        refused with a :class:`~hbfl_pyro.checkpoint.CheckpointError` if it is corrupt, of
+        a newer format, or of another trainer, network, clients or settings (naming what
+        differs); a refused checkpoint changes nothing."""
+        self.load_state_dict(load_checkpoint(path, self.fingerprint()))
+
     def finetune_plan(
         self, data: Sequence[ClientLike], epochs: int, tag: str, **spec_changes
     ) -> Tuple[LocalSpec, List[Tuple[torch.Tensor, torch.Tensor]], List]:
@@ -639,6 +692,7 @@ class FedHB(FederatedTrainer):
     """
 
     STATE = {"params": "params", "stale": "_stale", "own": "_own"}
+    SETTINGS = ("family", "eps", "participation", "weighting", "start")
 
     def __init__(
         self,

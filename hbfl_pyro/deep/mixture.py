@@ -412,6 +412,17 @@ class FedHBMixture(FederatedTrainer):
         "labels": "labels",
         "updates": "_updates",
     }
+    SETTINGS = (
+        "families",
+        "eps",
+        "mixing",
+        "alpha0",
+        "participation",
+        "weighting",
+        "warmup_rounds",
+        "cluster_rounds",
+        "hold_rounds",
+    )
 
     def __init__(
         self,

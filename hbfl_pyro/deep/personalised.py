@@ -110,6 +110,7 @@ class Ditto(FederatedTrainer):
     """
 
     STATE = {"weights": "weights", "personal": "personal"}
+    SETTINGS = ("lam", "personal_epochs", "weighting")
 
     def __init__(
         self,
@@ -226,6 +227,7 @@ class PerFedAvg(FederatedTrainer):
     """
 
     STATE = {"weights": "weights"}
+    SETTINGS = ("alpha", "variant", "adapt_steps", "weighting")
 
     def __init__(
         self,
@@ -482,6 +484,14 @@ class PFedBayes(FederatedTrainer):
     """
 
     STATE = {"weights": "weights", "personal": "personal"}
+    SETTINGS = (
+        "zeta",
+        "beta",
+        "global_lr",
+        "personal_steps",
+        "train_samples",
+        "weighting",
+    )
 
     def __init__(
         self,
