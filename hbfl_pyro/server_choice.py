@@ -117,6 +117,26 @@ def _check_family(family: ClosedFormFamily, structure: ModelStructure) -> None:
         )
 
 
+def _refuse_discrete_latents(model, structure: ModelStructure, data) -> None:
+    """Raise naming a discrete latent site: neither the second-order server nor the
+    default (Gaussian) guides can fit one, and Pyro's own error (from the autoguide)
+    suggests enumerating it, which federated fitting does not do."""
+    with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+        trace = poutine.trace(model).get_trace(data.collate([0]))
+    for name in structure.global_sites + structure.local_sites:
+        support = trace.nodes[name]["fn"].support
+        if getattr(support, "is_discrete", False):
+            role = "global" if name in structure.global_sites else "local"
+            raise ModelStructureError(
+                f"{role} site {name!r} is discrete ({support}): federated fitting here "
+                "is of continuous latent variables (no enumeration). Sum it out in the "
+                "model: e.g. for a per-client class k with weights w, add "
+                "pyro.factor(..., torch.logsumexp(log(w_k) + log p(data | k), k)) in "
+                "place of the discrete site; or pass your own global_guide/local_guide "
+                "that samples it (server='gradient')"
+            )
+
+
 def choose_server(
     model,
     structure: ModelStructure,
@@ -135,6 +155,8 @@ def choose_server(
     Raises when an explicitly requested server cannot run (naming why and the
     alternative)."""
     default_guides = all(isinstance(g, str) and g == "auto" for g in (global_guide, local_guide))
+    if default_guides:
+        _refuse_discrete_latents(model, structure, data)
     if server == "second_order":
         if not default_guides:
             raise ValueError(

@@ -42,6 +42,15 @@ def _no_plate(data):
     pyro.sample("y", dist.Normal(mu, 1.0).expand(data["y"].shape).to_event(2), obs=data["y"])
 
 
+def _discrete_local(data):
+    """Each client in one of two latent classes: a discrete local, as enumeration writes it."""
+    w = pyro.sample("w", dist.Beta(1.0, 1.0))
+    with pyro.plate("clients", num_clients(data), dim=-2):
+        z = pyro.sample("z", dist.Bernoulli(w), infer={"enumerate": "parallel"})
+        with pyro.plate("obs", data["y"].shape[-1], dim=-1), poutine.mask(mask=data["mask"]):
+            pyro.sample("y", dist.Normal(2.0 * z, 1.0), obs=data["y"])
+
+
 def _normal(data):
     """Normal-normal with ragged clients, the padding masked (the library's idiom)."""
     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
@@ -538,6 +547,12 @@ CASES = [
         lambda tmp: _svi(_no_plate),
         M,
         r"no sample site is inside a plate named 'clients'; wrap the per-client part",
+    ),
+    case(
+        "discrete latent site",
+        lambda tmp: _svi(_discrete_local),
+        M,
+        r"local site 'z' is discrete \(Boolean\(\)\).*Sum it out in the model",
     ),
     case("no observed site", lambda tmp: _svi(_no_observations), M, r"no observed site"),
     case(
