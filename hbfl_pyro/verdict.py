@@ -29,11 +29,14 @@ def verdict_lines(verdict: Dict) -> Tuple[str, Optional[List[str]]]:
 
     Example::
 
-        >>> verdict_lines({"status": "converged", "rounds": 5, "k_hat": 0.3})[0]
-        'converged in 5 rounds; PSIS Pareto k-hat 0.30 (< 0.7: reliable)'
+        >>> verdict_lines({"status": "converged", "rounds": 5, "k_hat": 0.3, "psis_rounds": 1})[0]
+        'converged in 5 rounds (+1 PSIS round); PSIS Pareto k-hat 0.30 (< 0.7: reliable)'
     """
     status, rounds = verdict.get("status", "not checked"), verdict.get("rounds")
-    line = status if rounds is None else f"{status} in {rounds} rounds"
+    line = status if rounds is None else f"{status} in {rounds} round{'s' * (rounds != 1)}"
+    psis = verdict.get("psis_rounds")
+    if rounds is not None and psis:  # the second-order server's rounds that checked q
+        line += f" (+{psis} PSIS round{'s' * (psis != 1)})"
     if status == "not checked":
         line = f"{rounds} rounds run; no convergence check ran on them"
     k_hat = verdict.get("k_hat")
