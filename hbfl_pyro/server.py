@@ -11,7 +11,8 @@ Two modes (method.md §3):
 Partial participation: ``"scaled"`` multiplies the sum over the round's clients by
 ``N / |S|`` (an unbiased estimate of the sum over all clients); ``"stale"`` keeps each
 client's latest reply and sums over every client heard from so far (exact at a fixed
-point, and the default in closed-form mode).
+point, and the default in closed-form mode). Both are :mod:`hbfl_pyro.participation`'s,
+which the deep trainers use too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pyro import poutine
 from .elbo import server_term
 from .families.base import ClosedFormFamily
 from .guides import private_params
+from .participation import check_participation, pool_replies, scale_factor
 from .seeding import derive_seed, seeded
 from .servers.base import ServerStrategy
 from .servers.dp import DifferentialPrivacy
@@ -145,8 +147,7 @@ class Server(ServerStrategy):
     ):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        if participation not in ("scaled", "stale"):
-            raise ValueError(f"participation must be 'scaled' or 'stale', got {participation!r}")
+        check_participation(participation)
         per_round = max(1, int(round(fraction * len(client_names))))
         if not 1 <= min_clients <= per_round:
             raise ValueError(
@@ -256,10 +257,7 @@ class Server(ServerStrategy):
             )
             record["elbo"] = float("nan")
             return record, None
-        if self.participation == "stale":
-            self.stale.update(good)
-            return record, self.stale
-        return record, good
+        return record, pool_replies(self.participation, self.stale, good)
 
     def update(
         self,
@@ -275,7 +273,7 @@ class Server(ServerStrategy):
         wrapper may have added noise to it) it is all the update sees of the payloads.
         :returns: ``record``, completed.
         """
-        scale = self.num_clients / len(pool)
+        scale = scale_factor(self.num_clients, len(pool))
         client_elbo = scale * sum(r["elbo"] for r in pool.values())
         own = self._update(server_round, total, scale)
         record["updated"] = True
@@ -412,7 +410,7 @@ class ClosedFormServer(Server):
             )
             return record
         family = self._family()
-        scale = self.num_clients / len(clients)
+        scale = scale_factor(self.num_clients, len(clients))
         sums = {
             path.split("/", 1)[1]: scale * value
             for path, value in total.items()

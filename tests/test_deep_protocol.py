@@ -281,3 +281,31 @@ def test_a_checkpoint_file_is_refused_by_another_trainer_network_or_clients(tmp_
     same_run = _fedhb(net, clients, engine="inprocess", **opts)
     same_run.resume(path)
     assert same_run.round == 1
+
+
+# --------------------------------------------------------------------------------------
+# One participation: hbfl_pyro.participation for the core's server and the deep trainers
+# --------------------------------------------------------------------------------------
+
+
+def test_the_core_and_deep_trainers_share_participation():
+    import hbfl_pyro.deep.fedhb as deep_fedhb
+    import hbfl_pyro.server as core_server
+    from hbfl_pyro import participation
+
+    assert deep_fedhb.pool_replies is participation.pool_replies
+    assert core_server.pool_replies is participation.pool_replies
+    assert core_server.scale_factor is participation.scale_factor
+    net, clients = toy()
+    family = iso_prior(FlatNet(net).vector())
+    with pytest.raises(ValueError, match="participation must be 'scaled' or 'stale'"):
+        FedHB(net, clients, family, participation="fresh")
+    # Stale: the pool holds each client's latest reply (its m_i), every client heard so far.
+    fit = FedHB(net, clients, family, participation="stale", fraction=0.5, eps=0.1, seed=1)
+    seen = {}
+    for record in fit.run(4):
+        seen.update(dict.fromkeys(record["clients"]))
+    assert sorted(fit._stale) == sorted(seen)
+    # Scaled: each round's equal weights are N / |S| (the core's factor), summing to N.
+    weights = deep_fedhb._weights([0, 2, 5], fit.sizes, 6, "equal", fit.init)
+    assert weights.tolist() == [participation.scale_factor(6, 3)] * 3 == [2.0] * 3

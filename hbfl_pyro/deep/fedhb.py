@@ -62,6 +62,7 @@ from ..data import num_clients
 from ..failures import MAX_FAILED_ROUNDS, ClientFailureError, failing_clients, failure_message
 from ..families.base import ClosedFormFamily, Params
 from ..families.niw import NIWDiag, NIWFull, NIWIso
+from ..participation import check_participation, pool_replies, scale_factor
 from ..server import ClientFailureWarning
 from .data import ClientSplit
 from .local import (
@@ -619,7 +620,8 @@ def _weights(
     if weighting == "size":
         n = torch.tensor([float(sizes[i]) for i in pool], dtype=like.dtype, device=like.device)
         return num_clients * n / n.sum()
-    return torch.full((len(pool),), num_clients / len(pool), dtype=like.dtype, device=like.device)
+    scale = scale_factor(num_clients, len(pool))
+    return torch.full((len(pool),), scale, dtype=like.dtype, device=like.device)
 
 
 #: Clients per block when summing summaries: with all of a round's clients at once, the
@@ -709,8 +711,7 @@ class FedHB(FederatedTrainer):
         super().__init__(net, clients, **kwargs)
         if start not in ("global", "own"):
             raise ValueError(f"start must be 'global' or 'own', got {start!r}")
-        if participation not in ("scaled", "stale"):
-            raise ValueError(f"participation must be 'scaled' or 'stale', got {participation!r}")
+        check_participation(participation)
         if weighting not in ("equal", "size"):
             raise ValueError(f"weighting must be 'equal' or 'size', got {weighting!r}")
         d = getattr(family, "d", self.net.d)  # the NIW families' dimension
@@ -766,20 +767,22 @@ class FedHB(FederatedTrainer):
         The sums come from ``family.weighted_summary_sums`` over blocks of clients (the
         iso / diag families compute them from ``m_i`` directly, without per-client
         summary temporaries); ``"stale"`` keeps every client's latest ``m_i``, from which
-        its summary is recomputed (it depends on ``m_i`` and ``eps`` only).
+        its summary is recomputed (it depends on ``m_i`` and ``eps`` only). The pool and
+        the ``N / |pool|`` factor are :mod:`hbfl_pyro.participation`'s, as the core's.
         """
-        if self.participation == "stale":
-            self._stale.update((i, theta.clone()) for i, theta in zip(chosen, thetas))
-            pool = sorted(self._stale)
-
-            def rows(s):
-                return torch.stack([self._stale[i] for i in pool[s : s + _BLOCK]])
-
-        else:
-            pool = chosen
+        stale = self.participation == "stale"
+        replies = {i: theta.clone() if stale else theta for i, theta in zip(chosen, thetas)}
+        pooled = pool_replies(self.participation, self._stale, replies)
+        pool = sorted(pooled)
+        if pool == list(chosen):  # the round's own replies, in order: no copies
 
             def rows(s):
                 return thetas[s : s + _BLOCK]
+
+        else:
+
+            def rows(s):
+                return torch.stack([pooled[i] for i in pool[s : s + _BLOCK]])
 
         w = _weights(pool, self.sizes, self.num_clients, self.weighting, thetas)
         sums = _summed_summaries(self.family, w, rows, len(pool), self.eps)

@@ -81,6 +81,7 @@ from torch import nn
 
 from ..families.base import ClosedFormFamily, Params
 from ..families.niw import NIWDiag, NIWIso
+from ..participation import check_participation, pool_replies
 from ..seeding import derive_seed, seeded
 from .baselines import FedProx
 from .data import FederatedSplit
@@ -458,8 +459,7 @@ class FedHBMixture(FederatedTrainer):
                 )
         if mixing not in ("learned", "uniform"):
             raise ValueError(f"mixing must be 'learned' or 'uniform', got {mixing!r}")
-        if participation not in ("scaled", "stale"):
-            raise ValueError(f"participation must be 'scaled' or 'stale', got {participation!r}")
+        check_participation(participation)
         if weighting not in ("equal", "size"):
             raise ValueError(f"weighting must be 'equal' or 'size', got {weighting!r}")
         if alpha0 <= 0:
@@ -659,10 +659,12 @@ class FedHBMixture(FederatedTrainer):
             resp = self.responsibilities(thetas)
         for j, i in enumerate(chosen):
             self.client_resp[i] = resp[j]
-        if self.participation == "stale":
-            # A client's summary depends on m_i and eps only: keep m_i and its r_i.
-            for j, i in enumerate(chosen):
-                self._stale[i] = (thetas[j].clone(), resp[j])
+        # A client's summary depends on m_i and eps only: its reply is m_i and its r_i.
+        stale = self.participation == "stale"
+        replies = {
+            i: (thetas[j].clone() if stale else thetas[j], resp[j]) for j, i in enumerate(chosen)
+        }
+        if pool_replies(self.participation, self._stale, replies) is self._stale:
             counts = self._update_from_pool()
         else:
             counts = self._update_from(chosen, lambda s: thetas[s : s + _BLOCK], resp)
