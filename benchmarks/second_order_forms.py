@@ -120,16 +120,9 @@ def accuracy(fit, reference_path, draws, seed):
     from hbfl_pyro.summary import posterior_summary
 
     reference = tuning_free._reference(reference_path, list(fit.data.names))
-    position, zs, ratios = {}, [], []
-    for row in posterior_summary(fit, num_samples=draws, seed=seed):
-        key = (row["site"], row["client"])
-        j = position.get(key, 0)
-        position[key] = j + 1
-        if (row["site"], row["client"], j) not in reference:
-            continue
-        mean, sd = reference[(row["site"], row["client"], j)]
-        if sd == 0.0:
-            continue
+    rows = posterior_summary(fit, num_samples=draws, seed=seed)
+    zs, ratios = [], []
+    for row, _, mean, sd in tuning_free.matched_rows(rows, reference):
         zs.append(abs(row["mean"] - mean) / sd)
         ratios.append(row["sd"] / sd)
     return max(zs), min(ratios), max(ratios)

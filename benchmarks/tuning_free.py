@@ -266,6 +266,23 @@ def nuts_in_run(name, seed):
     }
 
 
+def matched_rows(rows, reference):
+    """``(row, j, reference mean, reference sd)`` for each summary row with a reference
+    value (``j``: the row's flat index within its site and client); constant elements
+    (sd 0: the fixed entries of an LKJ Cholesky factor) are left out."""
+    position = {}
+    for row in rows:
+        key = (row["site"], row["client"])
+        j = position.get(key, 0)
+        position[key] = j + 1
+        if (row["site"], row["client"], j) not in reference:
+            continue
+        mean, sd = reference[(row["site"], row["client"], j)]
+        if sd == 0.0:
+            continue
+        yield row, j, mean, sd
+
+
 def run_case(name, spec_text, ref_path, seed, draws, pooled=False, nuts=False):
     from hbfl_pyro import FederatedSVI
     from hbfl_pyro.modelfile import load_model_file
@@ -294,18 +311,9 @@ def run_case(name, spec_text, ref_path, seed, draws, pooled=False, nuts=False):
     mcmc = None if failed["nuts_error"] else mcmc
     reference = _reference(ref_path, list(fit.data.names))
     short_nuts = _reference(mcmc["summary"], mcmc["clients"]) if mcmc else {}
-    position = {}
     stats = {"global": ([], []), "local": ([], [])}
     svi_stats, nuts_z = ([], []), []
-    for row in rows:
-        key = (row["site"], row["client"])
-        j = position.get(key, 0)
-        position[key] = j + 1
-        if (row["site"], row["client"], j) not in reference:
-            continue
-        mean, sd = reference[(row["site"], row["client"], j)]
-        if sd == 0.0:  # a constant element (the fixed entries of an LKJ Cholesky factor)
-            continue
+    for row, j, mean, sd in matched_rows(rows, reference):
         kind = "local" if row["client"] else "global"
         stats[kind][0].append(abs(row["mean"] - mean) / sd)
         stats[kind][1].append(row["sd"] / sd)
