@@ -42,12 +42,16 @@ simulation engine numbers its nodes ``0..N-1``).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
+from urllib.parse import quote
 
 import torch
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from .config import RUN_CONFIG_DEFAULTS, AppSpec, client_options, flag, load_spec, merged_config
 from .engine import SERVER_RECORD, FlowerEngine
 from .messaging import discover_clients, send_and_receive
@@ -147,6 +151,61 @@ class NodeClient:
 _NODES: Dict[Tuple[int, int], NodeClient] = {}
 
 
+# ---------------------------------------------------------------------- node-local state
+def node_state_dir(spec: AppSpec, node_config: Mapping) -> Optional[Path]:
+    """The node's ``state-dir`` (its node config's, else the run config's), or ``None``."""
+    directory = str(dict(node_config).get("state-dir", "") or spec.config.get("state-dir", ""))
+    return Path(directory) if directory else None
+
+
+def _state_files(directory: Path, name: str) -> Tuple[Path, Path]:
+    stem = quote(name, safe="")  # a client name is not always a file name
+    return directory / f"{stem}.pt", directory / f"{stem}.previous.pt"
+
+
+def save_node_state(directory: Path, name: str, mode: str, server_round: int, state) -> None:
+    """Write a client's state after its update in ``server_round`` to ``directory``
+    (:func:`~hbfl_pyro.checkpoint.save_checkpoint`: atomic), keeping the one before too:
+    a server that stops mid-round resumes from the round before, whose state is then the
+    previous file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    current, previous = _state_files(directory, name)
+    if current.exists():
+        os.replace(current, previous)
+    save_checkpoint(
+        {"round": int(server_round), "state": state}, current, {"client": name, "mode": mode}
+    )
+
+
+def load_node_state(
+    directory: Optional[Path], name: str, mode: str, resume_round: int, last_round: int
+) -> Optional[Dict]:
+    """A client's state as it was after round ``resume_round`` of the run resumed: its
+    newest saved state of that round or before, ``None`` if it has none (it was never
+    aggregated); refused if older than ``last_round``, the last round the server
+    aggregated its update in (the wrong or an old directory)."""
+    best: Optional[Dict] = None
+    if directory is not None:
+        for path in _state_files(directory, name):
+            if path.exists():
+                saved = load_checkpoint(path, {"client": name, "mode": mode})
+                if saved["round"] <= resume_round and (
+                    best is None or saved["round"] > best["round"]
+                ):
+                    best = saved
+    have = best["round"] if best is not None else 0
+    if have < last_round:
+        where = f"state-dir {str(directory)!r}" if directory is not None else "no state-dir"
+        raise RuntimeError(
+            f"client {name!r}: the run resumes after round {resume_round}, in which the "
+            f"server last aggregated this client's update in round {last_round}, but this "
+            f"node's {where} holds "
+            + (f"its state of round {have}" if best is not None else "no state of it")
+            + "; give the node the state-dir of the run that wrote the checkpoint"
+        )
+    return best["state"] if best is not None else None
+
+
 def _node_client(context, overrides) -> Tuple[AppSpec, NodeClient]:
     config = merged_config(context.run_config, overrides)
     spec = load_spec(config)
@@ -175,20 +234,33 @@ def client_app(run_config: Optional[Mapping] = None):
     overrides = dict(run_config or {})
     app = ClientApp()
 
-    def load_state(context, client, initial_state) -> None:
+    def load_state(context, node: NodeClient, mode: str, resume=None):
+        """The client for ``mode`` with its state in this run: from ``context.state``,
+        else (a resumed run, ``resume = (resume round, last round)``) from the node's
+        ``state-dir``, else its initial state."""
+        client, initial_state = node.client_for(mode)
         if has_tree(context.state, STATE_PREFIX):
             client.load_state_dict(decode(context.state, STATE_PREFIX))
-        else:  # a new run on this node: start from the initial local factor
-            client.load_state_dict(initial_state)
+            return client
+        saved = None
+        if resume is not None:  # a resumed run: the state its last run left on this node
+            directory = node_state_dir(node.spec, context.node_config)
+            saved = load_node_state(directory, node.name, mode, *resume)
+        # else a new run on this node: start from the initial local factor
+        client.load_state_dict(initial_state if saved is None else saved)
+        return client
 
-    def update(context, node: NodeClient, mode: str, message, finish=None):
+    def update(context, node: NodeClient, mode: str, message, finish=None, resume=None):
         """The local update; the state is stored only if ``finish(reply)`` returns."""
-        client, initial_state = node.client_for(mode)
-        load_state(context, client, initial_state)
+        client = load_state(context, node, mode, resume)
         reply = client.update(message)
         out = reply if finish is None else finish(reply)
-        for name, record in encode(client.state_dict(), STATE_PREFIX).items():
+        state = client.state_dict()
+        for name, record in encode(state, STATE_PREFIX).items():
             context.state[name] = record
+        directory = node_state_dir(node.spec, context.node_config)
+        if directory is not None and "round" in message:
+            save_node_state(directory, node.name, mode, int(message["round"]), state)
         return out
 
     @app.train()
@@ -206,8 +278,12 @@ def client_app(run_config: Optional[Mapping] = None):
                 f"client {node.name!r}: this node's run config sets secagg, but the server "
                 "sent a plain train message; it answers only through SecAgg+"
             )
-        mode = str(msg.content[SERVER_RECORD]["mode"])
-        reply = update(context, node, mode, decode(msg.content))
+        header = msg.content[SERVER_RECORD]
+        mode = str(header["mode"])
+        resume = None
+        if "resume-round" in header:  # a resumed run (see FlowerEngine.resume_after)
+            resume = (int(header["resume-round"]), int(header["last-round"]))
+        reply = update(context, node, mode, decode(msg.content), resume=resume)
         return Message(record_dict(reply), reply_to=msg)
 
     @app.query()
@@ -223,8 +299,11 @@ def client_app(run_config: Optional[Mapping] = None):
                     "node's run config does not set collect-local"
                 )
             # The server's mode: a client sampled in no round has not heard it yet.
-            client, initial_state = node.client_for(str(msg.content["hbfl.query"]["mode"]))
-            load_state(context, client, initial_state)
+            fields = msg.content["hbfl.query"]
+            resume = None
+            if "resume-round" in fields:  # a resumed run: sampled in none of its rounds?
+                resume = (int(fields["resume-round"]), 0)
+            client = load_state(context, node, str(fields["mode"]), resume)
             body = {"name": node.name, "state": client.state_dict()}
         else:
             raise ValueError(f"unknown query action {action!r}")
@@ -332,6 +411,9 @@ __all__ = [
     "client_app",
     "discover_clients",
     "load_node_data",
+    "load_node_state",
+    "node_state_dir",
+    "save_node_state",
     "load_spec",
     "merged_config",
     "run_server",

@@ -58,6 +58,17 @@ RUN_CONFIG_DEFAULTS: Dict[str, Any] = {
     # Clients send their local state at the end (for simulation summaries only): the
     # ServerApp asks, and a ClientApp answers only if its own config says so too.
     "collect-local": False,
+    # Checkpoint and resume (see docs/flower.rst). The ServerApp writes its state (round,
+    # server, history) to ``checkpoint`` after every round ("" : nowhere) and, given
+    # ``resume``, continues from that file's state; ``stop-after-round`` ends the run,
+    # unfinished, after that round (-1: never), to be resumed later.
+    "checkpoint": "",
+    "resume": "",
+    "stop-after-round": -1,
+    # A node-local directory where each ClientApp writes its client's state after each
+    # update (a node's own ``state-dir`` node-config entry takes precedence); a resumed
+    # run's clients continue from it. The state never leaves the node.
+    "state-dir": "",
     # Secure aggregation (closed-form server): see hbfl_pyro.flower.secagg.
     **SECAGG_CONFIG_DEFAULTS,
 }

@@ -17,7 +17,7 @@ in process is.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..engines.base import Engine, Failures
 from ..server import ClientFailureWarning
@@ -25,6 +25,9 @@ from .messaging import error_text, logger, send_and_receive
 from .records import decode, num_bytes, record_dict
 
 #: The record of a train message naming the server strategy's mode (read by the node).
+#: In a resumed run it also holds ``resume-round`` (the round the run resumed after) and
+#: ``last-round`` (the last round before it in which the client's update was aggregated),
+#: so a node whose run has no state for its client yet loads it from its ``state-dir``.
 SERVER_RECORD = "hbfl.server"
 
 
@@ -48,12 +51,28 @@ class FlowerEngine(Engine):
         self.mode = mode
         self.timeout, self.poll = float(timeout), float(poll)
         self.traffic: List[Dict] = []
+        #: Set by :meth:`resume_after` in a resumed run.
+        self.resume_round: Optional[int] = None
+        self.last_rounds: Dict[str, int] = {}
+
+    def resume_after(self, server_round: int, history: List[Dict]) -> None:
+        """This run resumes after ``server_round``, whose ``history`` says which clients
+        were aggregated in which round: every train message will tell its node so."""
+        self.resume_round = int(server_round)
+        self.last_rounds = {}
+        for record in history:
+            for name in record.get("clients", ()):
+                self.last_rounds[str(name)] = int(record["round"])
 
     def _train_message(self, name: str, message: Dict):
         from flwr.app import ConfigRecord, Message, MessageType
 
         content = record_dict(message)
-        content[SERVER_RECORD] = ConfigRecord({"mode": self.mode})
+        header: Dict[str, Any] = {"mode": self.mode}
+        if self.resume_round is not None:
+            header["resume-round"] = self.resume_round
+            header["last-round"] = self.last_rounds.get(name, 0)
+        content[SERVER_RECORD] = ConfigRecord(header)
         return Message(
             content,
             dst_node_id=self.nodes[name],

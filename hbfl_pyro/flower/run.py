@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import AppSpec, flag, load_spec, server_options
 from .messaging import discover_clients, logger, query_nodes
 
@@ -39,6 +40,8 @@ def run_with_engine(
     fit = build_server(spec, names, schemas)
     engine = make_engine(fit, nodes, spec.config)
     fit.engine = engine
+    checkpoint, fingerprint, resumed = server_checkpoints(spec, fit, engine)
+    stop_after = int(spec.config["stop-after-round"])
     out = str(spec.config["out-dir"])
     logger.info(
         "hbfl: %d clients on nodes %s; %s server through %s, %d rounds at most",
@@ -51,6 +54,8 @@ def run_with_engine(
     setup = time.perf_counter() - start
 
     def after_round(record: Dict) -> None:
+        if checkpoint:
+            save_checkpoint(server_state(fit, engine), checkpoint, fingerprint)
         if out:  # progress, for whoever watches a deployment
             so_far = run_result(spec, fit, names, nodes, fit.history, engine.traffic, setup)
             write_history(so_far, out)
@@ -61,15 +66,108 @@ def run_with_engine(
             record["clients"],
             record["failed"],
         )
+        if 0 <= stop_after <= fit.round:
+            raise _StopRun
 
-    fit.run(spec.rounds, progress=False, on_round=after_round)
+    # A resumed run runs only the rounds still missing (the second-order server: the
+    # Newton rounds still missing), as `hbfl fit --resume` does.
+    rounds = max(0, spec.rounds - fit.round) if resumed else spec.rounds
+    stopped = 0 <= stop_after <= fit.round
+    if not stopped:
+        try:
+            fit.run(rounds, progress=False, on_round=after_round)
+        except _StopRun:
+            stopped = True
     result = run_result(spec, fit, names, nodes, fit.history, engine.traffic, setup)
+    if resumed:
+        result["resumed_after"] = resumed
+    if stopped:  # unfinished: resume it from the checkpoint
+        result["stopped_after"] = fit.round
+        logger.info("hbfl: the run stops after round %d (stop-after-round)", fit.round)
     result["server_choice"] = dict(fit.server_choice)
     if fit.server.mode == "second_order":
         result["verdict"] = fit.verdict
     if extra is not None:
         result.update(extra(engine))
     return finish_run(grid, spec, fit, nodes, result)
+
+
+class _StopRun(Exception):
+    """Raised after the round ``stop-after-round`` names: the run ends there, unfinished."""
+
+
+def server_fingerprint(spec: AppSpec, fit) -> Dict:
+    """What a ServerApp checkpoint must match to be resumed: the model's
+    (:meth:`~hbfl_pyro.FederatedSVI.fingerprint` of the server side), the guide family and
+    the options (so a checkpoint resumes only the fit it came from)."""
+    return {
+        **fit.fingerprint(),
+        "engine": "flower",
+        "guide": str(spec.config.get("guide", "")),
+        "options": {key: _describe(value) for key, value in sorted(spec.options.items())},
+    }
+
+
+def _describe(value) -> str:
+    # As `hbfl fit` describes an option in its checkpoints: names for classes and
+    # functions, else repr (without an address, which differs from run to run).
+    if isinstance(value, type) or callable(value):
+        return getattr(value, "__qualname__", None) or type(value).__name__
+    text = repr(value)
+    return type(value).__name__ if " object at 0x" in text else text
+
+
+def server_state(fit, engine) -> Dict:
+    """The ServerApp's state: round, seed, server, history and traffic (the clients'
+    states stay on their nodes, in their ``state-dir``)."""
+    return {
+        "round": fit.round,
+        "seed": fit.seed,
+        "server": fit.server.state_dict(),
+        "history": [dict(r) for r in fit.history],
+        "traffic": [dict(t) for t in engine.traffic],
+    }
+
+
+def server_checkpoints(spec: AppSpec, fit, engine):
+    """The run-config keys ``checkpoint`` and ``resume``: checked before the first round,
+    and the ``resume`` state loaded into ``fit`` and ``engine``.
+
+    Returns ``(checkpoint path or "", fingerprint or None, the round resumed after or
+    0)``. A checkpoint of another model, guide, options or seed is refused with a
+    :class:`~hbfl_pyro.checkpoint.CheckpointError` (or ``ValueError``) naming why, before
+    any round; so is ``resume`` under SecAgg+ (its messages cannot tell the nodes)."""
+    config = spec.config
+    checkpoint, resume = str(config["checkpoint"]), str(config["resume"])
+    if not checkpoint and not resume:
+        return "", None, 0
+    if checkpoint and not Path(checkpoint).parent.is_dir():
+        raise ValueError(f"run config checkpoint={checkpoint!r}: its directory does not exist")
+    fingerprint = server_fingerprint(spec, fit)
+    if not resume:
+        return checkpoint, fingerprint, 0
+    if flag(config["secagg"]):
+        raise ValueError(
+            "run config resume: a SecAgg+ run cannot be resumed (its messages cannot tell "
+            "the nodes to load their state); resume runs without secagg"
+        )
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"run config resume={resume!r}: no such file")
+    state = load_checkpoint(resume, fingerprint)
+    if state["seed"] != fit.seed:
+        raise CheckpointError(
+            f"{resume}: the checkpoint's seed {state['seed']} differs from this run's "
+            f"{fit.seed}; resume with the options it was written with"
+        )
+    fit.server.check_state(state["server"])
+    fit.round = int(state["round"])
+    fit.server.load_state_dict(state["server"])
+    fit.history = [dict(r) for r in state["history"]]
+    engine.traffic[:] = [dict(t) for t in state.get("traffic", [])]
+    if hasattr(engine, "resume_after"):
+        engine.resume_after(fit.round, fit.history)
+    logger.info("hbfl: resumed from %s after round %d", resume, fit.round)
+    return checkpoint, fingerprint, fit.round
 
 
 def build_server(spec: AppSpec, names: List[str], schemas: Dict[str, Dict]):
@@ -90,13 +188,19 @@ def finish_run(grid, spec: AppSpec, fit, nodes: Dict[str, int], result: Dict) ->
     config = spec.config
     if flag(config["collect-local"]):
         timeout, poll = float(config["round-timeout"]), float(config["poll-interval"])
+        # In a resumed run a client sampled in none of its rounds reads its state-dir.
+        resumed = {}
+        if "resumed_after" in result:
+            resumed["resume-round"] = str(result["resumed_after"])
         answers, errors = query_nodes(
-            grid, list(nodes.values()), "report", timeout, poll, mode=fit.server.mode
+            grid, list(nodes.values()), "report", timeout, poll, mode=fit.server.mode, **resumed
         )
         for why in errors.values():
             logger.warning("hbfl: a client did not report its local state: %s", why)
         result["clients"] = {a["name"]: a["state"] for a in answers.values()}
-    result["global"] = global_summary(fit)
+    # A second-order run stopped before its PSIS round has no posterior to summarise yet.
+    unfinished = "stopped_after" in result and fit.server.mode == "second_order"
+    result["global"] = {} if unfinished else global_summary(fit)
     out = str(config["out-dir"])
     if out:
         write_result(result, out)
@@ -158,6 +262,9 @@ def write_history(result: Dict, out_dir) -> None:
 
 __all__ = [
     "build_server",
+    "server_checkpoints",
+    "server_fingerprint",
+    "server_state",
     "finish_run",
     "global_summary",
     "run_result",
