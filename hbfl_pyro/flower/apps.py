@@ -18,6 +18,11 @@ Both apps read the same *run config* (Flower's ``context.run_config``, overridde
 ``secagg``
     route the clients' closed-form summaries through Flower's SecAgg+ protocol, so the
     server sees only their sum (:mod:`hbfl_pyro.flower.secagg`; keys ``secagg-*``).
+``checkpoint``, ``resume``, ``stop-after-round``, ``state-dir``
+    the ServerApp writes its state to ``checkpoint`` after every round and continues
+    from ``resume``; each node writes its client's state to its ``state-dir`` (node
+    config, else run config) after every update and, in a resumed run, continues from it
+    (:func:`~hbfl_pyro.flower.run.server_checkpoints`, :func:`load_node_state`).
 
 A round is the in-process round, message for message: the server samples clients with
 :meth:`~hbfl_pyro.Server.select`, sends each a ``train`` message holding
@@ -42,6 +47,7 @@ simulation engine numbers its nodes ``0..N-1``).
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -163,27 +169,43 @@ def _state_files(directory: Path, name: str) -> Tuple[Path, Path]:
     return directory / f"{stem}.pt", directory / f"{stem}.previous.pt"
 
 
-def save_node_state(directory: Path, name: str, mode: str, server_round: int, state) -> None:
+def save_node_state(
+    directory: Path, name: str, mode: str, server_round: int, state, started=None
+) -> None:
     """Write a client's state after its update in ``server_round`` to ``directory``
     (:func:`~hbfl_pyro.checkpoint.save_checkpoint`: atomic), keeping the one before too:
-    a server that stops mid-round resumes from the round before, whose state is then the
-    previous file."""
+    a server stopped mid-round resumes after the round before, whose state is then the
+    previous file.
+
+    :param started: ``None`` if the update started from this run's state (the current
+        file is the one before); else the first update of this run on this node, which
+        started from ``started``: the saved ``{"round", "state"}`` it resumed, or ``{}``
+        (its initial state; files of an older run are dropped).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     current, previous = _state_files(directory, name)
-    if current.exists():
-        os.replace(current, previous)
-    save_checkpoint(
-        {"round": int(server_round), "state": state}, current, {"client": name, "mode": mode}
-    )
+    fingerprint = {"client": name, "mode": mode}
+    if started is None:
+        if current.exists():
+            os.replace(current, previous)
+    elif started:
+        save_checkpoint(started, previous, fingerprint)
+    else:
+        previous.unlink(missing_ok=True)
+    save_checkpoint({"round": int(server_round), "state": state}, current, fingerprint)
 
 
 def load_node_state(
     directory: Optional[Path], name: str, mode: str, resume_round: int, last_round: int
 ) -> Optional[Dict]:
     """A client's state as it was after round ``resume_round`` of the run resumed: its
-    newest saved state of that round or before, ``None`` if it has none (it was never
-    aggregated); refused if older than ``last_round``, the last round the server
-    aggregated its update in (the wrong or an old directory)."""
+    newest saved ``{"round", "state"}`` of that round or before; ``None`` (its initial
+    state) if the server never aggregated its update (``last_round`` 0). Refused if
+    older than ``last_round``, the last round the server aggregated its update in (the
+    wrong or an old directory)."""
+    if last_round <= 0:
+        # Never aggregated before: its initial state (files there are of an older run).
+        return None
     best: Optional[Dict] = None
     if directory is not None:
         for path in _state_files(directory, name):
@@ -197,13 +219,13 @@ def load_node_state(
     if have < last_round:
         where = f"state-dir {str(directory)!r}" if directory is not None else "no state-dir"
         raise RuntimeError(
-            f"client {name!r}: the run resumes after round {resume_round}, in which the "
-            f"server last aggregated this client's update in round {last_round}, but this "
+            f"client {name!r}: the run resumes after round {resume_round}; the server "
+            f"last aggregated this client's update in round {last_round}, but this "
             f"node's {where} holds "
             + (f"its state of round {have}" if best is not None else "no state of it")
             + "; give the node the state-dir of the run that wrote the checkpoint"
         )
-    return best["state"] if best is not None else None
+    return best
 
 
 def _node_client(context, overrides) -> Tuple[AppSpec, NodeClient]:
@@ -235,24 +257,25 @@ def client_app(run_config: Optional[Mapping] = None):
     app = ClientApp()
 
     def load_state(context, node: NodeClient, mode: str, resume=None):
-        """The client for ``mode`` with its state in this run: from ``context.state``,
-        else (a resumed run, ``resume = (resume round, last round)``) from the node's
-        ``state-dir``, else its initial state."""
+        """The client for ``mode`` with its state in this run, and where that came from:
+        ``None`` from ``context.state``; else (the first update of this run on this node)
+        the saved ``{"round", "state"}`` from the node's ``state-dir`` (a resumed run,
+        ``resume = (resume round, last round)``), or ``{}``, its initial state."""
         client, initial_state = node.client_for(mode)
         if has_tree(context.state, STATE_PREFIX):
             client.load_state_dict(decode(context.state, STATE_PREFIX))
-            return client
+            return client, None
         saved = None
         if resume is not None:  # a resumed run: the state its last run left on this node
             directory = node_state_dir(node.spec, context.node_config)
             saved = load_node_state(directory, node.name, mode, *resume)
         # else a new run on this node: start from the initial local factor
-        client.load_state_dict(initial_state if saved is None else saved)
-        return client
+        client.load_state_dict(initial_state if saved is None else saved["state"])
+        return client, saved or {}
 
     def update(context, node: NodeClient, mode: str, message, finish=None, resume=None):
         """The local update; the state is stored only if ``finish(reply)`` returns."""
-        client = load_state(context, node, mode, resume)
+        client, started = load_state(context, node, mode, resume)
         reply = client.update(message)
         out = reply if finish is None else finish(reply)
         state = client.state_dict()
@@ -260,7 +283,8 @@ def client_app(run_config: Optional[Mapping] = None):
             context.state[name] = record
         directory = node_state_dir(node.spec, context.node_config)
         if directory is not None and "round" in message:
-            save_node_state(directory, node.name, mode, int(message["round"]), state)
+            round_ = int(message["round"])
+            save_node_state(directory, node.name, mode, round_, state, started)
         return out
 
     @app.train()
@@ -302,8 +326,9 @@ def client_app(run_config: Optional[Mapping] = None):
             fields = msg.content["hbfl.query"]
             resume = None
             if "resume-round" in fields:  # a resumed run: sampled in none of its rounds?
-                resume = (int(fields["resume-round"]), 0)
-            client = load_state(context, node, str(fields["mode"]), resume)
+                last = json.loads(str(fields["last-rounds"])).get(node.name, 0)
+                resume = (int(fields["resume-round"]), int(last))
+            client, _ = load_state(context, node, str(fields["mode"]), resume)
             body = {"name": node.name, "state": client.state_dict()}
         else:
             raise ValueError(f"unknown query action {action!r}")

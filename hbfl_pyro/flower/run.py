@@ -192,6 +192,7 @@ def finish_run(grid, spec: AppSpec, fit, nodes: Dict[str, int], result: Dict) ->
         resumed = {}
         if "resumed_after" in result:
             resumed["resume-round"] = str(result["resumed_after"])
+            resumed["last-rounds"] = json.dumps(getattr(fit.engine, "last_rounds", {}))
         answers, errors = query_nodes(
             grid, list(nodes.values()), "report", timeout, poll, mode=fit.server.mode, **resumed
         )
