@@ -180,6 +180,10 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
 
     out_dir = Path(args.out) if args.out is not None else Path("runs") / spec.path.stem
     fingerprint = _checkpoints(fit, args, options, flower_sim, spec.label)
+    flower_checkpoints: Dict[str, Any] = {}
+    resumed_after = fit.round
+    if flower_sim and (args.checkpoint is not None or args.resume is not None):
+        flower_checkpoints, resumed_after = _flower_checkpoints(args)
     mode = fit.server.mode
     if fit.family is not None:
         mode += f" ({type(fit.family).__name__})"
@@ -211,7 +215,7 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
         ("seed", str(args.seed)),
     ]
     if args.resume is not None:
-        header.append(("resumed", f"{args.resume} (after round {fit.round})"))
+        header.append(("resumed", f"{args.resume} (after round {resumed_after})"))
     if args.checkpoint is not None:
         header.append(("checkpoint", f"{args.checkpoint} (after every round)"))
     quiet = getattr(args, "quiet", False)
@@ -241,6 +245,7 @@ def fit_command(args: argparse.Namespace, out=None) -> int:
         from .flower.simulation import fit_in_simulation
 
         run_config = {"secagg": True} if args.secagg else {}
+        run_config.update(flower_checkpoints)
         if args.guide is not None:
             run_config["guide"] = args.guide
         try:
@@ -358,11 +363,8 @@ def _checkpoints(fit, args, options, flower_sim, label) -> Optional[Dict[str, An
         return None
     from .checkpoint import CheckpointError, load_checkpoint
 
-    if flower_sim:
-        raise UsageError(
-            "--checkpoint and --resume run in-process or vectorised (Flower runs the rounds "
-            "of --engine flower-sim); drop --engine flower-sim"
-        )
+    if flower_sim:  # the ServerApp checks and writes them (_flower_checkpoints)
+        return None
     if args.checkpoint is not None and not Path(args.checkpoint).parent.is_dir():
         # Found now, not after the first round's work.
         raise UsageError(f"--checkpoint {args.checkpoint}: its directory does not exist")
@@ -380,6 +382,43 @@ def _checkpoints(fit, args, options, flower_sim, label) -> Optional[Dict[str, An
         except (CheckpointError, ValueError) as exc:
             raise UsageError(f"--resume: {label}: {_one_line(exc)}") from exc
     return fingerprint
+
+
+def _flower_checkpoints(args) -> Tuple[Dict[str, Any], int]:
+    """--checkpoint / --resume with --engine flower-sim: the run-config keys that pass them
+    to the Flower apps (``checkpoint``, ``resume``; ``state-dir``, where each node keeps
+    its client's state: ``CHECKPOINT.nodes``), and the round the resumed run continues
+    after (0 without --resume). The ServerApp refuses a checkpoint of another fit."""
+    import shutil
+
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    config: Dict[str, Any] = {}
+    after = 0
+    if args.checkpoint is not None:
+        if not Path(args.checkpoint).parent.is_dir():
+            raise UsageError(f"--checkpoint {args.checkpoint}: its directory does not exist")
+        config["checkpoint"] = str(Path(args.checkpoint).absolute())
+    if args.resume is not None:
+        resume = Path(args.resume).absolute()
+        try:
+            after = int(load_checkpoint(resume)["round"])
+        except FileNotFoundError as exc:
+            raise UsageError(f"--resume {args.resume}: no such file") from exc
+        except (CheckpointError, KeyError, TypeError) as exc:
+            raise UsageError(f"--resume: {_one_line(exc)}") from exc
+        config["resume"] = str(resume)
+    # The nodes' states lie next to the checkpoint; a resumed run writing another
+    # checkpoint continues from a copy, so the file resumed from keeps its states.
+    if "checkpoint" in config:
+        nodes = Path(config["checkpoint"] + ".nodes")
+        source = Path(config.get("resume", config["checkpoint"]) + ".nodes")
+        if source != nodes and source.is_dir():
+            shutil.copytree(source, nodes, dirs_exist_ok=True)
+    else:
+        nodes = Path(config["resume"] + ".nodes")
+    config["state-dir"] = str(nodes)
+    return config, after
 
 
 def _checkpoint_writer(fit, path, fingerprint):

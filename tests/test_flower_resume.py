@@ -136,3 +136,30 @@ def test_resume_refuses_another_fits_checkpoint_and_a_missing_state_dir(flwr, tm
     # Without the nodes' state, the clients cannot continue: they refuse, naming why.
     with pytest.raises(Exception, match="no state-dir"):
         simulate(MODELS / "normal_normal.py", 4, options, run_config={"resume": str(checkpoint)})
+
+
+@pytest.mark.slow
+def test_cli_flower_sim_checkpoint_and_resume(flwr, tmp_path, capsys):
+    """`hbfl fit --engine flower-sim --checkpoint F`, then `--resume F` with more rounds:
+    the summary of the uninterrupted run, to the last digit; the nodes' states lie in
+    ``F.nodes``."""
+    from hbfl_pyro.cli import main
+
+    checkpoint = tmp_path / "run.pt"
+    args = ["fit", str(MODELS / "normal_normal.py"), "--engine", "flower-sim", "--seed", "3"]
+    args += ["--local-steps", "10", "--fraction", "0.5", "--no-progress", "--no-report"]
+    args += ["--num-samples", "200"]
+    assert main(args + ["--rounds", "4", "--out", str(tmp_path / "whole")]) == 0
+    part = ["--rounds", "2", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "part")]
+    assert main(args + part) == 0
+    assert (tmp_path / "run.pt.nodes").is_dir()
+    capsys.readouterr()
+    more = ["--rounds", "4", "--resume", str(checkpoint), "--checkpoint", str(checkpoint)]
+    assert main(args + more + ["--out", str(tmp_path / "resumed")]) == 0
+    assert "(after round 2)" in capsys.readouterr().out
+    whole = (tmp_path / "whole" / "summary.csv").read_text()
+    assert (tmp_path / "resumed" / "summary.csv").read_text() == whole
+    # Another fit's checkpoint is refused before any round, naming what differs.
+    assert main(args + ["--rounds", "4", "--resume", str(checkpoint), "--seed", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "another model" in err and "options['seed']" in err, err
