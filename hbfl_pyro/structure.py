@@ -102,6 +102,7 @@ def _clients_plate_hint(model: Callable, data: FederatedData, one, plate: str) -
     on two clients'), if the model has exactly one such plate, else how to write it."""
     generic = (
         f"wrap the per-client part of the model in `with pyro.plate({plate!r}, num_clients(data)):`"
+        " (or name your clients plate: plate=NAME)"
     )
 
     def sizes(trace) -> Dict[str, int]:
