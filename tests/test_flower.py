@@ -120,6 +120,20 @@ def test_records_round_trip_exactly(flwr):
     assert got["x"].shape == () and got["x"].item() == 1.0 / 3.0
 
 
+def test_the_example_app_declares_every_run_config_key():
+    """``flwr run`` refuses a run-config key the app's pyproject.toml does not declare, so
+    the example app declares every key the apps read, with the same defaults."""
+    import tomllib
+
+    from hbfl_pyro.flower.config import RUN_CONFIG_DEFAULTS
+
+    text = (MODELS / "flower_app" / "pyproject.toml").read_text()
+    declared = tomllib.loads(text)["tool"]["flwr"]["app"]["config"]
+    assert set(declared) == set(RUN_CONFIG_DEFAULTS)
+    for key, default in RUN_CONFIG_DEFAULTS.items():
+        assert declared[key] == default, key
+
+
 def test_run_config_guide_chooses_the_family_and_its_settings(flwr):
     """The run-config key ``guide`` (``flwr run --run-config "guide='structured'"``) loads
     the model file with that family and the file's ``guide_options`` for it."""

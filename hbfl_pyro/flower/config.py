@@ -69,7 +69,7 @@ RUN_CONFIG_DEFAULTS: Dict[str, Any] = {
     # update (a node's own ``state-dir`` node-config entry takes precedence); a resumed
     # run's clients continue from it. The state never leaves the node.
     "state-dir": "",
-    # Secure aggregation (closed-form server): see hbfl_pyro.flower.secagg.
+    # Secure aggregation (closed-form and second-order servers): hbfl_pyro.flower.secagg.
     **SECAGG_CONFIG_DEFAULTS,
 }
 #: Keywords a node's client ignores: they belong to the server.
