@@ -508,6 +508,27 @@ def test_second_order_deployment_on_loopback(flwr, tmp_path):
 
 
 @pytest.mark.slow
+def test_deployment_resumes_from_its_checkpoint(flwr, tmp_path):
+    """A deployment's ServerApp stopped after round 1 and started again by a second
+    ``flwr run`` with ``resume``: the clients continue from the states their nodes kept
+    (state-dir; they never left the nodes), and the run ends as an uninterrupted 3-round
+    fit in process does, bit for bit."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    checkpoint, states = tmp_path / "server.ckpt", tmp_path / "node-states"
+    keep = {"state-dir": str(states)}
+    with Deployment(tmp_path) as deployment:
+        stopped = {**keep, "checkpoint": str(checkpoint), "stop-after-round": 1}
+        deployment.flwr_run(_run_config(first, 3, DEPLOY_OPTIONS, **stopped))
+        _wait_for(first / "result.pt", 240, deployment)
+        assert torch.load(first / "result.pt", weights_only=False)["round"] == 1
+        deployment.flwr_run(_run_config(second, 3, DEPLOY_OPTIONS, resume=str(checkpoint), **keep))
+        _wait_for(second / "result.pt", 240, deployment)
+    result = torch.load(second / "result.pt", weights_only=False)
+    fit = in_process(MODELS / "normal_normal.py", DEPLOY_OPTIONS, 3, names=NAMES)
+    assert_same_fit(fit, result, clients=False)
+
+
+@pytest.mark.slow
 def test_deployment_survives_a_killed_supernode(flwr, tmp_path):
     out = tmp_path / "out"
     options = {**DEPLOY_OPTIONS, "min_clients": 2}
