@@ -478,6 +478,18 @@ def test_the_wrapped_server_sees_only_noisy_sums(mode, monkeypatch):
         assert not all(torch.equal(total[k], plain[k]) for k in plain)
 
 
+def test_the_wrapper_reads_and_writes_through_to_the_server():
+    """What is set on the wrapper lands on the wrapped server (a DP fit's q(phi) can be
+    set as a plain fit's is), except the wrapper's own DP state."""
+    fit = _wrapped_fit("closed_form")
+    wrapper, server = fit.server, fit.server.strategy
+    new = {k: v + 1.0 for k, v in server.family_params.items()}
+    wrapper.family_params = new
+    assert server.family_params is new and "family_params" not in vars(wrapper)
+    wrapper.dp_releases = 7
+    assert wrapper.dp_releases == 7 and "dp_releases" not in vars(server)
+
+
 def test_server_dp_is_deprecated_and_builds_the_wrapper():
     """The old spellings keep working for one release: Server(..., dp=cfg) returns the
     wrapper, and a server's dp / dp_releases read None / 0, each with a DeprecationWarning."""

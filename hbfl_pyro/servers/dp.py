@@ -86,12 +86,25 @@ class DifferentialPrivacy(ServerStrategy):
             f"noise_multiplier={self.dp.noise_multiplier!r})"
         )
 
+    #: The wrapper's own attributes; every other attribute is the wrapped server's.
+    OWN = frozenset({"strategy", "dp", "dp_releases"})
+
     def __getattr__(self, name: str) -> Any:
         # Only called for names this object lacks. Dunder names and "strategy" itself are
         # not forwarded: copy and pickle probe them on an object whose __init__ never ran.
         if name.startswith("__") or name == "strategy":
             raise AttributeError(name)
         return getattr(self.strategy, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Reads of the wrapped server's attributes are forwarded (__getattr__), so writes
+        # are too: `fit.server.family_params = x` on a DP fit must change the server's
+        # q(phi), not leave it untouched behind a new attribute of the wrapper.
+        wrapped = self.__dict__.get("strategy")
+        if wrapped is not None and name not in self.OWN and not hasattr(type(self), name):
+            setattr(wrapped, name, value)
+            return
+        object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ delegated
     @property
