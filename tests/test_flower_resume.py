@@ -58,8 +58,9 @@ def assert_resumed_equals_uninterrupted(resumed, whole, stopped_after):
     assert_same(resumed["clients"], whole["clients"], "clients")
 
 
-def interrupted_then_resumed(tmp_path, model, rounds, options, stop_after):
-    """Run ``stop_after`` rounds with a checkpoint, then resume in a new run."""
+def interrupted_then_resumed(tmp_path, model, rounds, options, stop_after, extra=None):
+    """Run ``stop_after`` rounds with a checkpoint, then resume in a new run (both runs
+    with the run-config entries ``extra`` too)."""
     from hbfl_pyro.flower import simulate
 
     checkpoint = tmp_path / "server.pt"
@@ -69,6 +70,7 @@ def interrupted_then_resumed(tmp_path, model, rounds, options, stop_after):
         rounds,
         options,
         run_config={
+            **(extra or {}),
             "checkpoint": str(checkpoint),
             "state-dir": str(nodes),
             "stop-after-round": stop_after,
@@ -80,7 +82,7 @@ def interrupted_then_resumed(tmp_path, model, rounds, options, stop_after):
         MODELS / model,
         rounds,
         options,
-        run_config={"resume": str(checkpoint), "state-dir": str(nodes)},
+        run_config={**(extra or {}), "resume": str(checkpoint), "state-dir": str(nodes)},
     )
 
 
@@ -109,6 +111,46 @@ def test_closed_form_run_resumed_from_its_checkpoint_ends_as_uninterrupted(flwr,
     whole = simulate(MODELS / "normal_normal.py", 4, options)
     resumed = interrupted_then_resumed(tmp_path, "normal_normal.py", 4, options, 2)
     assert_resumed_equals_uninterrupted(resumed, whole, 2)
+
+
+@pytest.mark.slow
+def test_secagg_run_resumed_from_its_checkpoint_ends_as_uninterrupted(flwr, tmp_path):
+    """The same through SecAgg+: each FitIns of the resumed run tells its node to load its
+    client's state; server and client states end as the uninterrupted run's, bit for bit.
+    (A resume whose nodes lost their states is refused by the nodes, naming the
+    state-dir.)"""
+    from hbfl_pyro.flower import simulate
+
+    secagg = {"secagg": True, "secagg-bound": 50.0, "secagg-elbo-bound": 1.0e4}
+    options = {"seed": 3, "local_steps": 10}
+    whole = simulate(MODELS / "normal_normal.py", 4, options, run_config=secagg)
+    resumed = interrupted_then_resumed(tmp_path, "normal_normal.py", 4, options, 2, secagg)
+    assert resumed["resumed_after"] == 2 and resumed["round"] == whole["round"] == 4
+    # Flower's SecAgg+ quantises each secure sum with stochastic rounding, so no two runs
+    # are equal bit for bit: summaries (bound 50 over a 2**32 modulus) move by ~1e-7 and
+    # the ELBO's sum (bound 1e4) by ~5e-5 nats between two uninterrupted runs. A node that
+    # restarted its client instead of loading its state would differ by whole local steps.
+    assert_close(resumed["server"], whole["server"], "server")
+    assert_close(resumed["clients"], whole["clients"], "clients")
+    for theirs, ours in zip(resumed["history"], whole["history"]):
+        assert theirs["clients"] == ours["clients"]
+        assert abs(theirs["elbo"] - ours["elbo"]) < 1e-3, (theirs["round"], theirs, ours)
+
+
+def assert_close(a, b, path):
+    """:func:`assert_same` up to SecAgg+'s quantisation (tensors within 1e-5)."""
+    if isinstance(a, torch.Tensor) and a.is_floating_point():
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (path, a, b)
+    elif isinstance(a, dict):
+        assert set(a) == set(b), (path, sorted(a), sorted(b))
+        for key in a:
+            assert_close(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{path}/{i}")
+    else:
+        assert_same(a, b, path)
 
 
 @pytest.mark.slow

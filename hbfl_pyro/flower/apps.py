@@ -295,7 +295,7 @@ def client_app(run_config: Optional[Mapping] = None):
                 msg,
                 context,
                 node.name,
-                lambda m, finish, mode: update(context, node, mode, m, finish),
+                lambda m, finish, mode, resume: update(context, node, mode, m, finish, resume),
             )
         if flag(spec.config["secagg"]):
             raise PermissionError(

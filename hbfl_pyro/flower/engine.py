@@ -31,7 +31,34 @@ from .records import decode, num_bytes, record_dict
 SERVER_RECORD = "hbfl.server"
 
 
-class FlowerEngine(Engine):
+class ResumableRun:
+    """What a Flower engine tells the nodes of a resumed run: the round it resumed after
+    and, per client, the last round before it whose update the server aggregated (each
+    node then loads its client's state of that round from its ``state-dir``). Shared by
+    :class:`FlowerEngine` (in each train message's :data:`SERVER_RECORD`) and
+    :class:`~hbfl_pyro.flower.secagg.SecAggEngine` (in each ``FitIns``)."""
+
+    #: Set by :meth:`resume_after` in a resumed run.
+    resume_round: Optional[int] = None
+    last_rounds: Dict[str, int] = {}
+
+    def resume_after(self, server_round: int, history: List[Dict]) -> None:
+        """This run resumes after ``server_round``, whose ``history`` says which clients
+        were aggregated in which round: every train message will tell its node so."""
+        self.resume_round = int(server_round)
+        self.last_rounds = {}
+        for record in history:
+            for name in record.get("clients", ()):
+                self.last_rounds[str(name)] = int(record["round"])
+
+    def resume_of(self, name: str) -> Optional[Tuple[int, int]]:
+        """``(resume round, client's last aggregated round)`` in a resumed run, else ``None``."""
+        if self.resume_round is None:
+            return None
+        return self.resume_round, self.last_rounds.get(name, 0)
+
+
+class FlowerEngine(ResumableRun, Engine):
     """Runs a round's clients on Flower nodes through a ServerApp's ``grid``.
 
     :param grid: the ServerApp's Flower ``Grid``.
@@ -51,27 +78,15 @@ class FlowerEngine(Engine):
         self.mode = mode
         self.timeout, self.poll = float(timeout), float(poll)
         self.traffic: List[Dict] = []
-        #: Set by :meth:`resume_after` in a resumed run.
-        self.resume_round: Optional[int] = None
-        self.last_rounds: Dict[str, int] = {}
-
-    def resume_after(self, server_round: int, history: List[Dict]) -> None:
-        """This run resumes after ``server_round``, whose ``history`` says which clients
-        were aggregated in which round: every train message will tell its node so."""
-        self.resume_round = int(server_round)
-        self.last_rounds = {}
-        for record in history:
-            for name in record.get("clients", ()):
-                self.last_rounds[str(name)] = int(record["round"])
 
     def _train_message(self, name: str, message: Dict):
         from flwr.app import ConfigRecord, Message, MessageType
 
         content = record_dict(message)
         header: Dict[str, Any] = {"mode": self.mode}
-        if self.resume_round is not None:
-            header["resume-round"] = self.resume_round
-            header["last-round"] = self.last_rounds.get(name, 0)
+        resume = self.resume_of(name)
+        if resume is not None:
+            header["resume-round"], header["last-round"] = resume
         content[SERVER_RECORD] = ConfigRecord(header)
         return Message(
             content,
@@ -136,4 +151,4 @@ class FlowerEngine(Engine):
         return replies, failures
 
 
-__all__ = ["FlowerEngine", "SERVER_RECORD"]
+__all__ = ["FlowerEngine", "ResumableRun", "SERVER_RECORD"]

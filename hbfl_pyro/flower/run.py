@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import AppSpec, flag, load_spec, server_options
+from .engine import ResumableRun
 from .messaging import discover_clients, logger, query_nodes
 
 
@@ -136,7 +137,7 @@ def server_checkpoints(spec: AppSpec, fit, engine):
     Returns ``(checkpoint path or "", fingerprint or None, the round resumed after or
     0)``. A checkpoint of another model, guide, options or seed is refused with a
     :class:`~hbfl_pyro.checkpoint.CheckpointError` (or ``ValueError``) naming why, before
-    any round; so is ``resume`` under SecAgg+ (its messages cannot tell the nodes)."""
+    any round."""
     config = spec.config
     checkpoint, resume = str(config["checkpoint"]), str(config["resume"])
     if not checkpoint and not resume:
@@ -146,11 +147,6 @@ def server_checkpoints(spec: AppSpec, fit, engine):
     fingerprint = server_fingerprint(spec, fit)
     if not resume:
         return checkpoint, fingerprint, 0
-    if flag(config["secagg"]):
-        raise ValueError(
-            "run config resume: a SecAgg+ run cannot be resumed (its messages cannot tell "
-            "the nodes to load their state); resume runs without secagg"
-        )
     if not Path(resume).is_file():
         raise FileNotFoundError(f"run config resume={resume!r}: no such file")
     state = load_checkpoint(resume, fingerprint)
@@ -164,7 +160,7 @@ def server_checkpoints(spec: AppSpec, fit, engine):
     fit.server.load_state_dict(state["server"])
     fit.history = [dict(r) for r in state["history"]]
     engine.traffic[:] = [dict(t) for t in state.get("traffic", [])]
-    if hasattr(engine, "resume_after"):
+    if isinstance(engine, ResumableRun):  # it tells the nodes to load their states
         engine.resume_after(fit.round, fit.history)
     logger.info("hbfl: resumed from %s after round %d", resume, fit.round)
     return checkpoint, fingerprint, fit.round

@@ -101,6 +101,7 @@ import torch
 from ..engines.base import Engine, Failures, SecureSum
 from ..server import ClientFailureWarning
 from .config import SECAGG_CONFIG_DEFAULTS, flag
+from .engine import ResumableRun
 from .messaging import error_text, logger, send_and_receive
 from .records import flatten, unflatten
 from .run import run_with_engine
@@ -270,19 +271,27 @@ def unpack(
 
 # ---------------------------------------------------------------------- messages
 def to_fitins(
-    message: Mapping, layout: Sequence, bound: float, elbo_bound: float, mode: str = "closed_form"
+    message: Mapping,
+    layout: Sequence,
+    bound: float,
+    elbo_bound: float,
+    mode: str = "closed_form",
+    resume: Optional[Tuple[int, int]] = None,
 ):
     """The server's message as a legacy ``FitIns``.
 
     The tensors go into ``parameters`` (NumPy's format: float64 bit for bit), the tree's
-    skeleton, the layout of the summed entries, the bounds and the server's mode into
-    ``config``.
+    skeleton, the layout of the summed entries, the bounds, the server's mode and, in a
+    resumed run, ``resume`` (:meth:`~hbfl_pyro.flower.engine.ResumableRun.resume_of`)
+    into ``config``.
     """
     from flwr.common import FitIns, Scalar, ndarrays_to_parameters
 
     skeleton, tensors = flatten(dict(message))
     arrays = [np.ascontiguousarray(t.cpu().numpy()) for t in tensors.values()]
     spec = {"layout": layout, "bound": bound, "elbo_bound": elbo_bound, "mode": mode}
+    if resume is not None:
+        spec["resume"] = list(resume)
     config: Dict[str, Scalar] = {
         _MESSAGE_KEY: json.dumps({"skeleton": skeleton, "keys": list(tensors)}),
         _LAYOUT_KEY: json.dumps(spec),
@@ -302,6 +311,12 @@ def from_fitins(fitins) -> Tuple[Dict, List, float, float, str]:
     return message, spec["layout"], spec["bound"], spec["elbo_bound"], spec["mode"]
 
 
+def fitins_resume(fitins) -> Optional[Tuple[int, int]]:
+    """The ``resume`` :func:`to_fitins` was given (a resumed run), else ``None``."""
+    resume = json.loads(str(fitins.config[_LAYOUT_KEY])).get("resume")
+    return None if resume is None else (int(resume[0]), int(resume[1]))
+
+
 def is_secagg_message(msg) -> bool:
     """Whether a ``train`` message belongs to the SecAgg+ protocol."""
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
@@ -314,8 +329,9 @@ def client_train(msg, context, name: str, update: Callable) -> Any:
 
     Runs Flower's ``secaggplus_mod``; in its ``collect masked vectors`` stage the mod
     calls back here: the server's message is decoded from the ``FitIns``, ``update``
-    (``(message, finish, mode) -> finish(reply)``, which must store the client's state only
-    if ``finish`` returns; ``mode`` is the server's) runs the client's update, and the
+    (``(message, finish, mode, resume) -> finish(reply)``, which must store the client's
+    state only if ``finish`` returns; ``mode`` is the server's, ``resume`` that of a
+    resumed run, see :func:`fitins_resume`) runs the client's update, and the
     reply is packed
     (:func:`pack`, which checks it) into a ``FitRes`` with ``num_examples = 1`` and no
     metrics. The mod masks the vector and empties the array records before replying.
@@ -332,7 +348,7 @@ def client_train(msg, context, name: str, update: Callable) -> Any:
         def finish(reply):
             return pack(reply, layout, bound, elbo_bound, client=name)
 
-        vector = update(message, finish, mode)
+        vector = update(message, finish, mode, fitins_resume(fitins))
         fitres = FitRes(
             status=Status(code=Code.OK, message=""),
             parameters=ndarrays_to_parameters([vector]),
@@ -476,7 +492,7 @@ def check_secagg_server(server, fraction_clients: int) -> None:
         raise ValueError(f"SecAgg+ cannot run this fit: {exc}") from exc
 
 
-class SecAggEngine(Engine):
+class SecAggEngine(ResumableRun, Engine):
     """A round's clients answer through Flower's SecAgg+: the server gets only their sum.
 
     Each round the engine packs the server strategy's messages with the round's layout
@@ -549,7 +565,14 @@ class SecAggEngine(Engine):
         pairs = [
             (
                 self._proxies[self.nodes[name]],
-                to_fitins(messages[name], layout, self.bound, self.elbo_bound, self.server.mode),
+                to_fitins(
+                    messages[name],
+                    layout,
+                    self.bound,
+                    self.elbo_bound,
+                    self.server.mode,
+                    self.resume_of(name),
+                ),
             )
             for name in sent
         ]
@@ -684,6 +707,7 @@ __all__ = [
     "client_train",
     "content_bytes",
     "flag",
+    "fitins_resume",
     "from_fitins",
     "is_secagg_message",
     "pack",
