@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tree_asserts import assert_same
 
 from hbfl_pyro.flower.env import apply_network_hygiene, hygienic_env
 
@@ -37,24 +38,6 @@ apply_network_hygiene(ROOT / ".flwr" / "tests")
 @pytest.fixture(scope="module")
 def flwr():
     return pytest.importorskip("flwr")
-
-
-def assert_same(a, b, path="state"):
-    """Exact equality of two trees of dicts, lists, scalars and tensors."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), path
-        assert a.dtype == b.dtype and a.shape == b.shape, (path, a, b)
-        assert torch.equal(a, b), (path, a, b)
-    elif isinstance(a, dict):
-        assert set(a) == set(b), (path, sorted(a), sorted(b))
-        for key in a:
-            assert_same(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}/{i}")
-    else:
-        assert a == b, (path, a, b)
 
 
 def in_process(spec, options, rounds, names=None, fail=None):

@@ -14,7 +14,7 @@ here before ``flwr`` is imported).
 from pathlib import Path
 
 import pytest
-import torch
+from tree_asserts import assert_close, assert_same
 
 from hbfl_pyro.flower.env import apply_network_hygiene
 
@@ -27,24 +27,6 @@ apply_network_hygiene(ROOT / ".flwr" / "tests")
 @pytest.fixture(scope="module")
 def flwr():
     return pytest.importorskip("flwr")
-
-
-def assert_same(a, b, path="state"):
-    """Exact equality of two trees of dicts, lists, scalars and tensors."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), path
-        assert a.dtype == b.dtype and a.shape == b.shape, (path, a, b)
-        assert torch.equal(a, b), (path, a, b)
-    elif isinstance(a, dict):
-        assert set(a) == set(b), (path, sorted(a), sorted(b))
-        for key in a:
-            assert_same(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}/{i}")
-    else:
-        assert a == b, (path, a, b)
 
 
 def assert_resumed_equals_uninterrupted(resumed, whole, stopped_after):
@@ -135,22 +117,6 @@ def test_secagg_run_resumed_from_its_checkpoint_ends_as_uninterrupted(flwr, tmp_
     for theirs, ours in zip(resumed["history"], whole["history"]):
         assert theirs["clients"] == ours["clients"]
         assert abs(theirs["elbo"] - ours["elbo"]) < 1e-3, (theirs["round"], theirs, ours)
-
-
-def assert_close(a, b, path):
-    """:func:`assert_same` up to SecAgg+'s quantisation (tensors within 1e-5)."""
-    if isinstance(a, torch.Tensor) and a.is_floating_point():
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (path, a, b)
-    elif isinstance(a, dict):
-        assert set(a) == set(b), (path, sorted(a), sorted(b))
-        for key in a:
-            assert_close(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_close(x, y, f"{path}/{i}")
-    else:
-        assert_same(a, b, path)
 
 
 @pytest.mark.slow
