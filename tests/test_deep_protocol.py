@@ -291,9 +291,12 @@ def test_a_checkpoint_file_is_refused_by_another_trainer_network_or_clients(tmp_
 def test_the_core_and_deep_trainers_share_participation():
     import hbfl_pyro.deep.fedhb as deep_fedhb
     import hbfl_pyro.server as core_server
+    import hbfl_pyro.servers.closed_form as closed_form
     from hbfl_pyro import participation
 
-    assert deep_fedhb.pool_replies is participation.pool_replies
+    # Deep FedHB pools and weighs through its server strategy, which uses the same module.
+    assert closed_form.pool_replies is participation.pool_replies
+    assert closed_form.scale_factor is participation.scale_factor
     assert core_server.pool_replies is participation.pool_replies
     assert core_server.scale_factor is participation.scale_factor
     net, clients = toy()
@@ -305,7 +308,7 @@ def test_the_core_and_deep_trainers_share_participation():
     seen = {}
     for record in fit.run(4):
         seen.update(dict.fromkeys(record["clients"]))
-    assert sorted(fit._stale) == sorted(seen)
+    assert sorted(fit.server.stale) == sorted(seen)
     # Scaled: each round's equal weights are N / |S| (the core's factor), summing to N.
     weights = deep_fedhb._weights([0, 2, 5], fit.sizes, 6, "equal", fit.init)
     assert weights.tolist() == [participation.scale_factor(6, 3)] * 3 == [2.0] * 3

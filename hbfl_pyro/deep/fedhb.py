@@ -62,8 +62,9 @@ from ..data import num_clients
 from ..failures import MAX_FAILED_ROUNDS, ClientFailureError, failing_clients, failure_message
 from ..families.base import ClosedFormFamily, Params
 from ..families.niw import NIWDiag, NIWFull, NIWIso
-from ..participation import check_participation, pool_replies, scale_factor
+from ..participation import check_participation
 from ..server import ClientFailureWarning
+from ..servers.closed_form import BLOCK, FamilyServer, client_multiplicities, summed_summaries
 from .data import ClientSplit
 from .local import (
     LocalSpec,
@@ -613,34 +614,11 @@ class FederatedTrainer:
         return self.train(starts, data, schedules, self.penalty(), spec)
 
 
-def _weights(
-    pool: Sequence[int], sizes: Sequence[int], num_clients: int, weighting: str, like
-) -> torch.Tensor:
-    """Per-client multiplicities of the summaries in ``pool``; they sum to ``N``."""
-    if weighting == "size":
-        n = torch.tensor([float(sizes[i]) for i in pool], dtype=like.dtype, device=like.device)
-        return num_clients * n / n.sum()
-    scale = scale_factor(num_clients, len(pool))
-    return torch.full((len(pool),), scale, dtype=like.dtype, device=like.device)
-
-
-#: Clients per block when summing summaries: with all of a round's clients at once, the
-#: ``(C, d)`` temporaries' memory traffic costs more on a CPU than the sums themselves.
-_BLOCK = 32
-
-
-def _summed_summaries(
-    family: ClosedFormFamily, weights: torch.Tensor, rows, count: int, eps: float
-) -> Params:
-    """``family.weighted_summary_sums`` over ``count`` clients in blocks of ``_BLOCK``;
-    ``rows(s)`` gives the ``m_i`` of the block starting at client ``s``, ``eps^2`` is every
-    client's variance."""
-    var = weights.new_tensor(eps**2)
-    sums: Params = {}
-    for s in range(0, count, _BLOCK):
-        part = family.weighted_summary_sums(weights[s : s + _BLOCK], rows(s), var)
-        sums = {k: sums[k] + v for k, v in part.items()} if sums else part
-    return sums
+#: Former private names of the helpers now in :mod:`hbfl_pyro.servers.closed_form` (the
+#: mixture and the personalised baselines still import them from here).
+_weights = client_multiplicities
+_BLOCK = BLOCK
+_summed_summaries = summed_summaries
 
 
 def _spread(sums: Params, eps: float) -> float:
@@ -693,7 +671,7 @@ class FedHB(FederatedTrainer):
         torch.Size([67])
     """
 
-    STATE = {"params": "params", "stale": "_stale", "own": "_own"}
+    STATE = {"server": "server_state", "own": "_own"}
     SETTINGS = ("family", "eps", "participation", "weighting", "start")
 
     def __init__(
@@ -712,17 +690,75 @@ class FedHB(FederatedTrainer):
         if start not in ("global", "own"):
             raise ValueError(f"start must be 'global' or 'own', got {start!r}")
         check_participation(participation)
-        if weighting not in ("equal", "size"):
-            raise ValueError(f"weighting must be 'equal' or 'size', got {weighting!r}")
         d = getattr(family, "d", self.net.d)  # the NIW families' dimension
         if d != self.net.d:
             raise ValueError(f"the family has d = {d}, the network {self.net.d} weights")
-        self.family = family
-        self.eps = float(eps)
-        self.participation, self.weighting, self.start = participation, weighting, start
-        self.params = family.init_params()
-        self._stale: Dict[int, torch.Tensor] = {}
+        #: The server strategy: q(phi), participation, weighting and the update are its;
+        #: FedAvg, FedProx and FedHB differ only by its family.
+        self.server = FamilyServer(
+            family,
+            range(self.num_clients),
+            eps=eps,
+            participation=participation,
+            weighting=weighting,
+            sizes=self.sizes,
+            fraction=self.fraction,
+            min_clients=self.min_clients,
+            seed=self.seed,
+        )
+        self.start = start
         self._own: Dict[int, torch.Tensor] = {}
+
+    # The settings are the server's; read here for the fingerprint and the docs' spelling.
+    @property
+    def family(self) -> ClosedFormFamily:
+        return self.server.family
+
+    @property
+    def eps(self) -> float:
+        return self.server.eps
+
+    @property
+    def participation(self) -> str:
+        return self.server.participation
+
+    @property
+    def weighting(self) -> str:
+        return self.server.weighting
+
+    @property
+    def params(self) -> Params:
+        """``q(phi)``'s parameters (the server's ``family_params``)."""
+        return self.server.family_params
+
+    @params.setter
+    def params(self, value: Params) -> None:
+        self.server.family_params = value
+
+    @property
+    def server_state(self) -> Dict:
+        """The server's :meth:`~hbfl_pyro.servers.closed_form.FamilyServer.state_dict`
+        (what :meth:`state_dict` keeps under ``"server"``)."""
+        return self.server.state_dict()
+
+    @server_state.setter
+    def server_state(self, state: Dict) -> None:
+        self.server.load_state_dict(state)
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Continue from a :meth:`state_dict`; a state of the former layout (``params`` and
+        ``stale`` at the top, before the server strategy held them) is read too."""
+        if "params" in state and "server" not in state:
+            state = dict(state)
+            server = {"mode": self.server.mode, "family_params": state.pop("params")}
+            server["stale"] = state.pop("stale", {})
+            state["server"] = server
+        super().load_state_dict(state)
+
+    def select(self, server_round: int) -> List[int]:
+        """The server's selection (:meth:`~hbfl_pyro.servers.ServerStrategy.select`, the
+        same clients as every other trainer's)."""
+        return [int(i) for i in self.server.select(server_round)]
 
     def penalty(self, params: Optional[Params] = None) -> Penalty:
         """``-E_q(phi)[log p(theta | phi)]`` under ``q(phi)`` (the current one by default)."""
@@ -762,31 +798,34 @@ class FedHB(FederatedTrainer):
         return float(prox_weight(self.family, self.params).mean())
 
     def aggregate(self, chosen: List[int], thetas: torch.Tensor) -> Dict:
-        """Sum the weighted client summaries and set ``q(phi)`` to the server block's optimum.
+        """Hand the server the weighted sums of the client summaries; it sets ``q(phi)``
+        to the server block's optimum (:meth:`FamilyServer.aggregate_sum
+        <hbfl_pyro.servers.closed_form.FamilyServer.aggregate_sum>`).
 
-        The sums come from ``family.weighted_summary_sums`` over blocks of clients (the
-        iso / diag families compute them from ``m_i`` directly, without per-client
-        summary temporaries); ``"stale"`` keeps every client's latest ``m_i``, from which
-        its summary is recomputed (it depends on ``m_i`` and ``eps`` only). The pool and
-        the ``N / |pool|`` factor are :mod:`hbfl_pyro.participation`'s, as the core's.
+        The server pools the replies (``"stale"`` keeps every client's latest ``m_i``, from
+        which its summary is recomputed: it depends on ``m_i`` and ``eps`` only) and gives
+        each its multiplicity; the sums come from ``family.weighted_summary_sums`` over
+        blocks of clients, taken from ``thetas`` in place when the pool is the round's
+        (no per-client copies of the ``d``-dimensional summaries).
         """
+        server = self.server
         stale = self.participation == "stale"
         replies = {i: theta.clone() if stale else theta for i, theta in zip(chosen, thetas)}
-        pooled = pool_replies(self.participation, self._stale, replies)
+        pooled = server.pool(replies)
         pool = sorted(pooled)
         if pool == list(chosen):  # the round's own replies, in order: no copies
 
             def rows(s):
-                return thetas[s : s + _BLOCK]
+                return thetas[s : s + BLOCK]
 
         else:
 
             def rows(s):
-                return torch.stack([pooled[i] for i in pool[s : s + _BLOCK]])
+                return torch.stack([pooled[i] for i in pool[s : s + BLOCK]])
 
-        w = _weights(pool, self.sizes, self.num_clients, self.weighting, thetas)
-        sums = _summed_summaries(self.family, w, rows, len(pool), self.eps)
-        self.params = self.family.server_update(sums, self.num_clients)
+        w = server.multiplicities(pool, thetas)
+        sums = summed_summaries(self.family, w, rows, len(pool), self.eps)
+        server.aggregate_sum(self.round + 1, {f"stats/{k}": v for k, v in sums.items()}, pool)
         if self.start == "own":
             self._own.update(zip(chosen, thetas))
         return {"prox_weight": self.prox_weight(), "client_spread": _spread(sums, self.eps)}

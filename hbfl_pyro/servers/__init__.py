@@ -2,16 +2,20 @@
 
 - :class:`~hbfl_pyro.server.Server`: the closed-form and gradient (first-order) modes;
 - :class:`SecondOrderServer`: trust-region Newton on the clients' Laplace marginals;
+- :class:`FamilyServer`: a closed-form family's update on weighted sums of summaries (the
+  deep trainers' server: FedAvg, FedProx and FedHB differ only by its family);
 - :class:`DifferentialPrivacy`: wraps a first-order server with client-level DP.
 """
 
 from .base import ServerStrategy
+from .closed_form import FamilyServer
 from .dp import DifferentialPrivacy
 from .second_order import ConvergenceWarning, SecondOrderServer, trust_region_step
 
 __all__ = [
     "ConvergenceWarning",
     "DifferentialPrivacy",
+    "FamilyServer",
     "SecondOrderServer",
     "ServerStrategy",
     "trust_region_step",
