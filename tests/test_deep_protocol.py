@@ -222,6 +222,52 @@ def test_load_state_dict_refuses_another_trainers_state():
         _fedhb(net, clients).load_state_dict(state)
 
 
+def test_the_mixtures_gate_is_part_of_its_state(tmp_path):
+    net, clients = toy()
+    opts = dict(fraction=0.5, local=LocalSpec(epochs=1, batch_size=4, lr=0.1), seed=3)
+    fit = _mixture_warmup(net, clients, **opts)
+    fit.run(3)
+    before_gate = fit.state_dict()
+    assert before_gate["gate"] is None
+    torch.manual_seed(5)
+    fit.train_gate(mlp((4, 5, 2)), 2)
+    x = torch.randn(7, 4, generator=torch.Generator().manual_seed(6))
+    path = tmp_path / "mixture.pt"
+    fit.checkpoint(path)
+    # The gate's architecture is code: without it the state is refused, and nothing changes.
+    resumed = _mixture_warmup(net, clients, **opts)
+    with pytest.raises(ValueError, match="gate_net"):
+        resumed.resume(path)
+    assert resumed.round == 0 and resumed.gate is None and resumed.history == []
+    with pytest.raises(ValueError, match="layout"):
+        resumed.resume(path, gate_net=mlp((4, 6, 2)))
+    assert resumed.round == 0 and resumed.gate is None
+    # Given it (other initial weights: only its shapes are used), the resumed mixture
+    # predicts as the one that wrote the file, bit for bit, and its state is the same.
+    torch.manual_seed(99)
+    resumed.resume(path, gate_net=mlp((4, 5, 2)))
+    assert resumed.round == 3
+    assert torch.equal(resumed.gate_weights, fit.gate_weights)
+    assert torch.equal(resumed.gate_probs(x), fit.gate_probs(x))
+    assert torch.equal(resumed.predict_proba(x), fit.predict_proba(x))
+    assert same(resumed.state_dict(), fit.state_dict())
+    # The runs go on alike, and a trainer with a gate reuses its own architecture.
+    resumed.run(2)
+    fit.run(2)
+    assert same(without_seconds(resumed.history), without_seconds(fit.history))
+    again = _mixture_warmup(net, clients, **opts)
+    again.resume(path, gate_net=mlp((4, 5, 2)))
+    again.load_state_dict(resumed.state_dict())
+    assert torch.equal(again.predict_proba(x), fit.predict_proba(x))
+    # A state from before the gate leaves none, whatever the trainer had.
+    again.load_state_dict(before_gate)
+    assert again.gate is None and again.gate_weights is None and again.round == 3
+    three = _mixture_warmup(net, clients, **opts)
+    three.run(3)
+    with pytest.warns(UserWarning, match="no gating network"):
+        assert torch.equal(again.predict_proba(x), three.predict_proba(x, gate=False))
+
+
 # --------------------------------------------------------------------------------------
 # Checkpoint files: save_checkpoint / load_checkpoint with the trainer's fingerprint
 # --------------------------------------------------------------------------------------

@@ -528,8 +528,8 @@ class FederatedTrainer:
         :attr:`STATE` (copies). Loaded into a trainer built with the same arguments
         (:meth:`load_state_dict`), the rest of the run equals the uninterrupted one bit
         for bit: selection, minibatches and every other random draw derive from
-        ``(seed, round, ...)``. (The mixture's gating network, trained after the rounds,
-        is not part of it.)"""
+        ``(seed, round, ...)``. (The mixture adds its gating network:
+        :meth:`FedHBMixture.state_dict <hbfl_pyro.deep.FedHBMixture.state_dict>`.)"""
         state = {"trainer": type(self).__name__, "round": self.round}
         state.update({key: _copy(getattr(self, attr)) for key, attr in self.STATE.items()})
         state["history"] = _copy(self.history)

@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import load_checkpoint
 from ..families.base import ClosedFormFamily, Params
 from ..families.niw import NIWDiag, NIWIso
 from ..participation import check_participation, pool_replies
@@ -333,6 +334,11 @@ class MixturePenalty(QuadraticPenalty):
 # --------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------
+
+
+def _layout(net: FlatNet) -> Dict[str, List[int]]:
+    """``{parameter name: shape}`` of a network, as plain values (for the state)."""
+    return {name: list(shape) for name, shape in zip(net.names, net.shapes)}
 
 
 class _GateFedAvg(FedProx):
@@ -797,6 +803,59 @@ class FedHBMixture(FederatedTrainer):
         fed.run(rounds)
         self.gate, self.gate_weights = fed.net, fed.global_weights()
         return self.gate
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict:
+        """:meth:`FederatedTrainer.state_dict <hbfl_pyro.deep.FederatedTrainer.state_dict>`
+        plus the trained gating network under ``"gate"``: ``None`` before
+        :meth:`train_gate`, else ``{"layout": {parameter name: shape}, "weights": (d_g,)}``
+        (its architecture is code, so a resumed trainer is given it: :meth:`load_state_dict`)."""
+        state = super().state_dict()
+        if self.gate is None or self.gate_weights is None:  # set together
+            state["gate"] = None
+        else:
+            state["gate"] = {
+                "layout": _layout(cast(FlatNet, self.gate)),
+                "weights": self.gate_weights.clone(),
+            }
+        return state
+
+    def load_state_dict(self, state: Dict, gate_net: Optional[nn.Module] = None) -> None:
+        """Continue from a :meth:`state_dict`, gating network included: the resumed
+        mixture predicts as the one that wrote the state, bit for bit.
+
+        :param gate_net: the gating network's architecture (a module like the one given to
+            :meth:`train_gate`; its own weights are not used), needed when the state holds
+            a trained gate and this trainer has none. A state without a gate (written
+            before :meth:`train_gate`, or by an earlier version) leaves none.
+        :raises ValueError: when the state holds a gate and no architecture is given, or
+            the given one's parameters differ from the state's (nothing is changed then).
+        """
+        gate = state.get("gate")
+        flat = None
+        if gate is not None:
+            if gate_net is not None:
+                flat = FlatNet(gate_net)
+            elif isinstance(self.gate, FlatNet):
+                flat = self.gate
+            else:
+                raise ValueError(
+                    "the state holds a trained gating network: give its architecture, "
+                    "load_state_dict(state, gate_net=...) or resume(path, gate_net=...)"
+                )
+            if _layout(flat) != gate["layout"]:
+                raise ValueError(
+                    f"the gating network's layout {_layout(flat)} differs from the state's "
+                    f"{gate['layout']}"
+                )
+        super().load_state_dict({k: v for k, v in state.items() if k != "gate"})
+        self.gate = flat
+        self.gate_weights = None if gate is None else gate["weights"].clone()
+
+    def resume(self, path, gate_net: Optional[nn.Module] = None) -> None:
+        """:meth:`FederatedTrainer.resume <hbfl_pyro.deep.FederatedTrainer.resume>` with the
+        gating network's architecture (see :meth:`load_state_dict`)."""
+        self.load_state_dict(load_checkpoint(path, self.fingerprint()), gate_net=gate_net)
 
     # ------------------------------------------------------------------ global prediction
     @torch.no_grad()
