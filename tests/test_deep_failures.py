@@ -184,6 +184,63 @@ def test_a_raising_client_is_found_and_left_out(engine):
     )
 
 
+class DittoWithout(Ditto):
+    """Ditto whose every round chooses the clients other than 3 (a reference)."""
+
+    def select(self, server_round):
+        return [0, 1, 2, 4, 5]
+
+
+@pytest.mark.parametrize("engine", ["inprocess", "vectorised"])
+def test_a_client_whose_ditto_personal_step_fails_is_left_out_and_named(engine):
+    """Ditto's personal step is the client's work too: a client whose personal model turns
+    NaN (its global training being fine) is left out of the round and named, its global
+    model is not averaged, and K rounds of it in a row stop the run."""
+    net, clients = toy()
+    fit = Ditto(net, clients, lam=0.5, local=SPEC, engine=engine, seed=1)
+    fit.personal[3] = float("nan")  # e.g. a personal model that diverged
+    with pytest.warns(ClientFailureWarning, match="client 3 failed.*NaN or Inf"):
+        record = fit.step()
+    assert record["failed"] == [3] and record["clients"] == [0, 1, 2, 4, 5]
+    assert record["errors"] == {3: "its local training returned NaN or Inf weights"}
+    reference = DittoWithout(net, clients, lam=0.5, local=SPEC, engine=engine, seed=1)
+    reference.step()
+    good = [0, 1, 2, 4, 5]
+    torch.testing.assert_close(
+        fit.global_weights(), reference.global_weights(), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        fit.personal_weights()[good], reference.personal_weights()[good], rtol=1e-12, atol=1e-12
+    )
+    assert torch.isfinite(fit.global_weights()).all()
+    with pytest.raises(ClientFailureError, match=r"client\(s\) \[3\] failed"):
+        quietly(fit.run, MAX_FAILED_ROUNDS)
+    assert fit.round == MAX_FAILED_ROUNDS
+
+
+def test_a_client_whose_ditto_personal_step_raises_is_found_and_left_out():
+    net, clients = toy()
+    fit = Ditto(net, clients, lam=0.5, local=SPEC, seed=1)
+    original = fit.personal_updates
+
+    def personal_updates(server_round, chosen):
+        if 3 in chosen:
+            raise RuntimeError("personal model lost")
+        return original(server_round, chosen)
+
+    fit.personal_updates = personal_updates
+    before = fit.personal_weights()[3].clone()
+    with pytest.warns(ClientFailureWarning, match="client 3 failed.*personal model lost"):
+        record = fit.step()
+    assert record["failed"] == [3] and record["clients"] == [0, 1, 2, 4, 5]
+    assert record["errors"] == {3: "RuntimeError: personal model lost"}
+    assert torch.equal(fit.personal_weights()[3], before)  # kept, not half-updated
+    reference = DittoWithout(net, clients, lam=0.5, local=SPEC, seed=1)
+    reference.step()
+    assert torch.equal(fit.global_weights(), reference.global_weights())
+    assert torch.equal(fit.personal_weights(), reference.personal_weights())
+
+
 def test_when_every_client_raises_the_error_is_the_codes():
     net, clients = toy()
     fit = FedProx(net, clients, local=SPEC)

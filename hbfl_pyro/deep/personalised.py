@@ -33,7 +33,7 @@ issue 17).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -147,16 +147,44 @@ class Ditto(FederatedTrainer):
         """Every training client's persistent personal model ``v_k``, ``(N, d)``."""
         return self.personal
 
-    def aggregate(self, chosen: List[int], thetas: torch.Tensor) -> Dict:
-        # The personal step first: its anchor is w^t, the model the clients received.
+    def local_updates(
+        self, server_round: int, chosen: List[int]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each chosen client's two updates of Algorithm 1: the global model's local
+        training (FedAvg's) and its personal step (:meth:`personal_updates`). Both are the
+        client's work, so both go through the failure handling: a client whose personal
+        step raises or returns NaN / Inf is left out of the round like any failed client
+        (its ``v_k`` is kept, its global model not averaged).
+
+        :returns: ``(thetas, personal)``, the sent global models and the new ``v_k``,
+            ``(C, d)`` each.
+        """
+        thetas = super().local_updates(server_round, chosen)
+        return thetas, self.personal_updates(server_round, chosen)
+
+    def personal_updates(self, server_round: int, chosen: List[int]) -> torch.Tensor:
+        """The chosen clients' personal step, anchored at ``w^t`` (the model they received
+        this round; the server has not updated it yet): their new ``v_k``, ``(C, d)``."""
         spec = LocalSpec(**{**self.local.__dict__, "epochs": self.personal_epochs})
-        tag = ("ditto-personal", self.round + 1)
+        tag = ("ditto-personal", server_round)
         schedules = schedules_for(self.sizes, spec, self.seed, tag, chosen)
         data = [self.data[i] for i in chosen]
         rows = torch.tensor(chosen, device=self.personal.device)
-        self.personal[rows] = self.train(
-            self.personal[rows], data, schedules, self.personal_penalty(), spec
-        )
+        return self.train(self.personal[rows], data, schedules, self.personal_penalty(), spec)
+
+    def aggregate(
+        self, chosen: List[int], replies: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+    ) -> Dict:
+        """Keep the good clients' new ``v_k`` and average their global models.
+
+        :param replies: :meth:`local_updates`' ``(thetas, personal)``; a tensor of global
+            models alone (the former call) runs the personal step here first.
+        """
+        if isinstance(replies, torch.Tensor):
+            thetas, personal = replies, self.personal_updates(self.round + 1, chosen)
+        else:
+            thetas, personal = replies
+        self.personal[torch.tensor(chosen, device=self.personal.device)] = personal
         w = _weights(chosen, self.sizes, 1, self.weighting, thetas)
         self.weights = _weighted_sum(w, thetas)
         return {}
