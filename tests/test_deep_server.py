@@ -10,6 +10,7 @@ trainer hands it weighted sums (``aggregate_sum``); the strategy's per-client pa
 import pytest
 import torch
 
+from hbfl_pyro import ClientFailureWarning
 from hbfl_pyro.deep import (
     FedHB,
     FlatNet,
@@ -176,3 +177,16 @@ def test_multiplicities_sum_to_n_and_follow_the_weighting():
     assert named.tolist() == [4 * 40 / 60, 4 * 20 / 60]
     with pytest.raises(ValueError, match="training-set size"):
         FamilyServer(iso_prior(torch.zeros(3)), ["a", "b"], weighting="size")
+
+
+def test_fewer_clients_than_min_clients_leave_q_phi_as_it_was():
+    family = iso_prior(torch.zeros(3, dtype=torch.float64), prox_weight=2.0)
+    server = FamilyServer(family, ["a", "b", "c"], eps=0.1, min_clients=2)
+    before = {k: v.clone() for k, v in server.family_params.items()}
+    with pytest.warns(ClientFailureWarning, match="only 1 client"):
+        record = server.aggregate(1, {"b": torch.ones(3, dtype=torch.float64)}, failed=["a"])
+    assert record == {"round": 1, "clients": ["b"], "failed": ["a"], "updated": False}
+    for key, value in before.items():
+        assert torch.equal(server.family_params[key], value), key
+    record = server.aggregate(2, {n: torch.ones(3, dtype=torch.float64) for n in "ab"})
+    assert record["updated"] and not torch.equal(server.family_params["m0"], before["m0"])

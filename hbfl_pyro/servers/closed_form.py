@@ -247,10 +247,13 @@ class FamilyServer(ServerStrategy):
             "updated": False,
         }
         if len(clients) < self.min_clients:
+            # (Imported here: hbfl_pyro.server imports this package.)
+            from ..server import ClientFailureWarning
+
             warnings.warn(
                 f"round {server_round}: only {len(clients)} client(s) in the sums "
                 f"(min_clients={self.min_clients}); q(phi) is not updated this round",
-                UserWarning,
+                ClientFailureWarning,
                 stacklevel=2,
             )
             return record
