@@ -305,7 +305,7 @@ def test_cluster_rounds_start_the_components_from_the_clients_groups(small_mnist
         # weighting="equal": every reply in the pool counts N / (pool size) clients.
         w = torch.full((len(members),), fit.num_clients / len(clusters), dtype=torch.float64)
         rows = [
-            fams[k].client_summary(fit._stale[i][0], torch.full((fit.net.d,), 0.1**2))
+            fams[k].client_summary(fit.server.stale[i][0], torch.full((fit.net.d,), 0.1**2))
             for i in members
         ]
         sums = {key: sum(wj * row[key] for wj, row in zip(w, rows)) for key in rows[0]}

@@ -13,16 +13,18 @@ import torch
 from hbfl_pyro import ClientFailureWarning
 from hbfl_pyro.deep import (
     FedHB,
+    FedHBMixture,
     FlatNet,
     LocalSpec,
     diag_prior,
     fedavg_family,
     fedprox_family,
     iso_prior,
+    mixture_priors,
     mlp,
 )
 from hbfl_pyro.servers import ServerStrategy
-from hbfl_pyro.servers.closed_form import FamilyServer, client_multiplicities
+from hbfl_pyro.servers.closed_form import FamilyServer, MixtureServer, client_multiplicities
 
 
 def toy(sizes=(20, 9, 14, 5, 12, 17), seed=0):
@@ -190,3 +192,100 @@ def test_fewer_clients_than_min_clients_leave_q_phi_as_it_was():
         assert torch.equal(server.family_params[key], value), key
     record = server.aggregate(2, {n: torch.ones(3, dtype=torch.float64) for n in "ab"})
     assert record["updated"] and not torch.equal(server.family_params["m0"], before["m0"])
+
+
+# --------------------------------------------------------------------------------------
+# The mixture's server: MixtureServer
+# --------------------------------------------------------------------------------------
+
+
+class RecordedMixture(FedHBMixture):
+    """The mixture, keeping each round's chosen clients, replies and responsibilities."""
+
+    def aggregate(self, chosen, thetas, resp=None):
+        if resp is None:  # what the clients report: r_i under the current q
+            resp = self.responsibilities(thetas)
+        self.rounds = getattr(self, "rounds", []) + [(list(chosen), thetas.clone(), resp.clone())]
+        return super().aggregate(chosen, thetas, resp)
+
+
+def _mixture(net, clients, cls=FedHBMixture, **kw):
+    fams = mixture_priors(net, 2, seed=1, prox_weight=50.0, pseudo_clients=0.01)
+    return cls(net, clients, fams, eps=0.1, warmup_rounds=1, mixing="learned", **kw), fams
+
+
+@pytest.mark.parametrize("participation", ["scaled", "stale"])
+@pytest.mark.parametrize("weighting", ["equal", "size"])
+def test_mixture_server_per_client_path_equals_the_trainers(participation, weighting):
+    net, clients = toy()
+    fit, fams = _mixture(
+        net, clients, RecordedMixture, participation=participation, weighting=weighting, **OPTS
+    )
+    fit.run(4)
+    assert isinstance(fit.server, MixtureServer)
+    server = MixtureServer(
+        fams,
+        range(len(clients)),
+        alpha0=1.0,
+        alpha=fit.init.new_full((2,), 1.0),
+        eps=0.1,
+        participation=participation,
+        weighting=weighting,
+        sizes=[len(y) for _, y in clients],
+        fraction=0.5,
+        seed=3,
+    )
+    for r, (chosen, thetas, resp) in enumerate(fit.rounds, start=1):
+        assert server.select(r) == chosen
+        record = server.aggregate(r, {i: (t, q) for i, t, q in zip(chosen, thetas, resp)})
+        assert torch.equal(record["counts"], fit.history[r - 1]["counts"])
+    for k in range(2):
+        for key, value in fit.params[k].items():
+            assert torch.equal(server.family_params[k][key], value), (k, key)
+    assert torch.equal(server.alpha, fit.alpha) and fit.alpha is fit.server.alpha
+
+
+def test_a_one_component_mixture_server_is_the_family_server():
+    net, clients = toy()
+    fam = iso_prior(FlatNet(net).vector(), prox_weight=3.0)
+    sizes = [len(y) for _, y in clients]
+    one = MixtureServer([fam], range(6), eps=0.1, weighting="size", sizes=sizes)
+    family = FamilyServer(
+        fam, range(6), eps=0.1, participation="stale", weighting="size", sizes=sizes
+    )
+    gen = torch.Generator().manual_seed(4)
+    for r, chosen in enumerate(([0, 2, 5], [1, 2], [3, 4]), start=1):
+        thetas = torch.randn(len(chosen), fam.d, generator=gen, dtype=torch.float64)
+        ones = torch.ones(len(chosen), 1, dtype=torch.float64)
+        one.aggregate(r, {i: (t, q) for i, t, q in zip(chosen, thetas, ones)})
+        family.aggregate(r, dict(zip(chosen, thetas)))
+        for key, value in family.family_params.items():
+            assert torch.equal(one.family_params[0][key], value), (r, key)
+
+
+def test_the_mixture_checkpoints_its_servers_state_and_reads_the_former_layout():
+    net, clients = toy()
+    whole, _ = _mixture(net, clients, **OPTS)
+    whole.run(4)
+    first, _ = _mixture(net, clients, **OPTS)
+    first.run(2)
+    state = first.state_dict()
+    assert set(state["server"]) == {"mode", "family_params", "alpha", "stale"}
+    assert state["server"]["mode"] == "closed_form_mixture" and "params" not in state
+    # Before the strategy: params, alpha and stale at the top.
+    former = {k: v for k, v in state.items() if k != "server"}
+    former.update(
+        params=state["server"]["family_params"],
+        alpha=state["server"]["alpha"],
+        stale=state["server"]["stale"],
+    )
+    for given in (state, former):
+        resumed, _ = _mixture(net, clients, **OPTS)
+        resumed.load_state_dict(given)
+        resumed.run(2)
+        assert torch.equal(resumed.alpha, whole.alpha)
+        for k in range(2):
+            for key, value in whole.params[k].items():
+                assert torch.equal(resumed.params[k][key], value), (k, key)
+    with pytest.raises(ValueError, match="closed_form_mixture"):
+        resumed.server.load_state_dict({"mode": "closed_form"})

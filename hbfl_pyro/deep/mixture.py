@@ -82,16 +82,15 @@ from torch import nn
 from ..checkpoint import load_checkpoint
 from ..families.base import ClosedFormFamily, Params
 from ..families.niw import NIWDiag, NIWIso
-from ..participation import check_participation, pool_replies
+from ..participation import check_participation
 from ..seeding import derive_seed, seeded
+from ..servers.closed_form import MixtureServer
 from .baselines import FedProx
 from .data import FederatedSplit
 from .fedhb import (
     _BLOCK,
     ClientLike,
     FederatedTrainer,
-    _summed_summaries,
-    _weights,
     iso_prior,
     prox_weight,
 )
@@ -412,10 +411,8 @@ class FedHBMixture(FederatedTrainer):
     """
 
     STATE = {
-        "params": "params",
-        "alpha": "alpha",
+        "server": "server_state",
         "client_resp": "client_resp",
-        "stale": "_stale",
         "labels": "labels",
         "updates": "_updates",
     }
@@ -493,18 +490,82 @@ class FedHBMixture(FederatedTrainer):
         self.labels: Dict[int, int] = {}
         #: clients' updates ``m_i - start`` during the shared rounds (``cluster_rounds``).
         self._updates: Dict[int, torch.Tensor] = {}
-        self.families = components
         self.K = len(components)
-        self.eps = float(eps)
-        self.mixing, self.alpha0 = mixing, float(alpha0)
-        self.participation, self.weighting = participation, weighting
-        self.params: List[Params] = [f.init_params() for f in components]
-        self.alpha = self.init.new_full((self.K,), self.alpha0)
+        self.mixing = mixing
+        #: The server strategy: every component's q(mu_k, Sigma_k), q(pi), participation,
+        #: weighting and the closed-form updates are its.
+        self.server = MixtureServer(
+            components,
+            range(self.num_clients),
+            alpha0=alpha0,
+            alpha=self.init.new_full((self.K,), float(alpha0)),
+            eps=eps,
+            participation=participation,
+            weighting=weighting,
+            sizes=self.sizes,
+            fraction=self.fraction,
+            min_clients=self.min_clients,
+            seed=self.seed,
+        )
         #: each client's latest responsibilities ``(K,)`` (from its last reply).
         self.client_resp: Dict[int, torch.Tensor] = {}
-        self._stale: Dict[int, tuple] = {}
         self.gate: Optional[WeightFunction] = None
         self.gate_weights: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ the server's
+    # The settings and q are the server's; read here for the fingerprint and the views.
+    @property
+    def families(self) -> List[Union[NIWIso, NIWDiag]]:
+        # (Checked in __init__: every component is an NIWIso or every one an NIWDiag.)
+        return cast(List[Union[NIWIso, NIWDiag]], self.server.families)
+
+    @property
+    def eps(self) -> float:
+        return self.server.eps
+
+    @property
+    def alpha0(self) -> float:
+        return self.server.alpha0
+
+    @property
+    def participation(self) -> str:
+        return self.server.participation
+
+    @property
+    def weighting(self) -> str:
+        return self.server.weighting
+
+    @property
+    def params(self) -> List[Params]:
+        """Every component's ``q(mu_k, Sigma_k)`` parameters (the server's)."""
+        return self.server.family_params
+
+    @params.setter
+    def params(self, value: List[Params]) -> None:
+        self.server.family_params = value
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """``q(pi)``'s concentrations ``(K,)`` (the server's)."""
+        return self.server.alpha
+
+    @alpha.setter
+    def alpha(self, value: torch.Tensor) -> None:
+        self.server.alpha = value
+
+    @property
+    def server_state(self) -> Dict:
+        """The server's :meth:`~hbfl_pyro.servers.closed_form.MixtureServer.state_dict`
+        (what :meth:`state_dict` keeps under ``"server"``)."""
+        return self.server.state_dict()
+
+    @server_state.setter
+    def server_state(self, state: Dict) -> None:
+        self.server.load_state_dict(state)
+
+    def select(self, server_round: int) -> List[int]:
+        """The server's selection (the same clients as every other trainer's)."""
+        return [int(i) for i in self.server.select(server_round)]
 
     # ------------------------------------------------------------------ q(phi) views
     def centers(self) -> torch.Tensor:
@@ -645,7 +706,7 @@ class FedHBMixture(FederatedTrainer):
         )
         onehot = F.one_hot(labels, self.K).to(like)
         for i, r, k in zip(pool, onehot, labels.tolist()):
-            self._stale[i] = (self._stale[i][0], r)
+            self.server.stale[i] = (self.server.stale[i][0], r)
             self.client_resp[i] = r
             self.labels[i] = k
         self._update_from_pool()
@@ -670,7 +731,7 @@ class FedHBMixture(FederatedTrainer):
         replies = {
             i: (thetas[j].clone() if stale else thetas[j], resp[j]) for j, i in enumerate(chosen)
         }
-        if pool_replies(self.participation, self._stale, replies) is self._stale:
+        if self.server.pool(replies) is self.server.stale:
             counts = self._update_from_pool()
         else:
             counts = self._update_from(chosen, lambda s: thetas[s : s + _BLOCK], resp)
@@ -683,35 +744,23 @@ class FedHBMixture(FederatedTrainer):
     def _update_from_pool(self) -> torch.Tensor:
         """Every component's closed-form update from the stale pool (each client's latest
         ``m_i`` and responsibilities); returns the counts ``N_k``."""
-        pool = sorted(self._stale)
+        stale = self.server.stale
+        pool = sorted(stale)
 
         def rows(s):
-            return torch.stack([self._stale[i][0] for i in pool[s : s + _BLOCK]])
+            return torch.stack([stale[i][0] for i in pool[s : s + _BLOCK]])
 
-        return self._update_from(pool, rows, torch.stack([self._stale[i][1] for i in pool]))
+        return self._update_from(pool, rows, torch.stack([stale[i][1] for i in pool]))
 
     def _update_from(self, clients: List[int], rows, resp: torch.Tensor) -> torch.Tensor:
-        """Set every component from ``clients``' ``m_i`` (``rows(s)``: the block starting at
-        ``s``) weighted by ``w_i r_ik``; returns ``N_k``."""
-        w = _weights(clients, self.sizes, self.num_clients, self.weighting, resp)
-        weights = [w * resp[:, k] for k in range(self.K)]
-        all_sums = [
-            _summed_summaries(fam, wk, rows, len(clients), self.eps)
-            for fam, wk in zip(self.families, weights)
-        ]
-        return self._set_components(w, weights, all_sums)
-
-    def _set_components(self, w, weights, all_sums) -> torch.Tensor:
-        """``q(mu_k, Sigma_k)`` from the weighted sums and ``q(pi)``; returns ``N_k``."""
-        total = w.sum()
-        # N_k = N * (share of the weighted responsibility): exactly N when K = 1 (x / x = 1).
-        counts = torch.stack([self.num_clients * (wk.sum() / total) for wk in weights])
-        self.params = [
-            fam.server_update(sums, counts[k])
-            for k, (fam, sums) in enumerate(zip(self.families, all_sums))
-        ]
-        self.alpha = self.alpha0 + counts
-        return counts
+        """Hand the server the sums over ``clients`` of their summaries (``rows(s)``: the
+        block of ``m_i`` starting at ``s``) weighted by ``w_i r_ik``, formed in blocks
+        without per-client copies; the server updates every component and ``q(pi)``.
+        Returns ``N_k``."""
+        server = self.server
+        w = server.multiplicities(clients, resp)
+        total = server.weighted_sums(w, resp, rows, len(clients))
+        return server.aggregate_sum(self.round + 1, total, clients)["counts"]
 
     # ------------------------------------------------------------------ personalisation
     def finetune(
@@ -831,6 +880,15 @@ class FedHBMixture(FederatedTrainer):
         :raises ValueError: when the state holds a gate and no architecture is given, or
             the given one's parameters differ from the state's (nothing is changed then).
         """
+        if "params" in state and "server" not in state:
+            # The former layout, before the server strategy held q and the stale pool.
+            state = dict(state)
+            state["server"] = {
+                "mode": self.server.mode,
+                "family_params": state.pop("params"),
+                "alpha": state.pop("alpha"),
+                "stale": state.pop("stale", {}),
+            }
         gate = state.get("gate")
         flat = None
         if gate is not None:

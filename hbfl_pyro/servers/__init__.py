@@ -3,12 +3,13 @@
 - :class:`~hbfl_pyro.server.Server`: the closed-form and gradient (first-order) modes;
 - :class:`SecondOrderServer`: trust-region Newton on the clients' Laplace marginals;
 - :class:`FamilyServer`: a closed-form family's update on weighted sums of summaries (the
-  deep trainers' server: FedAvg, FedProx and FedHB differ only by its family);
+  deep trainers' server: FedAvg, FedProx and FedHB differ only by its family), and
+  :class:`MixtureServer`, its mixture of ``K`` families (the deep mixture's);
 - :class:`DifferentialPrivacy`: wraps a first-order server with client-level DP.
 """
 
 from .base import ServerStrategy
-from .closed_form import FamilyServer
+from .closed_form import FamilyServer, MixtureServer
 from .dp import DifferentialPrivacy
 from .second_order import ConvergenceWarning, SecondOrderServer, trust_region_step
 
@@ -16,6 +17,7 @@ __all__ = [
     "ConvergenceWarning",
     "DifferentialPrivacy",
     "FamilyServer",
+    "MixtureServer",
     "SecondOrderServer",
     "ServerStrategy",
     "trust_region_step",

@@ -13,7 +13,8 @@ A round's update takes the *weighted sums* of the summaries
 (:meth:`FamilyServer.aggregate_sum`), so a simulation that holds its clients' ``m_i``
 stacked computes them in blocks (:func:`summed_summaries`) without a per-client copy of
 any ``d``-dimensional summary; :meth:`FamilyServer.aggregate` is the same update from
-per-client replies.
+per-client replies. :class:`MixtureServer` is the same for a mixture of ``K`` families
+(the deep mixture's server).
 
 Why the core's :class:`~hbfl_pyro.server.ClosedFormServer` is not this class: it learns
 the replies' shapes by tracing a Pyro model on a placeholder (a network client has none),
@@ -292,4 +293,219 @@ class FamilyServer(ServerStrategy):
         self.stale = copy.deepcopy(state["stale"])
 
 
-__all__ = ["BLOCK", "FamilyServer", "client_multiplicities", "summed_summaries"]
+class MixtureServer(ServerStrategy):
+    """The closed-form server of a mixture of ``K`` families (method.md §6): component
+    ``k``'s ``q(mu_k, Sigma_k)`` is its family's exact update from the clients' summaries
+    weighted by ``w_i r_ik`` (``r_i`` a client's responsibilities, ``w_i`` its
+    :meth:`multiplicities`), standing for ``N_k = N sum_i w_i r_ik / sum_i w_i`` clients,
+    and ``q(pi) = Dirichlet(alpha0 + N_k)``. A client's reply is ``(m_i, r_i)``.
+
+    As :class:`FamilyServer`: :meth:`pool` (participation, the stale pool keeps each
+    client's latest ``(m_i, r_i)``), :meth:`multiplicities` (weighting), and the update
+    from weighted sums (:meth:`aggregate_sum`) or per-client replies (:meth:`aggregate`).
+    The deep mixture (:class:`~hbfl_pyro.deep.FedHBMixture`) holds one; with ``K = 1``
+    it is :class:`FamilyServer`'s update.
+
+    :param families: the ``K`` closed-form families.
+    :param client_names: every client's name.
+    :param alpha0: the Dirichlet prior's concentration per component.
+    :param alpha: the initial ``q(pi)`` concentrations ``(K,)`` (default ``alpha0`` each,
+        in the first family's ``mu0`` dtype).
+    :param kwargs: ``eps``, ``participation``, ``weighting``, ``sizes``, ``fraction``,
+        ``min_clients``, ``seed`` as :class:`FamilyServer`'s.
+    """
+
+    mode = "closed_form_mixture"
+
+    client_names: List[Any]
+
+    def __init__(
+        self,
+        families: Sequence[ClosedFormFamily],
+        client_names: Sequence[Any],
+        *,
+        alpha0: float = 1.0,
+        alpha: Optional[torch.Tensor] = None,
+        eps: float = 0.0,
+        participation: str = "stale",
+        weighting: str = "equal",
+        sizes: Optional[Sequence[int]] = None,
+        fraction: float = 1.0,
+        min_clients: int = 1,
+        seed: int = 0,
+    ):
+        if not families:
+            raise ValueError("families is empty: a mixture needs K >= 1 families")
+        # The components share everything but the family: one FamilyServer's checks and
+        # weighting (its own q(phi) is not used).
+        self._shared = FamilyServer(
+            families[0],
+            client_names,
+            eps=eps,
+            participation=participation,
+            weighting=weighting,
+            sizes=sizes,
+            fraction=fraction,
+            min_clients=min_clients,
+            seed=seed,
+        )
+        self.families = list(families)
+        self.client_names = self._shared.client_names
+        self.eps, self.alpha0 = float(eps), float(alpha0)
+        self.participation, self.weighting = participation, weighting
+        self.fraction, self.min_clients, self.seed = fraction, int(min_clients), seed
+        self.family_params: List[Params] = [f.init_params() for f in self.families]
+        if alpha is None:
+            alpha = self.family_params[0]["m0"].new_full((len(self.families),), self.alpha0)
+        self.alpha: torch.Tensor = alpha
+        #: Each client's latest ``(m_i, r_i)`` under ``participation="stale"``.
+        self.stale: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def K(self) -> int:
+        return len(self.families)
+
+    def message(self, server_round: int, client) -> Dict:
+        """The round, the mode, the client's seed, every component's parameters and
+        ``q(pi)``'s concentrations (copies)."""
+        return {
+            "round": server_round,
+            "mode": self.mode,
+            "seed": derive_seed(self.seed, server_round, client),
+            "family_params": [
+                {k: v.detach().clone() for k, v in p.items()} for p in self.family_params
+            ],
+            "alpha": self.alpha.detach().clone(),
+        }
+
+    def pool(self, replies: Dict[Any, Tuple[torch.Tensor, torch.Tensor]]) -> Dict:
+        """As :meth:`FamilyServer.pool`, for ``(m_i, r_i)`` replies."""
+        return pool_replies(self.participation, self.stale, replies)
+
+    def multiplicities(self, pool: Sequence[Any], like: torch.Tensor) -> torch.Tensor:
+        """As :meth:`FamilyServer.multiplicities`."""
+        return self._shared.multiplicities(pool, like)
+
+    def aggregate(
+        self, server_round: int, replies: Dict[Any, Any], failed: Sequence[Any] = ()
+    ) -> Dict:
+        """Update every component and ``q(pi)`` from per-client replies
+        ``{client: (m_i, r_i)}``; returns the round's record (with ``counts``, ``N_k``)."""
+        stale = self.participation == "stale"
+        pooled = self.pool({i: (m.clone() if stale else m, r) for i, (m, r) in replies.items()})
+        pool = sorted(pooled)
+        if not pool:
+            return self.aggregate_sum(server_round, {}, [], failed)
+        resp = torch.stack([pooled[i][1] for i in pool])
+        w = self.multiplicities(pool, resp)
+
+        def rows(s):
+            return torch.stack([pooled[i][0] for i in pool[s : s + BLOCK]])
+
+        total = self.weighted_sums(w, resp, rows, len(pool))
+        return self.aggregate_sum(server_round, total, pool, failed)
+
+    def weighted_sums(
+        self,
+        w: torch.Tensor,
+        resp: torch.Tensor,
+        rows: Callable[[int], torch.Tensor],
+        count: int,
+    ) -> Dict[str, torch.Tensor]:
+        """What :meth:`aggregate_sum` takes, from ``count`` clients' multiplicities ``w``,
+        responsibilities ``resp`` ``(C, K)`` and means (``rows(s)``: the block starting at
+        ``s``, :func:`summed_summaries`): ``weight`` (``sum_i w_i``),
+        ``component<k>/weight`` (``sum_i w_i r_ik``) and ``component<k>/stats/<key>``."""
+        total: Dict[str, torch.Tensor] = {"weight": w.sum()}
+        for k, fam in enumerate(self.families):
+            wk = w * resp[:, k]
+            total[f"component{k}/weight"] = wk.sum()
+            for key, value in summed_summaries(fam, wk, rows, count, self.eps).items():
+                total[f"component{k}/stats/{key}"] = value
+        return total
+
+    def sum_layout(self, server_round: int) -> Dict[str, Tuple[int, ...]]:
+        """Per component, the family's summary entries and the weight; and the total
+        weight (see :meth:`weighted_sums`)."""
+        layout: Dict[str, Tuple[int, ...]] = {"weight": ()}
+        for k, fam in enumerate(self.families):
+            layout[f"component{k}/weight"] = ()
+            for path, shape in (
+                FamilyServer(fam, self.client_names).sum_layout(server_round).items()
+            ):
+                layout[f"component{k}/{path}"] = shape
+        return layout
+
+    def aggregate_sum(
+        self,
+        server_round: int,
+        total: Dict[str, torch.Tensor],
+        clients: Sequence[Any],
+        failed: Sequence[Any] = (),
+    ) -> Dict:
+        """Set every component to its family's exact update from its weighted sums,
+        standing for ``N_k = N * component<k>/weight / weight`` clients (exactly ``N``
+        when ``K = 1``: ``x / x = 1``), and ``q(pi)`` to ``Dirichlet(alpha0 + N_k)``.
+        Returns the round's record, with ``counts`` (``N_k``) when updated."""
+        record = {
+            "round": server_round,
+            "clients": list(clients),
+            "failed": list(failed),
+            "updated": False,
+        }
+        if len(clients) < self.min_clients:
+            from ..server import ClientFailureWarning
+
+            warnings.warn(
+                f"round {server_round}: only {len(clients)} client(s) in the sums "
+                f"(min_clients={self.min_clients}); q(phi) is not updated this round",
+                ClientFailureWarning,
+                stacklevel=2,
+            )
+            return record
+        weight = total["weight"]
+        counts = torch.stack(
+            [self.num_clients * (total[f"component{k}/weight"] / weight) for k in range(self.K)]
+        )
+        params = []
+        for k, fam in enumerate(self.families):
+            prefix = f"component{k}/stats/"
+            sums = {p[len(prefix) :]: v for p, v in total.items() if p.startswith(prefix)}
+            params.append(fam.server_update(sums, counts[k]))
+        self.family_params = params
+        self.alpha = self.alpha0 + counts
+        record["updated"] = True
+        record["counts"] = counts
+        return record
+
+    def state_dict(self) -> Dict:
+        """``{"mode", "family_params" (a list), "alpha", "stale"}`` (copies)."""
+        return {
+            "mode": self.mode,
+            "family_params": [{k: v.clone() for k, v in p.items()} for p in self.family_params],
+            "alpha": self.alpha.clone(),
+            "stale": copy.deepcopy(self.stale),
+        }
+
+    def check_state(self, state: Dict) -> None:
+        """Raise ``ValueError`` unless ``state`` is a mixture state of these families'
+        shapes."""
+        if not isinstance(state, dict) or state.get("mode") != self.mode:
+            got = state.get("mode") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a {self.mode!r} server state (mode {got!r})")
+        want = [{k: tuple(v.shape) for k, v in p.items()} for p in self.family_params]
+        got_shapes = [{k: tuple(v.shape) for k, v in p.items()} for p in state["family_params"]]
+        if want != got_shapes:
+            raise ValueError(
+                f"the state's component parameters {got_shapes} differ from this server's {want}"
+            )
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Continue from a state written by :meth:`state_dict`."""
+        self.check_state(state)
+        self.family_params = [{k: v.clone() for k, v in p.items()} for p in state["family_params"]]
+        self.alpha = state["alpha"].clone()
+        self.stale = copy.deepcopy(state["stale"])
+
+
+__all__ = ["BLOCK", "FamilyServer", "MixtureServer", "client_multiplicities", "summed_summaries"]
