@@ -49,7 +49,12 @@ from .seeding import derive_seed, seeded
 from .server import ClosedFormServer, Server
 from .server_choice import MAX_SECOND_ORDER_DIM, choose_family, choose_server  # noqa: F401 (public here too)
 from .servers.dp import DifferentialPrivacy
-from .servers.second_order import DEFAULT_LOCAL_DRAWS, ConvergenceWarning, SecondOrderServer
+from .servers.second_order import (
+    DEFAULT_LOCAL_DRAWS,
+    DEFAULT_PSIS_DRAWS,
+    ConvergenceWarning,
+    SecondOrderServer,
+)
 from .structure import ModelStructure, discover_structure, site_value
 from .unconstrained import GlobalLayout
 from .verdict import K_HAT_GOOD, verdict_problems
@@ -185,7 +190,7 @@ class FederatedSVI:
         server_particles: Optional[int] = None,
         moment_matched: Optional[bool] = None,
         tol: float = 1e-3,
-        psis_draws: int = 1000,
+        psis_draws: int = DEFAULT_PSIS_DRAWS,
         local_draws: int = DEFAULT_LOCAL_DRAWS,
         seed: int = 0,
         plate: str = "clients",
