@@ -70,6 +70,7 @@ from .local import (
     LocalSpec,
     Penalty,
     QuadraticPenalty,
+    batch_schedule,
     engine_name,
     schedules_for,
     select_clients,
@@ -91,6 +92,11 @@ __all__ = [
 ]
 
 ClientLike = Union[ClientSplit, Tuple[torch.Tensor, torch.Tensor]]
+
+#: ``on_message(direction, client, message)``: the core's message hook
+#: (:data:`hbfl_pyro.engines.inprocess.MessageHook`), ``direction`` ``"down"`` (server to
+#: client) or ``"up"`` (client to server).
+MessageHook = Callable[[str, Any, Dict], None]
 
 
 # --------------------------------------------------------------------------------------
@@ -294,6 +300,18 @@ class FederatedTrainer:
     name the attributes that hold their state between rounds in :attr:`STATE` (for
     :meth:`state_dict` / :meth:`load_state_dict`).
 
+    **Messages** (methods with a server strategy, :class:`FedHB` and
+    :class:`~hbfl_pyro.deep.FedHBMixture`): before local training each chosen client is
+    sent :meth:`messages` (the strategy's ``message(round, client)``), and its local
+    training reads only that message (where it starts, its prox, its minibatch seed). The
+    message hooks in :attr:`hooks` (``on_message=``) see every message as the core's
+    engines deliver it (:class:`~hbfl_pyro.engines.InProcessEngine`): ``hook("down",
+    client, message)`` for each chosen client before any local training, then
+    ``hook("up", client, reply)`` for each client whose local training returned (a reply
+    with NaN or Inf included: the server's check comes after, as in the core; a client
+    whose training raised sends nothing). The hook observes: its return value is ignored,
+    and the messages are passed as sent, not copied, so a hook must not change them.
+
     **Failing clients** (the core's semantics, :mod:`hbfl_pyro.failures`): a chosen client
     whose local training raises, or whose reply holds NaN or Inf, is left out of the
     round's aggregate with a :class:`~hbfl_pyro.ClientFailureWarning`; the record's
@@ -374,6 +392,10 @@ class FederatedTrainer:
         self.min_clients, self.max_failures = int(min_clients), int(max_failures)
         self.round = 0
         self.history: List[Dict] = []
+        #: The message hooks (see the class doc; set by ``on_message=`` where a method has one).
+        self.hooks: List[MessageHook] = []
+        # The round's messages, (round, {client: message}), kept for local_updates.
+        self._sent: Tuple[int, Dict[int, Dict]] = (0, {})
 
     @property
     def num_clients(self) -> int:
@@ -407,6 +429,40 @@ class FederatedTrainer:
     def select(self, server_round: int) -> List[int]:
         """The round's clients (indices, sorted): :func:`~hbfl_pyro.deep.local.select_clients`."""
         return select_clients(self.num_clients, self.fraction, self.seed, server_round)
+
+    def messages(self, server_round: int, chosen: List[int]) -> Dict[int, Dict]:
+        """What each chosen client is sent this round, ``{client: message}``; ``{}`` (the
+        default) for methods without a server strategy, whose clients read the trainer."""
+        return {}
+
+    def deliver(self, direction: str, client: int, message: Dict) -> Dict:
+        """Pass a message through the hooks (see the class doc); returns it unchanged."""
+        for hook in self.hooks:
+            hook(direction, client, message)
+        return message
+
+    def received(self, server_round: int, chosen: Sequence[int]) -> Dict[int, Dict]:
+        """The messages ``chosen`` were sent this round by :meth:`step` (built afresh, and
+        not delivered, when :meth:`local_updates` is called outside a round)."""
+        sent_round, sent = self._sent
+        if sent_round != server_round or any(i not in sent for i in chosen):
+            sent = self.messages(server_round, list(chosen))
+        return {i: sent[i] for i in chosen}
+
+    def reply_message(self, server_round: int, client: int, parts: Tuple) -> Dict:
+        """Client ``client``'s reply as the ``"up"`` message the hooks see: the round's
+        reply parts of that client (:attr:`REPLY`: one name per part) with its name, the
+        round and its number of examples (the core's reply metadata)."""
+        reply: Dict[str, Any] = {
+            "client": client,
+            "round": server_round,
+            "num_examples": self.sizes[client],
+        }
+        reply.update((name, part) for name, part in zip(self.REPLY, parts) if part is not None)
+        return reply
+
+    #: The names of a reply's parts in the ``"up"`` messages (:meth:`reply_message`).
+    REPLY: Tuple[str, ...] = ("m",)
 
     def local_updates(self, server_round: int, chosen: List[int]):
         """The chosen clients' local training; returns their replies for
@@ -446,7 +502,13 @@ class FederatedTrainer:
         start = time.perf_counter()
         chosen = self.select(server_round)
         record: Dict = {"round": server_round, "clients": chosen}
-        replies, failures = self.guarded_updates(server_round, chosen)
+        self._sent = (server_round, self.messages(server_round, chosen))
+        for i, message in self._sent[1].items():
+            self.deliver("down", i, message)
+        try:
+            replies, failures = self.guarded_updates(server_round, chosen)
+        finally:
+            self._sent = (0, {})  # (each message holds a copy of q(phi): not kept)
         if failures:
             chosen = [i for i in chosen if i not in failures]
             record["clients"] = chosen
@@ -498,6 +560,12 @@ class FederatedTrainer:
             if not parts:  # every client raised: a bug in the code, not a client's fault
                 raise (first or batch_error) from None
             replies = _join_rows(parts)
+        if self.hooks:  # every reply as sent, before the server's check (as the core's)
+            for j, i in enumerate(answered):
+                row = tuple(
+                    p[j] if isinstance(p, torch.Tensor) else None for p in _reply_parts(replies)
+                )
+                self.deliver("up", i, self.reply_message(server_round, i, row))
         finite = _finite_rows(replies)
         if finite is not None and not bool(finite.all()):
             keep = []
@@ -651,6 +719,11 @@ class FedHB(FederatedTrainer):
     :param weighting: ``"equal"`` or ``"size"``.
     :param start: ``"global"`` (every round's local training starts at ``m0``, as FedAvg)
         or ``"own"`` (a client resumes its own ``m_i``; personalisation fine-tunes from it).
+    :param on_message: a hook ``(direction, client, message)`` called with every message,
+        as the core's ``FederatedSVI(on_message=...)`` (see :class:`FederatedTrainer`):
+        ``"down"`` with the server's message (``round``, ``mode``, ``seed``,
+        ``family_params``), ``"up"`` with the reply (``client``, ``round``,
+        ``num_examples``, ``m``: the client's ``m_i``).
     :param kwargs: ``fraction``, ``local``, ``engine``, ``chunk_size``, ``seed`` of
         :class:`FederatedTrainer`.
 
@@ -684,6 +757,7 @@ class FedHB(FederatedTrainer):
         participation: str = "scaled",
         weighting: str = "equal",
         start: str = "global",
+        on_message: Optional[MessageHook] = None,
         **kwargs,
     ):
         super().__init__(net, clients, **kwargs)
@@ -693,6 +767,11 @@ class FedHB(FederatedTrainer):
         d = getattr(family, "d", self.net.d)  # the NIW families' dimension
         if d != self.net.d:
             raise ValueError(f"the family has d = {d}, the network {self.net.d} weights")
+        if on_message is not None and not callable(on_message):
+            raise TypeError(
+                f"on_message must be a callable (direction, client, message), got "
+                f"{type(on_message).__name__}"
+            )
         #: The server strategy: q(phi), participation, weighting and the update are its;
         #: FedAvg, FedProx and FedHB differ only by its family.
         self.server = FamilyServer(
@@ -706,6 +785,7 @@ class FedHB(FederatedTrainer):
             min_clients=self.min_clients,
             seed=self.seed,
         )
+        self.hooks = [on_message] if on_message is not None else []
         self.start = start
         self._own: Dict[int, torch.Tensor] = {}
 
@@ -760,6 +840,32 @@ class FedHB(FederatedTrainer):
         same clients as every other trainer's)."""
         return [int(i) for i in self.server.select(server_round)]
 
+    def messages(self, server_round: int, chosen: List[int]) -> Dict[int, Dict]:
+        """The server's message to each chosen client
+        (:meth:`FamilyServer.message <hbfl_pyro.servers.closed_form.FamilyServer.message>`:
+        the round, the mode, the client's seed and ``q(phi)``'s parameters)."""
+        return {i: self.server.message(server_round, i) for i in chosen}
+
+    def local_updates(self, server_round: int, chosen: List[int]) -> torch.Tensor:
+        """Each chosen client trains from its message alone: it starts at the message's
+        ``m0`` (or its own ``m_i``, ``start="own"``), its prox is the message's ``q(phi)``
+        and its minibatches are seeded by the message's seed. Returns the replies
+        ``(C, d)``."""
+        sent = self.received(server_round, chosen)
+        # Every message of a round carries the same q(phi) (only the seeds differ), so the
+        # batched training reads the first one's, as the core's VectorisedEngine does.
+        params = sent[chosen[0]]["family_params"]
+        spec = self.local
+        schedules = [
+            batch_schedule(self.sizes[i], spec.batch_size, spec.epochs, sent[i]["seed"])
+            for i in chosen
+        ]
+        data = [self.data[i] for i in chosen]
+        thetas = self.train(
+            self.starts(chosen, params["m0"]), data, schedules, self.penalty(params)
+        )
+        return thetas
+
     def penalty(self, params: Optional[Params] = None) -> Penalty:
         """``-E_q(phi)[log p(theta | phi)]`` under ``q(phi)`` (the current one by default)."""
         params = self.params if params is None else params
@@ -784,11 +890,13 @@ class FedHB(FederatedTrainer):
         """``m0``, the posterior mean of ``mu`` (the global model, method.md §7)."""
         return self.params["m0"]
 
-    def starts(self, clients: Sequence[int]) -> torch.Tensor:
+    def starts(self, clients: Sequence[int], m0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``start="global"``: ``m0`` for everyone. ``start="own"``: each client resumes
         its own ``m_i`` (its variational parameters persist between rounds, as in
-        block-coordinate VI), ``m0`` until it has taken part once."""
-        m0 = self.global_weights()
+        block-coordinate VI), ``m0`` until it has taken part once.
+
+        :param m0: the global mean the clients were sent (default: the current one)."""
+        m0 = self.global_weights() if m0 is None else m0
         if self.start == "global":
             return m0
         return torch.stack([self._own.get(i, m0) for i in clients])

@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Dict, List, Optional, Protocol, Sequence, Union, cast
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -91,10 +91,11 @@ from .fedhb import (
     _BLOCK,
     ClientLike,
     FederatedTrainer,
+    MessageHook,
     iso_prior,
     prox_weight,
 )
-from .local import LocalSpec, QuadraticPenalty, schedules_for
+from .local import LocalSpec, QuadraticPenalty, batch_schedule, schedules_for
 from .metrics import evaluate, scores
 from .nets import FlatNet, WeightFunction
 
@@ -390,6 +391,12 @@ class FedHBMixture(FederatedTrainer):
         the direction every client shares than the components are apart, so the freshest
         centre is nearest to all (measured: purity 1.0 at the clustering, one component
         for all 40 clients 7 rounds later without holding).
+    :param on_message: a hook ``(direction, client, message)`` called with every message,
+        as the core's ``FederatedSVI(on_message=...)`` (see
+        :class:`~hbfl_pyro.deep.FederatedTrainer`): ``"down"`` with the server's message
+        (``round``, ``mode``, ``seed``, every component's ``family_params``, ``alpha``),
+        ``"up"`` with the reply (``client``, ``round``, ``num_examples``, ``m``: its
+        ``m_i``, ``responsibilities``: its ``r_i``).
     :param kwargs: ``fraction``, ``local``, ``engine``, ``chunk_size``, ``seed``.
 
     Example::
@@ -442,9 +449,16 @@ class FedHBMixture(FederatedTrainer):
         warmup_rounds: int = 0,
         cluster_rounds: int = 0,
         hold_rounds: int = 0,
+        on_message: Optional[MessageHook] = None,
         **kwargs,
     ):
         super().__init__(net, clients, **kwargs)
+        if on_message is not None and not callable(on_message):
+            raise TypeError(
+                f"on_message must be a callable (direction, client, message), got "
+                f"{type(on_message).__name__}"
+            )
+        self.hooks = [on_message] if on_message is not None else []
         given = [families] if isinstance(families, ClosedFormFamily) else list(families)
         if not given:
             raise ValueError("families is empty: pass K >= 1 families (mixture_priors)")
@@ -568,16 +582,19 @@ class FedHBMixture(FederatedTrainer):
         return [int(i) for i in self.server.select(server_round)]
 
     # ------------------------------------------------------------------ q(phi) views
-    def centers(self) -> torch.Tensor:
+    # The views take the q a client was sent (its message's family_params and alpha);
+    # by default the server's current one.
+    def centers(self, params: Optional[List[Params]] = None) -> torch.Tensor:
         """The components' ``m0_k``, ``(K, d)``."""
-        return torch.stack([p["m0"] for p in self.params])
+        return torch.stack([p["m0"] for p in (self.params if params is None else params)])
 
-    def log_weights(self) -> torch.Tensor:
+    def log_weights(self, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``E_q[log pi_k]``, ``(K,)``: ``digamma(alpha_k) - digamma(sum alpha)`` or
         ``-log K``."""
+        alpha = self.alpha if alpha is None else alpha
         if self.mixing == "uniform":
-            return self.alpha.new_full((self.K,), -torch.log(torch.tensor(float(self.K))).item())
-        return torch.digamma(self.alpha) - torch.digamma(self.alpha.sum())
+            return alpha.new_full((self.K,), -torch.log(torch.tensor(float(self.K))).item())
+        return torch.digamma(alpha) - torch.digamma(alpha.sum())
 
     def mixing_weights(self) -> torch.Tensor:
         """``E_q[pi]``, ``(K,)``."""
@@ -596,10 +613,13 @@ class FedHBMixture(FederatedTrainer):
         return [float(prox_weight(f, p).mean()) for f, p in zip(self.families, self.params)]
 
     # ------------------------------------------------------------------ client side
-    def penalty(self, params: Optional[List[Params]] = None) -> MixturePenalty:
-        """The soft-min prox under ``q`` (the current one by default)."""
+    def penalty(
+        self, params: Optional[List[Params]] = None, alpha: Optional[torch.Tensor] = None
+    ) -> MixturePenalty:
+        """The soft-min prox under ``q`` (the current one by default; ``params`` and
+        ``alpha`` as a message carries them)."""
         params = self.params if params is None else params
-        log_w = self.log_weights()
+        log_w = self.log_weights(alpha)
         centers, precisions, offsets = [], [], []
         for k, (fam, p) in enumerate(zip(self.families, params)):
             center = p["m0"]
@@ -623,14 +643,19 @@ class FedHBMixture(FederatedTrainer):
         return self.penalty().responsibilities(thetas)
 
     @torch.no_grad()
-    def client_starts(self, data, server_round=None) -> torch.Tensor:
+    def client_starts(
+        self, data, server_round=None, q: Optional[Tuple[List[Params], torch.Tensor]] = None
+    ) -> torch.Tensor:
         """Each client's starting vector ``(C, d)``: the centre with the lowest summed NLL
         on its training data minus ``E[log pi_k]`` (see the module docstring). In the
         first ``warmup_rounds`` rounds the round's clients are dealt to the components
         in turn, in an order seeded by ``(seed, round)``, so every component is trained
         before clients choose (otherwise the first component to improve wins every
-        client and the others stay at their random initialisation)."""
-        centers = self.centers()
+        client and the others stay at their random initialisation).
+
+        :param q: ``(family_params, alpha)`` as the clients were sent them (default: the
+            current ``q``)."""
+        centers = self.centers(None if q is None else q[0])
         if self.K == 1:
             return centers[0].expand(len(data), -1)
         if server_round is not None and server_round <= self.warmup_rounds:
@@ -639,13 +664,16 @@ class FedHBMixture(FederatedTrainer):
             which = torch.empty(len(data), dtype=torch.long)
             which[order] = torch.arange(len(data)) % self.K
             return centers[which.to(centers.device)]
-        return centers[self.best_components(data)]
+        return centers[self.best_components(data, q)]
 
     @torch.no_grad()
-    def best_components(self, data) -> List[int]:
+    def best_components(
+        self, data, q: Optional[Tuple[List[Params], torch.Tensor]] = None
+    ) -> List[int]:
         """Each client's centre with the lowest summed NLL on its training data minus
-        ``E[log pi_k]``."""
-        centers, log_w = self.centers(), self.log_weights()
+        ``E[log pi_k]`` (under ``q = (family_params, alpha)``, the current one by default)."""
+        params, alpha = (None, None) if q is None else q
+        centers, log_w = self.centers(params), self.log_weights(alpha)
         best = []
         for x, y in data:
             nll = torch.stack(
@@ -654,30 +682,51 @@ class FedHBMixture(FederatedTrainer):
             best.append(int((nll - log_w).argmin()))
         return best
 
+    def messages(self, server_round: int, chosen: List[int]) -> Dict[int, Dict]:
+        """The server's message to each chosen client
+        (:meth:`MixtureServer.message <hbfl_pyro.servers.closed_form.MixtureServer.message>`:
+        the round, the mode, the client's seed, every component's parameters, ``alpha``)."""
+        return {i: self.server.message(server_round, i) for i in chosen}
+
+    REPLY = ("m", "responsibilities")
+
     def local_updates(self, server_round: int, chosen: List[int]):
         """Best-centre starts and local training with the soft-min prox; in the shared
         rounds of ``cluster_rounds`` component 0's centre and prox, in the ``hold_rounds``
-        each client's held component. Returns ``(thetas, responsibilities)``, the latter
-        ``None`` when the clients report their optimal ``q(z_i)`` (computed by
-        :meth:`aggregate`)."""
-        schedules = schedules_for(self.sizes, self.local, self.seed, server_round, chosen)
+        each client's held component. Each client reads only its message: the centres,
+        precisions and ``alpha`` it was sent, and its seed for its minibatches. Returns
+        ``(thetas, responsibilities)``: each client's ``m_i`` and ``r_i`` (its optimal
+        ``q(z_i)`` at ``m_i`` under the ``q`` it was sent; the held one-hot ``q(z_i)`` in
+        the shared and held rounds)."""
+        sent = self.received(server_round, chosen)
+        # Every message of a round carries the same q (only the seeds differ), so the
+        # batched training reads the first one's, as the core's VectorisedEngine does.
+        q = (sent[chosen[0]]["family_params"], sent[chosen[0]]["alpha"])
+        spec = self.local
+        schedules = [
+            batch_schedule(self.sizes[i], spec.batch_size, spec.epochs, sent[i]["seed"])
+            for i in chosen
+        ]
         data = [self.data[i] for i in chosen]
         if server_round <= self.cluster_rounds:
-            starts = self.centers()[0]
-            thetas = self.train(starts, data, schedules, self._shared_penalty())
+            starts = self.centers(q[0])[0]
+            thetas = self.train(starts, data, schedules, self._shared_penalty(q[0]))
             resp = torch.zeros(len(chosen), self.K, dtype=thetas.dtype, device=thetas.device)
             resp[:, 0] = 1.0
             return thetas, resp
+        penalty = self.penalty(*q)
         if server_round <= self.cluster_rounds + self.hold_rounds:
             new = [(i, x) for i, x in zip(chosen, data) if i not in self.labels]
             # A client first heard from now keeps the centre it chooses.
-            self.labels.update(zip([i for i, _ in new], self.best_components([x for _, x in new])))
-            starts = self.centers()[[self.labels[i] for i in chosen]]
-            thetas = self.train(starts, data, schedules, self.penalty())
+            picks = self.best_components([x for _, x in new], q)
+            self.labels.update(zip([i for i, _ in new], picks))
+            starts = self.centers(q[0])[[self.labels[i] for i in chosen]]
+            thetas = self.train(starts, data, schedules, penalty)
             resp = F.one_hot(torch.tensor([self.labels[i] for i in chosen]), self.K)
             return thetas, resp.to(thetas)
-        starts = self.client_starts(data, server_round)
-        return self.train(starts, data, schedules, self.penalty()), None
+        starts = self.client_starts(data, server_round, q)
+        thetas = self.train(starts, data, schedules, penalty)
+        return thetas, penalty.responsibilities(thetas)
 
     def aggregate_round(self, server_round: int, chosen: List[int], replies) -> Dict:
         """The per-component server update (:meth:`aggregate`); at the end of the shared
@@ -692,9 +741,9 @@ class FedHBMixture(FederatedTrainer):
             entries["clusters"] = self._cluster_components(thetas)
         return entries
 
-    def _shared_penalty(self) -> MixturePenalty:
+    def _shared_penalty(self, params: Optional[List[Params]] = None) -> MixturePenalty:
         """Component 0's prox alone (FedHB's quadratic), for the shared rounds."""
-        p = self.params[0]
+        p = (self.params if params is None else params)[0]
         return MixturePenalty(p["m0"][None], (p["a"] / p["b"])[None], p["m0"].new_zeros(1))
 
     def _cluster_components(self, like: torch.Tensor) -> Dict[int, int]:
