@@ -59,12 +59,14 @@ from torch.func import vmap
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import num_clients
+from ..dp import DPConfig
 from ..failures import MAX_FAILED_ROUNDS, ClientFailureError, failing_clients, failure_message
 from ..families.base import ClosedFormFamily, Params
 from ..families.niw import NIWDiag, NIWFull, NIWIso
 from ..participation import check_participation
 from ..server import ClientFailureWarning
 from ..servers.closed_form import BLOCK, FamilyServer, client_multiplicities, summed_summaries
+from ..servers.dp import FamilyDifferentialPrivacy
 from .data import ClientSplit
 from .local import (
     LocalSpec,
@@ -724,6 +726,12 @@ class FedHB(FederatedTrainer):
         ``"down"`` with the server's message (``round``, ``mode``, ``seed``,
         ``family_params``), ``"up"`` with the reply (``client``, ``round``,
         ``num_examples``, ``m``: the client's ``m_i``).
+    :param dp: a :class:`~hbfl_pyro.dp.DPConfig`: client-level differential privacy
+        (:class:`~hbfl_pyro.servers.FamilyDifferentialPrivacy` wraps the server; each
+        client's update ``m_i - m0`` is clipped to ``dp.clip``, Gaussian noise goes on each
+        round's sums, and every record reports ``epsilon`` and ``delta``). Needs
+        ``participation="scaled"`` and an ``NIWIso`` or ``NIWDiag`` family; with
+        ``start="own"`` a client resumes from the clipped reply it sent.
     :param kwargs: ``fraction``, ``local``, ``engine``, ``chunk_size``, ``seed`` of
         :class:`FederatedTrainer`.
 
@@ -747,6 +755,8 @@ class FedHB(FederatedTrainer):
     STATE = {"server": "server_state", "own": "_own"}
     SETTINGS = ("family", "eps", "participation", "weighting", "start")
 
+    server: Union[FamilyServer, FamilyDifferentialPrivacy]
+
     def __init__(
         self,
         net: nn.Module,
@@ -758,6 +768,7 @@ class FedHB(FederatedTrainer):
         weighting: str = "equal",
         start: str = "global",
         on_message: Optional[MessageHook] = None,
+        dp: Optional[DPConfig] = None,
         **kwargs,
     ):
         super().__init__(net, clients, **kwargs)
@@ -785,6 +796,11 @@ class FedHB(FederatedTrainer):
             min_clients=self.min_clients,
             seed=self.seed,
         )
+        if dp is not None:
+            # Differential privacy wraps the server, as FederatedSVI(dp=...) does the core's.
+            self.server = FamilyDifferentialPrivacy(self.server, dp)
+        #: The :class:`~hbfl_pyro.dp.DPConfig` (``None``: no differential privacy).
+        self.dp = dp
         self.hooks = [on_message] if on_message is not None else []
         self.start = start
         self._own: Dict[int, torch.Tensor] = {}
@@ -840,6 +856,13 @@ class FedHB(FederatedTrainer):
         same clients as every other trainer's)."""
         return [int(i) for i in self.server.select(server_round)]
 
+    def step(self) -> Dict:
+        """:meth:`FederatedTrainer.step`; under ``dp=`` a round past a ``target_epsilon``
+        budget is refused before any client trains (as the core's)."""
+        if self.dp is not None:
+            self.dp.check_round(self.round + 1)
+        return super().step()
+
     def messages(self, server_round: int, chosen: List[int]) -> Dict[int, Dict]:
         """The server's message to each chosen client
         (:meth:`FamilyServer.message <hbfl_pyro.servers.closed_form.FamilyServer.message>`:
@@ -849,8 +872,8 @@ class FedHB(FederatedTrainer):
     def local_updates(self, server_round: int, chosen: List[int]) -> torch.Tensor:
         """Each chosen client trains from its message alone: it starts at the message's
         ``m0`` (or its own ``m_i``, ``start="own"``), its prox is the message's ``q(phi)``
-        and its minibatches are seeded by the message's seed. Returns the replies
-        ``(C, d)``."""
+        and its minibatches are seeded by the message's seed; under ``dp=`` it clips its
+        update about that ``m0`` before replying. Returns the replies ``(C, d)``."""
         sent = self.received(server_round, chosen)
         # Every message of a round carries the same q(phi) (only the seeds differ), so the
         # batched training reads the first one's, as the core's VectorisedEngine does.
@@ -864,6 +887,8 @@ class FedHB(FederatedTrainer):
         thetas = self.train(
             self.starts(chosen, params["m0"]), data, schedules, self.penalty(params)
         )
+        if isinstance(self.server, FamilyDifferentialPrivacy):
+            thetas = self.server.clip_updates(thetas, params["m0"])
         return thetas
 
     def penalty(self, params: Optional[Params] = None) -> Penalty:
@@ -932,11 +957,31 @@ class FedHB(FederatedTrainer):
                 return torch.stack([pooled[i] for i in pool[s : s + BLOCK]])
 
         w = server.multiplicities(pool, thetas)
-        sums = summed_summaries(self.family, w, rows, len(pool), self.eps)
-        server.aggregate_sum(self.round + 1, {f"stats/{k}": v for k, v in sums.items()}, pool)
+        entries: Dict[str, Any] = {}
+        if isinstance(server, FamilyDifferentialPrivacy):
+            # The wrapper re-clips, sums and adds the noise; the spread is read from its
+            # noisy sums (the clean ones are not released).
+            record, sums = server.aggregate_rows(self.round + 1, pool, rows, w)
+            entries = {"epsilon": record["epsilon"], "delta": record["delta"]}
+        else:
+            sums = summed_summaries(self.family, w, rows, len(pool), self.eps)
+            total = {f"stats/{k}": v for k, v in sums.items()}
+            server.aggregate_sum(self.round + 1, total, pool)
         if self.start == "own":
             self._own.update(zip(chosen, thetas))
-        return {"prox_weight": self.prox_weight(), "client_spread": _spread(sums, self.eps)}
+        return {
+            "prox_weight": self.prox_weight(),
+            "client_spread": _spread(sums, self.eps),
+            **entries,
+        }
+
+    @property
+    def privacy(self) -> Optional[Dict]:
+        """The privacy of the rounds so far (:meth:`hbfl_pyro.dp.DPConfig.report`), or
+        ``None`` without ``dp=``."""
+        if isinstance(self.server, FamilyDifferentialPrivacy):
+            return self.server.report()
+        return None
 
 
 # --------------------------------------------------------------------------------------

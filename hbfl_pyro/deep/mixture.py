@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import load_checkpoint
+from ..dp import DPConfig
 from ..families.base import ClosedFormFamily, Params
 from ..families.niw import NIWDiag, NIWIso
 from ..participation import check_participation
@@ -397,6 +398,8 @@ class FedHBMixture(FederatedTrainer):
         (``round``, ``mode``, ``seed``, every component's ``family_params``, ``alpha``),
         ``"up"`` with the reply (``client``, ``round``, ``num_examples``, ``m``: its
         ``m_i``, ``responsibilities``: its ``r_i``).
+    :param dp: not supported yet (raises ``NotImplementedError``): deep differential
+        privacy is :class:`~hbfl_pyro.deep.FedHB`'s ``dp=``.
     :param kwargs: ``fraction``, ``local``, ``engine``, ``chunk_size``, ``seed``.
 
     Example::
@@ -450,8 +453,15 @@ class FedHBMixture(FederatedTrainer):
         cluster_rounds: int = 0,
         hold_rounds: int = 0,
         on_message: Optional[MessageHook] = None,
+        dp: Optional[DPConfig] = None,
         **kwargs,
     ):
+        if dp is not None:
+            raise NotImplementedError(
+                "differential privacy of the mixture is not supported yet (its replies carry "
+                "responsibilities, whose sensitivity has no bound from a clip of m_i): use "
+                "FedHB(..., dp=...) for a private run"
+            )
         super().__init__(net, clients, **kwargs)
         if on_message is not None and not callable(on_message):
             raise TypeError(

@@ -19,15 +19,16 @@ un-noised sum.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 
-from ..dp import PUBLIC_KEYS, DPConfig
+from ..dp import PUBLIC_KEYS, DPConfig, project_moments
 from .base import ServerStrategy
 
 if TYPE_CHECKING:
     from ..server import Server
+    from .closed_form import FamilyServer
 
 
 class DifferentialPrivacy(ServerStrategy):
@@ -69,6 +70,14 @@ class DifferentialPrivacy(ServerStrategy):
 
         if not isinstance(dp, DPConfig):
             raise TypeError(f"dp must be a hbfl_pyro.dp.DPConfig, got {type(dp).__name__}")
+        from .closed_form import FamilyServer
+
+        if isinstance(strategy, FamilyServer):
+            raise TypeError(
+                "a FamilyServer (deep FedHB's) replies with means, clipped about the mean "
+                "each client was sent: wrap it in FamilyDifferentialPrivacy, or build "
+                "FedHB(..., dp=...)"
+            )
         if not isinstance(strategy, Server):
             mode = getattr(strategy, "mode", type(strategy).__name__)
             raise TypeError(
@@ -218,4 +227,192 @@ class DifferentialPrivacy(ServerStrategy):
         self.dp_releases = state["dp_releases"]
 
 
-__all__ = ["DifferentialPrivacy"]
+class FamilyDifferentialPrivacy(DifferentialPrivacy):
+    """Client-level differential privacy around a
+    :class:`~hbfl_pyro.servers.closed_form.FamilyServer` (deep FedHB, FedAvg and FedProx as
+    its families): what :class:`DifferentialPrivacy` is to the core's servers, with the
+    clipping a network's reply needs. ``FedHB(..., dp=cfg)`` builds it.
+
+    **Mechanism.** A client's reply is its mean ``m_i``; the private quantity is its update
+    ``u_i = m_i - m0`` about the global mean ``m0`` it was sent, clipped to
+    ``||u_i|| <= C`` (``C = dp.clip``): :meth:`clip_updates`, run by the client before it
+    replies and again here (a no-op for an honest client). The family's sums over the
+    round's clients, ``sum_m = W m0 + sum_i w_i u_i`` and ``sum_mm = W m0^2 + 2 m0 sum_i
+    w_i u_i + sum_i w_i u_i^2 + W eps^2`` (``w_i`` the multiplicities, ``W`` their sum;
+    the isotropic family sums ``||.||^2`` instead of ``.^2``), depend on the data only
+    through the vector ``sum_i w_i v_i`` with ``v_i = (u_i, u_i^2 / C)``, whose norm is at
+    most ``sqrt(2) C`` (``||u^2|| <= ||u||^2``). Gaussian noise of standard deviation
+    ``z sqrt(2) C max_i w_i`` on every coordinate of that vector (``z`` the noise
+    multiplier) is a ``1 / z``-GDP release per round, so :meth:`DPConfig.epsilon
+    <hbfl_pyro.dp.DPConfig.epsilon>` of the rounds released is the run's epsilon, exactly
+    as for the core. Here the noise goes on the sums directly (``sum_m + n_1``, ``sum_mm +
+    2 m0 n_1 + C n_2``: the same release, post-processed with the public ``m0``), the
+    noisy moments are projected onto feasible ones (:func:`~hbfl_pyro.dp.project_moments`)
+    and the server's update reads nothing else. With ``noise_multiplier=0`` and a clip no
+    update reaches, the run is the non-private one bit for bit.
+
+    **Adjacency and what is public** (as :mod:`hbfl_pyro.dp`): one client's update replaced
+    by zero (a client that did not move); the roster, ``m0`` and, with
+    ``weighting="size"``, the clients' training-set sizes (the server weighs by them) are
+    public; the noise is calibrated to the largest multiplicity in the round.
+
+    **Refused**: ``participation="stale"`` (the pool's replies were clipped about the means
+    of the rounds they were sent in, so the cross term ``2 sum_i w_i m0^(r_i) u_i`` of the
+    second moments is not a function of the clipped sum and has no bound from the clip;
+    use ``"scaled"``); the full-covariance family (its ``d x d`` second moment; use
+    ``NIWIso`` or ``NIWDiag``); the mixture's server (not supported yet); secure
+    aggregation (the server could not re-clip each update).
+
+    :param strategy: the wrapped :class:`~hbfl_pyro.servers.closed_form.FamilyServer`.
+    :param dp: the :class:`~hbfl_pyro.dp.DPConfig`.
+    :ivar dp_releases: rounds that released noisy sums (what the accountant counts).
+
+    Example::
+
+        >>> import torch
+        >>> from hbfl_pyro import DPConfig, NIWIso
+        >>> from hbfl_pyro.servers import FamilyDifferentialPrivacy, FamilyServer
+        >>> cfg = DPConfig(clip=0.5, noise_multiplier=1.0, reproducible_noise=True)
+        >>> server = FamilyDifferentialPrivacy(FamilyServer(NIWIso(2), ["a", "b"], eps=0.1), cfg)
+        >>> replies = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.1, 0.0])}
+        >>> server.clip_updates(replies["a"][None], torch.zeros(2))  # norm 5 -> 0.5
+        tensor([[0.3000, 0.4000]])
+        >>> record = server.aggregate(1, replies)
+        >>> server.dp_releases, record["epsilon"] == cfg.epsilon(1)
+        (1, True)
+    """
+
+    def __init__(self, strategy: FamilyServer, dp: DPConfig):
+        from ..families.niw import NIWDiag, NIWIso
+        from .closed_form import FamilyServer
+
+        if not isinstance(dp, DPConfig):
+            raise TypeError(f"dp must be a hbfl_pyro.dp.DPConfig, got {type(dp).__name__}")
+        if not isinstance(strategy, FamilyServer):
+            mode = getattr(strategy, "mode", type(strategy).__name__)
+            raise TypeError(
+                f"FamilyDifferentialPrivacy wraps a FamilyServer (deep FedHB), not the {mode} "
+                "server: wrap the core's Server in DifferentialPrivacy; the deep mixture has "
+                "no differential privacy yet"
+            )
+        if strategy.participation == "stale":
+            raise ValueError(
+                "differential privacy of a deep FedHB run needs participation='scaled': a "
+                "stale pool's updates were clipped about the means of the rounds they were "
+                "sent in, which leaves the round's second moments without a bound from the "
+                "clip"
+            )
+        if not isinstance(strategy.family, (NIWIso, NIWDiag)):
+            raise ValueError(
+                f"differential privacy of a deep FedHB run needs an NIWIso or NIWDiag family "
+                f"(got {type(strategy.family).__name__}: a d x d second moment per client); "
+                "use iso_prior or diag_prior"
+            )
+        self.strategy = strategy  # type: ignore[assignment]  # (the parent wraps a Server)
+        self.dp = dp
+        self.dp_releases = 0
+
+    @property
+    def family_server(self) -> FamilyServer:
+        """The wrapped :class:`~hbfl_pyro.servers.closed_form.FamilyServer`."""
+        return cast("FamilyServer", self.strategy)
+
+    def message(self, server_round: int, client: Any) -> Dict:
+        return self.family_server.message(server_round, client)
+
+    @property
+    def sensitivity(self) -> float:
+        """The L2 bound of one client's contribution ``(u_i, u_i^2 / C)`` to the released
+        vector, per unit multiplicity: ``sqrt(2) C``."""
+        return math.sqrt(2.0) * self.dp.clip
+
+    def clip_updates(self, means: torch.Tensor, m0: torch.Tensor) -> torch.Tensor:
+        """Each row of ``means`` ``(C, d)`` with its update ``m_i - m0`` clipped to norm
+        ``dp.clip``: ``m0 + (m_i - m0) clip / ||m_i - m0||`` where the norm exceeds the
+        clip; every other row is returned as it is (bit for bit)."""
+        update = means - m0
+        norm = torch.linalg.vector_norm(update, dim=-1, keepdim=True)
+        over = norm > self.dp.clip
+        if not bool(over.any()):
+            return means
+        return torch.where(over, m0 + update * (self.dp.clip / norm), means)
+
+    def aggregate_rows(
+        self,
+        server_round: int,
+        clients: Sequence[Any],
+        rows,
+        weights: torch.Tensor,
+        failed: Sequence[Any] = (),
+    ) -> Tuple[Dict, Dict[str, torch.Tensor]]:
+        """The round's update from the pooled ``clients``' means (``rows(s)``: the block of
+        :data:`~hbfl_pyro.servers.closed_form.BLOCK` clients starting at ``s``) and their
+        multiplicities ``weights``: re-clip, sum in blocks, add the noise, update.
+
+        :returns: the round's record (with ``epsilon`` and ``delta``) and the noisy sums the
+            update read (``{}`` when fewer than ``min_clients`` were pooled: no release).
+        """
+        from .closed_form import summed_summaries
+
+        server = self.family_server
+        if len(clients) < server.min_clients:
+            record = server.aggregate_sum(server_round, {}, clients, failed)  # warns
+            return self._account(record), {}
+        self.dp.check_round(self.dp_releases + 1)  # also where no trainer drives
+        m0 = server.family_params["m0"]  # the mean this round's clients were sent
+
+        def clipped(s):
+            return self.clip_updates(rows(s), m0)
+
+        sums = summed_summaries(server.family, weights, clipped, len(clients), server.eps)
+        if self.dp._z > 0:
+            seed = self.dp.noise_seed(server.seed, server_round)
+            sums = self._noisy(sums, m0, float(weights.max()), seed)
+        self.dp_releases += 1
+        total = {f"stats/{k}": v for k, v in sums.items()}
+        record = server.aggregate_sum(server_round, total, clients, failed)
+        return self._account(record), sums
+
+    def _noisy(
+        self, sums: Dict[str, torch.Tensor], m0: torch.Tensor, largest: float, seed: int
+    ) -> Dict[str, torch.Tensor]:
+        """The sums with the release's noise (see the class doc), projected onto moments
+        that clients could have sent."""
+        gen = torch.Generator().manual_seed(seed)  # the server's own: global RNG untouched
+        std = self.dp._z * self.sensitivity * largest
+        m, mm = sums["sum_m"], sums["sum_mm"]
+        first = std * torch.randn(m.shape, generator=gen, dtype=m.dtype).to(m.device)
+        second = std * torch.randn(mm.shape, generator=gen, dtype=mm.dtype).to(mm.device)
+        cross = m0 * first if mm.shape == m.shape else (m0 * first).sum(-1)
+        noisy = dict(sums)
+        noisy["sum_m"] = m + first
+        noisy["sum_mm"] = mm + 2.0 * cross + self.dp.clip * second
+        return project_moments(noisy, sums["count"])  # type: ignore[arg-type]
+
+    def _account(self, record: Dict) -> Dict:
+        record["epsilon"] = self.dp.epsilon(self.dp_releases)
+        record["delta"] = self.dp.delta
+        return record
+
+    def aggregate(
+        self, server_round: int, replies: Dict[Any, Any], failed: Sequence[Any] = ()
+    ) -> Dict:
+        """The wrapped server's :meth:`~hbfl_pyro.servers.closed_form.FamilyServer.aggregate`
+        from per-client replies ``{client: m_i}``, privatised (:meth:`aggregate_rows`)."""
+        from .closed_form import BLOCK
+
+        server = self.family_server
+        pooled = server.pool(dict(replies))
+        pool = sorted(pooled)  # the trainer's order
+        if not pool:
+            return self._account(server.aggregate_sum(server_round, {}, [], failed))
+        weights = server.multiplicities(pool, pooled[pool[0]])
+
+        def rows(s):
+            return torch.stack([pooled[i] for i in pool[s : s + BLOCK]])
+
+        record, _ = self.aggregate_rows(server_round, pool, rows, weights, failed)
+        return record
+
+
+__all__ = ["DifferentialPrivacy", "FamilyDifferentialPrivacy"]
