@@ -92,9 +92,9 @@ class FederatedSVI:
         :class:`~hbfl_pyro.data.FederatedData`.
     :param global_guide: ``"auto"`` (``AutoNormal``), an autoguide class, or a module.
     :param local_guide: ``"auto"`` (``AutoNormal``), an autoguide class, or a module.
-    :param server: ``"auto"`` (closed form when a conjugate family is found; else the
-        second-order server when the globals (at most 200 values) and locals are continuous,
-        the guides are ``"auto"`` and no first-order option is given; else gradient),
+    :param server: ``"auto"`` (the second-order server when the globals (at most 200
+        values) and locals are continuous, the guides are ``"auto"`` and no first-order
+        option is given; else closed form when a conjugate family is found; else gradient),
         ``"second_order"``, ``"closed_form"``, ``"gradient"``, ``"first_order"`` (closed
         form when a family is found, else gradient), or a family instance.
         :attr:`server_choice` records which ran and why.

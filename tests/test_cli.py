@@ -502,7 +502,8 @@ def test_guide_family_uses_the_files_guide_options(tmp_path, capsys):
     full_rank = load_model_file(path, guide="full-rank")  # no guide_options: fit_options
     assert full_rank.rounds == 2 and full_rank.options["lr_decay"] == 0.9
     assert full_rank.options["global_guide"].func is AutoMultivariateNormal  # a partial
-    # "mean-field" is the library default: a conjugate model keeps its closed-form server.
+    # "mean-field" is the library default: a conjugate model fitted with first-order
+    # options (normal_normal.py's fit_options) keeps its closed-form server.
     normal = load_model_file(ROOT / "models" / "normal_normal.py", guide="mean-field")
     assert normal.options["global_guide"] == "auto"
     fit = FederatedSVI(normal.model, normal.load_data(), **normal.options)

@@ -44,7 +44,7 @@ def _fit(data, **kwargs):
 
 def test_normal_normal_detected_with_its_constants():
     data = FederatedData(normal_normal.load_data(num_clients=4))
-    fit = FederatedSVI(normal_normal.model, data, seed=0)
+    fit = FederatedSVI(normal_normal.model, data, seed=0, server="first_order")
     assert fit.server.mode == "closed_form"
     family = fit.family
     assert isinstance(family, NormalNormal)

@@ -156,7 +156,9 @@ def test_reference_rows_resolves_posteriordb_names():
 def test_bad_input_is_refused():
     with pytest.raises(TypeError, match="fitted FederatedSVI"):
         compare_pooled(normal_normal.model)
-    fit = FederatedSVI(normal_normal.model, normal_normal.load_data(num_clients=3), seed=0)
+    # A first-order fit has a q(phi) before any round: the checks run without fitting.
+    data = normal_normal.load_data(num_clients=3)
+    fit = FederatedSVI(normal_normal.model, data, seed=0, server="first_order")
     with pytest.raises(ValueError, match="unknown nuts settings"):
         compare_pooled(fit, nuts={"num_warmup": 10}, svi=False)
     with pytest.raises(ValueError, match="matches no parameter"):

@@ -493,7 +493,8 @@ def test_the_wrapper_reads_and_writes_through_to_the_server():
 def test_server_dp_is_deprecated_and_builds_the_wrapper():
     """The old spellings keep working for one release: Server(..., dp=cfg) returns the
     wrapper, and a server's dp / dp_releases read None / 0, each with a DeprecationWarning."""
-    fit = FederatedSVI(normal_normal.model, normal_normal.load_data(num_clients=3), seed=0)
+    data = normal_normal.load_data(num_clients=3)
+    fit = FederatedSVI(normal_normal.model, data, seed=0, server="first_order")
     plain = fit.server
     args = (fit.data.names, fit.model, fit.structure, fit.data.placeholder(), None, fit.family)
     cfg = DPConfig(clip=1.0, noise_multiplier=1.0)

@@ -70,7 +70,8 @@ def guide_family(name: str) -> Dict[str, object]:
     """The :class:`~hbfl_pyro.FederatedSVI` keywords of a named guide family.
 
     ``"mean-field"`` is the library's default, ``AutoNormal`` for ``q(phi)`` and for each
-    ``q_i(theta_i)`` (``"auto"``: a conjugate model keeps its closed-form server);
+    ``q_i(theta_i)`` (``"auto"``: a conjugate model fitted first-order keeps its
+    closed-form server);
     ``"structured"`` swaps the local factor for :class:`~hbfl_pyro.StructuredLocalNormal`,
     ``q_i(theta_i | phi)``; ``"full-rank"`` and ``"low-rank"`` correlate the globals
     (``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``); ``"full+struct"`` does
