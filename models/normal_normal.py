@@ -77,4 +77,10 @@ def mean_field_optimum(data):
     return {"mu": (mean[0], torch.tensor(sd_mu)), "theta": (mean[1:], sd_theta)}
 
 
+#: This file is the closed-form server's example (docs/flower.rst, docs/privacy.rst and the
+#: Flower and SecAgg+ tests run it through the closed-form server): first-order options
+#: ask for that server, and its clients fit their blocks by Adam, which needs these local
+#: steps (with the default 10 steps at lr 0.05 a client's mean stopped 0.32 sd from the
+#: exact posterior). Without fit_options, ``hbfl fit`` runs the second-order server,
+#: exact on this Gaussian hierarchy in 3 rounds (tests/test_second_order.py).
 fit_options = {"rounds": 60, "local_steps": 50, "local_lr": 0.05}
