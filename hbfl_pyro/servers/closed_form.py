@@ -106,6 +106,33 @@ def summed_summaries(
     return sums
 
 
+def _round_record(server_round: int, clients: Sequence[Any], failed: Sequence[Any]) -> Dict:
+    """A round's record before the update: ``updated`` is set once it happens."""
+    return {
+        "round": server_round,
+        "clients": list(clients),
+        "failed": list(failed),
+        "updated": False,
+    }
+
+
+def _enough_clients(server_round: int, clients: Sequence[Any], min_clients: int) -> bool:
+    """Whether ``clients`` are enough to update ``q(phi)``; warns (the core's
+    :class:`~hbfl_pyro.ClientFailureWarning`) when they are not."""
+    if len(clients) >= min_clients:
+        return True
+    # (Imported here: hbfl_pyro.server imports this package.)
+    from ..server import ClientFailureWarning
+
+    warnings.warn(
+        f"round {server_round}: only {len(clients)} client(s) in the sums "
+        f"(min_clients={min_clients}); q(phi) is not updated this round",
+        ClientFailureWarning,
+        stacklevel=3,
+    )
+    return False
+
+
 class FamilyServer(ServerStrategy):
     """The closed-form server of a family, on weighted sums of the clients' summaries (see
     the module docstring).
@@ -241,22 +268,8 @@ class FamilyServer(ServerStrategy):
         :meth:`hbfl_pyro.server.ClosedFormServer.aggregate_sum`, whose sums are
         unweighted). Returns the round's record (round,
         clients, failed, updated)."""
-        record = {
-            "round": server_round,
-            "clients": list(clients),
-            "failed": list(failed),
-            "updated": False,
-        }
-        if len(clients) < self.min_clients:
-            # (Imported here: hbfl_pyro.server imports this package.)
-            from ..server import ClientFailureWarning
-
-            warnings.warn(
-                f"round {server_round}: only {len(clients)} client(s) in the sums "
-                f"(min_clients={self.min_clients}); q(phi) is not updated this round",
-                ClientFailureWarning,
-                stacklevel=2,
-            )
+        record = _round_record(server_round, clients, failed)
+        if not _enough_clients(server_round, clients, self.min_clients):
             return record
         sums = {p.split("/", 1)[1]: v for p, v in total.items() if p.startswith("stats/")}
         self.family_params = self.family.server_update(sums, self.num_clients)
@@ -447,21 +460,8 @@ class MixtureServer(ServerStrategy):
         standing for ``N_k = N * component<k>/weight / weight`` clients (exactly ``N``
         when ``K = 1``: ``x / x = 1``), and ``q(pi)`` to ``Dirichlet(alpha0 + N_k)``.
         Returns the round's record, with ``counts`` (``N_k``) when updated."""
-        record = {
-            "round": server_round,
-            "clients": list(clients),
-            "failed": list(failed),
-            "updated": False,
-        }
-        if len(clients) < self.min_clients:
-            from ..server import ClientFailureWarning
-
-            warnings.warn(
-                f"round {server_round}: only {len(clients)} client(s) in the sums "
-                f"(min_clients={self.min_clients}); q(phi) is not updated this round",
-                ClientFailureWarning,
-                stacklevel=2,
-            )
+        record = _round_record(server_round, clients, failed)
+        if not _enough_clients(server_round, clients, self.min_clients):
             return record
         weight = total["weight"]
         counts = torch.stack(
