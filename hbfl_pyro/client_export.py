@@ -93,6 +93,7 @@ def evaluate_client(
         ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=data["y"])
         >>> fit = FederatedSVI(model, {"a": {"y": torch.tensor(1.0)},
         ...                            "b": {"y": torch.tensor(2.0)}})
+        >>> _ = fit.run(progress=False)
         >>> g, loc = fit.global_samples(50), fit.local_samples(50)
         >>> out = evaluate_client(fit.model, fit.structure, fit.clients["a"].batch, g,
         ...                       {s: v[:, 0] for s, v in loc.items()}, seed=0)

@@ -333,7 +333,7 @@ def compare_pooled(
         ...         theta = pyro.sample("theta", dist.Normal(mu, 1.0))
         ...         pyro.sample("y", dist.Normal(theta, 1.0), obs=data["y"])
         >>> clients = {f"site{i}": {"y": torch.tensor(float(i))} for i in range(3)}
-        >>> fit = FederatedSVI(model, clients, seed=0)
+        >>> fit = FederatedSVI(model, clients, seed=0, server="first_order")  # closed form
         >>> _ = fit.run(20, progress=False)
         >>> c = compare_pooled(fit, svi=dict(steps=100), nuts=dict(warmup=20, samples=20),
         ...                    num_samples=100, progress=False)

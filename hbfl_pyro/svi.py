@@ -155,8 +155,10 @@ class FederatedSVI:
         ...            for i in range(3)}
         >>> fit = FederatedSVI(model, clients, seed=0)
         >>> fit.server.mode
-        'closed_form'
-        >>> history = fit.run(5, progress=False)
+        'second_order'
+        >>> history = fit.run(progress=False)
+        >>> fit.verdict["status"]
+        'converged'
     """
 
     #: The server: a first-order :class:`~hbfl_pyro.server.Server` (closed form or
