@@ -21,28 +21,14 @@ import math
 
 import pytest
 import torch
+from deep_toys import OPTS, toy
 
 from hbfl_pyro import DPConfig, NIWDiag, NIWFull, NIWIso
 from hbfl_pyro import dp as dp_module
-from hbfl_pyro.deep import FedHB, FedHBMixture, FlatNet, LocalSpec, diag_prior, iso_prior, mlp
+from hbfl_pyro.deep import FedHB, FedHBMixture, FlatNet, diag_prior, iso_prior
 from hbfl_pyro.servers import DifferentialPrivacy, FamilyDifferentialPrivacy, FamilyServer
 from hbfl_pyro.servers.closed_form import MixtureServer
 
-
-def toy(sizes=(20, 9, 14, 5, 12, 17), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    clients = [
-        (
-            torch.randn(n, 4, generator=gen, dtype=torch.float64),
-            torch.randint(0, 3, (n,), generator=gen),
-        )
-        for n in sizes
-    ]
-    torch.manual_seed(seed)
-    return mlp((4, 6, 3)).double(), clients
-
-
-OPTS = dict(fraction=0.5, local=LocalSpec(epochs=1, batch_size=4, lr=0.1), seed=3)
 PRIORS = {"iso": iso_prior, "diag": diag_prior}
 
 

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from deep_toys import OPTS, toy
 
 from hbfl_pyro import ClientFailureWarning
 from hbfl_pyro.deep import (
@@ -24,24 +25,8 @@ from hbfl_pyro.deep import (
     diag_prior,
     iso_prior,
     mixture_priors,
-    mlp,
 )
 from hbfl_pyro.seeding import derive_seed
-
-
-def toy(sizes=(20, 9, 14, 5, 12, 17), seed=0, nan=()):
-    gen = torch.Generator().manual_seed(seed)
-    clients = []
-    for i, n in enumerate(sizes):
-        x = torch.randn(n, 4, generator=gen, dtype=torch.float64)
-        if i in nan:
-            x[0, 1] = float("nan")
-        clients.append((x, torch.randint(0, 3, (n,), generator=gen)))
-    torch.manual_seed(seed)
-    return mlp((4, 6, 3)).double(), clients
-
-
-OPTS = dict(fraction=0.5, local=LocalSpec(epochs=1, batch_size=4, lr=0.1), seed=3)
 
 
 class Log:

@@ -9,38 +9,21 @@ trainer hands it weighted sums (``aggregate_sum``); the strategy's per-client pa
 
 import pytest
 import torch
+from deep_toys import OPTS, toy
 
 from hbfl_pyro import ClientFailureWarning
 from hbfl_pyro.deep import (
     FedHB,
     FedHBMixture,
     FlatNet,
-    LocalSpec,
     diag_prior,
     fedavg_family,
     fedprox_family,
     iso_prior,
     mixture_priors,
-    mlp,
 )
 from hbfl_pyro.servers import ServerStrategy
 from hbfl_pyro.servers.closed_form import FamilyServer, MixtureServer, client_multiplicities
-
-
-def toy(sizes=(20, 9, 14, 5, 12, 17), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    clients = [
-        (
-            torch.randn(n, 4, generator=gen, dtype=torch.float64),
-            torch.randint(0, 3, (n,), generator=gen),
-        )
-        for n in sizes
-    ]
-    torch.manual_seed(seed)
-    return mlp((4, 6, 3)).double(), clients
-
-
-OPTS = dict(fraction=0.5, local=LocalSpec(epochs=1, batch_size=4, lr=0.1), seed=3)
 
 
 class Recorded(FedHB):
