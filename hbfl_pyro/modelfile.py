@@ -3,8 +3,10 @@
 The protocol (what ``hbfl fit`` reads):
 
 * ``model(data)`` -- required: a Pyro model taking one collated data dict, with a plate
-  named ``"clients"`` (see :mod:`hbfl_pyro.data`). Another callable of the file can be
-  chosen with a ``FILE:NAME`` suffix, e.g. ``models/eight_schools.py:centered``.
+  named ``"clients"`` (see :mod:`hbfl_pyro.data`), or one plate of another name with an
+  entry per client (taken with a warning; ``fit_options = {"plate": NAME}`` names it).
+  Another callable of the file can be chosen with a ``FILE:NAME`` suffix, e.g.
+  ``models/eight_schools.py:centered``.
 * ``load_data()`` -- required: returns ``{client_name: {key: array}}``.
 * ``global_guide``, ``local_guide``, ``server`` -- optional: passed to
   :class:`~hbfl_pyro.FederatedSVI` as the keywords of the same names.

@@ -184,7 +184,7 @@ FEDERATED_SVI: Dict[str, Rule] = {
     "psis_draws": integer(100, hint="Pareto smoothing needs a tail of draws"),
     "local_draws": integer(0),
     "seed": integer(0, hint="every random choice derives from it; give e.g. seed=0"),
-    "plate": Rule("text"),
+    "plate": Rule("text", optional=True),
     "on_message": Rule("callable", optional=True),
     "on_client_failure": choice("raise", "drop"),
 }

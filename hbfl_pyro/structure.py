@@ -8,6 +8,7 @@ training, and every error names the site (and the client) and says how to fix it
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, cast
 
@@ -96,39 +97,77 @@ def _in_plate(site, plate: str) -> bool:
     return any(frame.name == plate for frame in site["cond_indep_stack"])
 
 
-def _clients_plate_hint(model: Callable, data: FederatedData, one, plate: str) -> str:
-    """How to fix a model without the clients plate ``plate``: name the plate whose size
-    is the number of clients (the same plate, of size 1 on one client's data and of size 2
-    on two clients'), if the model has exactly one such plate, else how to write it."""
-    generic = (
-        f"wrap the per-client part of the model in `with pyro.plate({plate!r}, num_clients(data)):`"
-        " (or name your clients plate: plate=NAME)"
-    )
+DEFAULT_PLATE = "clients"
 
-    def sizes(trace) -> Dict[str, int]:
-        return {
-            frame.name: frame.size
-            for site in _sample_sites(trace).values()
-            for frame in site["cond_indep_stack"]
-            if frame.vectorized
-        }
 
+def _vectorised_plate_sizes(trace) -> Dict[str, int]:
+    return {
+        frame.name: frame.size
+        for site in _sample_sites(trace).values()
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    }
+
+
+def _one_entry_per_client(model: Callable, data: FederatedData, one) -> list:
+    """The model's plates with one entry per client: of size 1 on one client's data and of
+    size 2 on two clients' (empty when the federation has one client, where no size tells)."""
     if len(data) < 2:
-        return generic
+        return []
     try:
         two = poutine.trace(model).get_trace(data.collate([0, 1]))
-    except Exception:  # the caller's trace of one client worked; say the generic fix
-        return generic
-    first, second = sizes(one), sizes(two)
-    candidates = [n for n, size in second.items() if size == 2 and first.get(n) == 1]
+    except Exception:  # the caller's trace of one client worked; no plate can be told apart
+        return []
+    first, second = _vectorised_plate_sizes(one), _vectorised_plate_sizes(two)
+    return [n for n, size in second.items() if size == 2 and first.get(n) == 1]
+
+
+def _missing_plate_error(plate: str, candidates: list) -> ModelStructureError:
+    """How to fix a model without the clients plate ``plate``: name the plate with one
+    entry per client if there is exactly one such plate, else how to write it."""
+    if len(candidates) == 1:
+        found = candidates[0]
+        fix = (
+            f"the model's plate {found!r} has one entry per client: rename it {plate!r}, or "
+            f"name it as the clients plate (FederatedSVI(..., plate={found!r}); in a model "
+            f'file, fit_options = {{"plate": "{found}"}})'
+        )
+    else:
+        fix = (
+            f"wrap the per-client part of the model in `with pyro.plate({plate!r}, "
+            "num_clients(data)):` (or name your clients plate: plate=NAME)"
+        )
+        if candidates:
+            fix += f"; plates {candidates} each have one entry per client: name one"
+    return ModelStructureError(f"no sample site is inside a plate named {plate!r}; " + fix)
+
+
+def _find_clients_plate(model: Callable, data: FederatedData, one, plate: Optional[str]) -> str:
+    """The clients plate's name: ``plate`` when given; else ``"clients"`` when the model has
+    it, else the one plate with an entry per client (with a warning naming it, so a model
+    written with ``pyro.plate("schools", ...)`` fits with defaults and says what it took)."""
+
+    def has(name: str) -> bool:
+        return any(_in_plate(site, name) for site in _sample_sites(one).values())
+
+    if plate is not None:
+        if not has(plate):
+            raise _missing_plate_error(plate, _one_entry_per_client(model, data, one))
+        return plate
+    if has(DEFAULT_PLATE):
+        return DEFAULT_PLATE
+    candidates = _one_entry_per_client(model, data, one)
     if len(candidates) != 1:
-        return generic
+        raise _missing_plate_error(DEFAULT_PLATE, candidates)
     found = candidates[0]
-    return (
-        f"the model's plate {found!r} has one entry per client: rename it {plate!r}, or "
-        f"name it as the clients plate (FederatedSVI(..., plate={found!r}); in a model "
-        f'file, fit_options = {{"plate": "{found}"}})'
+    warnings.warn(
+        f"the model has no plate named {DEFAULT_PLATE!r}; its plate {found!r} has one entry "
+        f"per client, so it is taken as the clients plate (pass plate={found!r}, or in a "
+        f'model file fit_options = {{"plate": "{found}"}}, to say so and silence this)',
+        UserWarning,
+        stacklevel=3,
     )
+    return found
 
 
 def _trace(model: Callable, batch, what: str):
@@ -143,24 +182,20 @@ def _trace(model: Callable, batch, what: str):
 
 
 def discover_structure(
-    model: Callable, data: FederatedData, plate: str = "clients"
+    model: Callable, data: FederatedData, plate: Optional[str] = None
 ) -> ModelStructure:
     """Trace ``model`` on the clients' data, assign site roles, and validate them.
 
     :param model: a Pyro model taking one collated data dict.
     :param data: the federation's data (only used locally, as each client would).
-    :param plate: the name of the clients plate.
+    :param plate: the name of the clients plate; ``None`` (the default): ``"clients"``, or
+        else the model's one plate with an entry per client, taken with a warning.
     :returns: the :class:`ModelStructure`.
     :raises ModelStructureError: naming the offending site (and client) and the fix.
     """
     one = _trace(model, data.collate([0]), f"client {data.names[0]!r}")
     sites = _sample_sites(one)
-    plated = [n for n, s in sites.items() if _in_plate(s, plate)]
-    if not plated:
-        raise ModelStructureError(
-            f"no sample site is inside a plate named {plate!r}; "
-            + _clients_plate_hint(model, data, one, plate)
-        )
+    plate = _find_clients_plate(model, data, one, plate)
     plate_dim = next(
         f.dim for s in sites.values() for f in s["cond_indep_stack"] if f.name == plate
     )

@@ -122,7 +122,8 @@ class FederatedSVI:
         resampled from ``K`` such draws; ``0``: the Laplace marginal itself is the target.
     :param seed: the run's seed, an int >= 0 (``None`` is refused); every random choice
         derives from it.
-    :param plate: the clients plate's name.
+    :param plate: the clients plate's name; ``None`` (the default): ``"clients"``, or else
+        the model's one plate with an entry per client (taken with a warning naming it).
     :param engine: ``"inprocess"`` (a loop over client objects, the reference; the
         default of first-order servers) or ``"vectorised"`` (a round's clients in one
         batched computation, for simulations; the default of the second-order server).
@@ -195,7 +196,7 @@ class FederatedSVI:
         psis_draws: int = DEFAULT_PSIS_DRAWS,
         local_draws: int = DEFAULT_LOCAL_DRAWS,
         seed: int = 0,
-        plate: str = "clients",
+        plate: Optional[str] = None,
         per_client=(),
         engine: Optional[str] = None,
         on_message=None,

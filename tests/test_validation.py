@@ -459,6 +459,48 @@ def test_model_without_a_clients_plate(no_training):
     _assert_message(info, "'clients'", "with pyro.plate('clients'", "plate=")
 
 
+def _schools_model(data):
+    """normal_normal's model with its clients plate named as a user might: 'schools'."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("schools", num_clients(data), dim=-2):
+        theta = pyro.sample("theta", dist.Normal(mu, 2.0))
+        with pyro.plate("obs", data["y"].shape[-1], dim=-1), poutine.mask(mask=data["mask"]):
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=data["y"])
+
+
+def test_the_one_plate_with_an_entry_per_client_is_taken_with_a_warning(no_training):
+    with pytest.warns(UserWarning, match="its plate 'schools' has one entry per client"):
+        fit = FederatedSVI(_schools_model, _nn_data(), on_message=no_training)
+    assert fit.structure.plate == "schools"
+    assert fit.structure.local_sites == ("theta",)
+    assert fit.structure.global_sites == ("mu",)
+    # Naming it says so: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        named = FederatedSVI(_schools_model, _nn_data(), plate="schools", on_message=no_training)
+    assert named.structure == fit.structure
+
+
+def test_two_plates_with_an_entry_per_client_are_not_guessed(no_training):
+    def model(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("schools", num_clients(data), dim=-2):
+            theta = pyro.sample("theta", dist.Normal(mu, 2.0))
+        with pyro.plate("sites", num_clients(data), dim=-2):
+            with pyro.plate("obs", data["y"].shape[-1], dim=-1), poutine.mask(mask=data["mask"]):
+                pyro.sample("y", dist.Normal(theta, 1.0), obs=data["y"])
+
+    with pytest.raises(ModelStructureError) as info:
+        FederatedSVI(model, _nn_data(), on_message=no_training)
+    _assert_message(info, "'clients'", "'schools'", "'sites'", "name one")
+
+
+def test_one_client_cannot_tell_which_plate_is_the_clients_plate(no_training):
+    with pytest.raises(ModelStructureError) as info:
+        FederatedSVI(_schools_model, _nn_data(sizes=(4,)), on_message=no_training)
+    _assert_message(info, "'clients'", "plate=")
+
+
 def test_plate_name_must_match_the_plate_argument(no_training):
     with pytest.raises(ModelStructureError) as info:
         FederatedSVI(normal_normal.model, _nn_data(), plate="groups", on_message=no_training)
