@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 #: A client whose replies fail this many rounds in a row (rounds it took part in) stops
@@ -76,10 +77,58 @@ def failure_message(
     return f"round {server_round}: client(s) {list(clients)} {what}; {remedy or FIT_REMEDY}"
 
 
+@dataclass(frozen=True)
+class FailureRule:
+    """When clients that keep failing stop a fit: the round loop
+    (:func:`~hbfl_pyro.rounds.federated_round`) calls :meth:`check` once each round is
+    recorded, so the error comes with the round that made a client's streak, in the
+    history.
+
+    :ivar rounds_in_a_row: failed rounds in a row that stop the fit
+        (:func:`failing_clients`).
+    :ivar remedy: what the error tells the user to do (``None``: :data:`FIT_REMEDY`).
+    :ivar drop: never stop (``on_client_failure="drop"``: the verdict names the clients).
+    :ivar every_round: judge every round (the core's fits: a fit continued after the error
+        stops again at its next round). ``False`` judges only rounds in which a client
+        failed (the deep trainers': a run continued after the error goes on until a
+        client fails again).
+
+    Example::
+
+        >>> history = [{"clients": ["a"], "failed": ["b"]}] * 2
+        >>> FailureRule(rounds_in_a_row=3).check(history, server_round=2)  # not yet
+        >>> try:
+        ...     FailureRule(rounds_in_a_row=2, remedy="drop b").check(history, 2)
+        ... except ClientFailureError as error:
+        ...     print(error)
+        round 2: client(s) ['b'] failed 2 rounds in a row; drop b
+    """
+
+    rounds_in_a_row: int = MAX_FAILED_ROUNDS
+    remedy: Optional[str] = None
+    drop: bool = False
+    every_round: bool = True
+
+    def check(self, history: Sequence[Dict], server_round: int, failed: bool = True) -> None:
+        """Raise :class:`ClientFailureError` naming the clients of ``history`` that failed
+        :attr:`rounds_in_a_row` rounds in a row (``failed``: whether a client failed in
+        round ``server_round``, the last of ``history``)."""
+        if self.drop or not (failed or self.every_round):
+            return
+        stuck = failing_clients(history, self.rounds_in_a_row)
+        if stuck:
+            raise ClientFailureError(
+                failure_message(
+                    server_round, stuck, rounds_in_a_row=self.rounds_in_a_row, remedy=self.remedy
+                )
+            )
+
+
 __all__ = [
     "FIT_REMEDY",
     "MAX_FAILED_ROUNDS",
     "ClientFailureError",
+    "FailureRule",
     "failing_clients",
     "failure_message",
 ]

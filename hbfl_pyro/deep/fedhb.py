@@ -46,7 +46,6 @@ client block has exactly the value and gradient of :func:`client_objective` (tes
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -60,10 +59,12 @@ from torch.func import vmap
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import num_clients
 from ..dp import DPConfig
-from ..failures import MAX_FAILED_ROUNDS, ClientFailureError, failing_clients, failure_message
+from ..engines.deep import DeepEngine
+from ..failures import MAX_FAILED_ROUNDS, FailureRule
 from ..families.base import ClosedFormFamily, Params
 from ..families.niw import NIWDiag, NIWFull, NIWIso
 from ..participation import check_participation
+from ..rounds import federated_round
 from ..server import ClientFailureWarning
 from ..servers.closed_form import BLOCK, FamilyServer, client_multiplicities, summed_summaries
 from ..servers.dp import FamilyDifferentialPrivacy
@@ -220,46 +221,6 @@ DEEP_REMEDY = (
 )
 
 
-def _reply_parts(replies) -> Tuple:
-    """A round's replies as a tuple of per-client parts (tensors with one row per client,
-    or ``None``): a tensor alone or a tuple of them (e.g. the mixture's ``(thetas, resp)``)."""
-    return replies if isinstance(replies, tuple) else (replies,)
-
-
-def _finite_rows(replies) -> Optional[torch.Tensor]:
-    """Which clients' replies hold only finite numbers, ``(C,)`` bool (``None``: no
-    floating-point part to check)."""
-    ok = None
-    for part in _reply_parts(replies):
-        if isinstance(part, torch.Tensor) and part.is_floating_point():
-            rows = torch.isfinite(part.reshape(part.shape[0], -1)).all(-1)
-            ok = rows if ok is None else ok & rows
-    return ok
-
-
-def _take_rows(replies, positions: List[int]):
-    """The replies of the clients at ``positions`` (same layout as ``replies``)."""
-    parts = []
-    for part in _reply_parts(replies):
-        if isinstance(part, torch.Tensor):
-            part = part[torch.tensor(positions, dtype=torch.long, device=part.device)]
-        parts.append(part)
-    return tuple(parts) if isinstance(replies, tuple) else parts[0]
-
-
-def _join_rows(replies: List[Any]):
-    """Per-client replies (each of one client, same layout) joined into one round's."""
-    first = replies[0]
-    columns = zip(*map(_reply_parts, replies))
-    parts = [None if col[0] is None else torch.cat(list(col)) for col in columns]
-    return tuple(parts) if isinstance(first, tuple) else parts[0]
-
-
-def _reason(exc: BaseException) -> str:
-    """A failure's reason as the core's engines record it."""
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _setting(value):
     """A setting as a plain value for :meth:`FederatedTrainer.fingerprint`: a family by
     its type and dimension, lists element-wise, numbers and strings as they are."""
@@ -279,10 +240,14 @@ def _tensors(client: ClientLike) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 class FederatedTrainer:
-    """The round loop shared by every deep method: FedHB, its mixture, the engine versions
-    of FedAvg / FedProx, the pooled reference and the personalised baselines.
+    """The rounds of every deep method: FedHB, its mixture, the engine versions of FedAvg
+    / FedProx, the pooled reference and the personalised baselines.
 
-    :meth:`step` runs one round as four steps, each a hook a method may override::
+    :meth:`step` runs one round through the package's round loop,
+    :func:`~hbfl_pyro.rounds.federated_round` (the one :class:`~hbfl_pyro.FederatedSVI`
+    runs too), its local work done by :attr:`round_engine`, a
+    :class:`~hbfl_pyro.engines.deep.DeepEngine`. A method changes a step by overriding
+    its hook::
 
         chosen  = self.select(round)                          # which clients take part
         replies = self.local_updates(round, chosen)           # their local training
@@ -396,8 +361,11 @@ class FederatedTrainer:
         self.history: List[Dict] = []
         #: The message hooks (see the class doc; set by ``on_message=`` where a method has one).
         self.hooks: List[MessageHook] = []
-        # The round's messages, (round, {client: message}), kept for local_updates.
-        self._sent: Tuple[int, Dict[int, Dict]] = (0, {})
+        #: What runs a round's local work (:meth:`local_updates`) for the round loop: the
+        #: messages down, the clients' training, the replies up and the failing clients
+        #: found (:class:`~hbfl_pyro.engines.deep.DeepEngine`; :attr:`engine` names how
+        #: the clients train, vectorised or one after another).
+        self.round_engine = DeepEngine(self)
 
     @property
     def num_clients(self) -> int:
@@ -446,7 +414,7 @@ class FederatedTrainer:
     def received(self, server_round: int, chosen: Sequence[int]) -> Dict[int, Dict]:
         """The messages ``chosen`` were sent this round by :meth:`step` (built afresh, and
         not delivered, when :meth:`local_updates` is called outside a round)."""
-        sent_round, sent = self._sent
+        sent_round, sent = self.round_engine.sent
         if sent_round != server_round or any(i not in sent for i in chosen):
             sent = self.messages(server_round, list(chosen))
         return {i: sent[i] for i in chosen}
@@ -494,23 +462,35 @@ class FederatedTrainer:
         return train_vmap(self.net, starts, data, schedules, spec, penalty, self.chunk_size)
 
     def step(self) -> Dict:
-        """One round (select, local updates, aggregate, record; see the class doc);
-        returns its record (round, clients, the method's entries, seconds; ``failed`` and
-        ``errors`` when a client failed, ``updated`` when the server was not).
+        """One round (select, local updates, aggregate, record; see the class doc) through
+        :func:`~hbfl_pyro.rounds.federated_round`; returns its record (round, clients, the
+        method's entries, seconds; ``failed`` and ``errors`` when a client failed,
+        ``updated`` when the server was not).
 
         :raises ClientFailureError: when a client has failed ``max_failures`` rounds in a
             row (the round is recorded first, as the core's)."""
-        server_round = self.round + 1
-        start = time.perf_counter()
-        chosen = self.select(server_round)
+        return federated_round(
+            self,
+            self.select,
+            self._outbox,
+            self.round_engine,
+            self._record,
+            # Judged in rounds where a client failed only (see FailureRule.every_round).
+            FailureRule(self.max_failures, DEEP_REMEDY, every_round=False),
+        )
+
+    def _outbox(self, server_round: int, chosen: List[int]) -> Dict[int, Optional[Dict]]:
+        """The round's :meth:`messages` for the engine: every chosen client, ``None`` for
+        those the method sends nothing (its clients read the trainer)."""
+        return {**dict.fromkeys(chosen), **self.messages(server_round, chosen)}
+
+    def _record(
+        self, server_round: int, chosen: List[int], replies, failures: Dict[int, str]
+    ) -> Dict:
+        """The round's record: ``round``, ``clients`` (those that replied), ``failed`` and
+        ``errors`` when a client failed, then :meth:`aggregate_round`'s entries if at least
+        ``min_clients`` replied (else ``"updated": False``, with a warning)."""
         record: Dict = {"round": server_round, "clients": chosen}
-        self._sent = (server_round, self.messages(server_round, chosen))
-        for i, message in self._sent[1].items():
-            self.deliver("down", i, message)
-        try:
-            replies, failures = self.guarded_updates(server_round, chosen)
-        finally:
-            self._sent = (0, {})  # (each message holds a copy of q(phi): not kept)
         if failures:
             chosen = [i for i in chosen if i not in failures]
             record["clients"] = chosen
@@ -523,68 +503,18 @@ class FederatedTrainer:
                 f"round {server_round}: only {len(chosen)} good replies (min_clients="
                 f"{self.min_clients}); the global model is not updated this round",
                 ClientFailureWarning,
-                stacklevel=2,
+                stacklevel=4,  # _record <- federated_round <- step <- the caller of step
             )
             record["updated"] = False
-        record["seconds"] = time.perf_counter() - start
-        self.round = server_round
-        self.history.append(record)
-        stuck = failing_clients(self.history, self.max_failures) if failures else []
-        if stuck:
-            raise ClientFailureError(
-                failure_message(
-                    server_round, stuck, rounds_in_a_row=self.max_failures, remedy=DEEP_REMEDY
-                )
-            )
         return record
 
     def guarded_updates(self, server_round: int, chosen: List[int]) -> Tuple[Any, Dict[int, str]]:
-        """:meth:`local_updates` with the core's failure handling (see the class doc):
-        returns the good clients' replies (those of ``chosen`` not failed, in order) and
-        ``{client: reason}`` for the failed ones. Replies are untouched when none failed."""
-        if not self.PER_CLIENT:
-            return self.local_updates(server_round, chosen), {}
-        failures: Dict[int, str] = {}
-        try:
-            replies = self.local_updates(server_round, chosen)
-            answered = list(chosen)
-        except Exception as batch_error:
-            # Charge the failure to its client(s): each chosen client trains alone.
-            parts, answered, first = [], [], None
-            for i in chosen:
-                try:
-                    parts.append(self.local_updates(server_round, [i]))
-                except Exception as exc:
-                    first = first or exc
-                    failures[i] = _reason(exc)
-                else:
-                    answered.append(i)
-            if not parts:  # every client raised: a bug in the code, not a client's fault
-                raise (first or batch_error) from None
-            replies = _join_rows(parts)
-        if self.hooks:  # every reply as sent, before the server's check (as the core's)
-            for j, i in enumerate(answered):
-                row = tuple(
-                    p[j] if isinstance(p, torch.Tensor) else None for p in _reply_parts(replies)
-                )
-                self.deliver("up", i, self.reply_message(server_round, i, row))
-        finite = _finite_rows(replies)
-        if finite is not None and not bool(finite.all()):
-            keep = []
-            for j, (i, ok) in enumerate(zip(answered, finite.tolist())):
-                if ok:
-                    keep.append(j)
-                else:
-                    failures[i] = "its local training returned NaN or Inf weights"
-            replies = _take_rows(replies, keep)
-        for i in sorted(failures):
-            warnings.warn(
-                f"round {server_round}: client {i} failed ({failures[i]}); it is left out of "
-                "this round",
-                ClientFailureWarning,
-                stacklevel=3,
-            )
-        return replies, failures
+        """:meth:`local_updates` with the core's failure handling
+        (:meth:`DeepEngine.guard <hbfl_pyro.engines.deep.DeepEngine.guard>`, what
+        :meth:`step` runs): returns the good clients' replies (those of ``chosen`` not
+        failed, in order) and ``{client: reason}`` for the failed ones. Replies are
+        untouched when none failed."""
+        return self.round_engine.guard(server_round, chosen, stacklevel=3)
 
     def run(self, rounds: int) -> List[Dict]:
         """Run ``rounds`` (more) rounds; returns the whole history."""

@@ -2,6 +2,7 @@
 
 from .base import Engine, Failures, Replies, SecureSum
 from .batched_marginal import BatchedMarginalEngine
+from .deep import DeepEngine
 from .inprocess import InProcessEngine
 from .vectorised import VectorisedEngine
 
@@ -11,6 +12,7 @@ SECOND_ORDER_ENGINES = {"inprocess": InProcessEngine, "vectorised": BatchedMargi
 
 __all__ = [
     "BatchedMarginalEngine",
+    "DeepEngine",
     "Engine",
     "Failures",
     "Replies",

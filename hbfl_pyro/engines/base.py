@@ -1,16 +1,19 @@
 """The engine interface: how a round's messages reach the clients and their replies return.
 
-:class:`~hbfl_pyro.FederatedSVI` runs every round the same way, whatever the transport:
-the server strategy selects clients and writes their messages, an :class:`Engine` delivers
-them and collects the replies, and the strategy aggregates them. Engines differ only in
-where the clients run: one after another in this process
+:class:`~hbfl_pyro.FederatedSVI` runs every round the same way, whatever the transport
+(the round loop, :func:`~hbfl_pyro.rounds.federated_round`): the server strategy selects
+clients and writes their messages, an :class:`Engine` delivers them and collects the
+replies, and the strategy aggregates them. Engines differ only in where the clients run:
+one after another in this process
 (:class:`~hbfl_pyro.engines.InProcessEngine`), batched in one pass
 (:class:`~hbfl_pyro.engines.VectorisedEngine`,
 :class:`~hbfl_pyro.engines.BatchedMarginalEngine`), or on Flower nodes
 (:class:`~hbfl_pyro.flower.engine.FlowerEngine`), and a secure aggregation engine returns
 only the replies' sum (:class:`SecureSum`; :class:`~hbfl_pyro.flower.secagg.SecAggEngine`),
 which the server turns into its update with
-:meth:`~hbfl_pyro.servers.base.ServerStrategy.aggregate_sum`. This is the split of Flower's
+:meth:`~hbfl_pyro.servers.base.ServerStrategy.aggregate_sum`. The deep trainers' rounds
+run through the same loop with :class:`~hbfl_pyro.engines.deep.DeepEngine` (their
+clients' replies are rows of batched tensors). This is the split of Flower's
 ``Strategy`` (what to send, how to aggregate) and its ``Grid`` (the transport).
 """
 
