@@ -8,15 +8,15 @@ single delivery point. All state is explicit and serialisable (plain dicts of te
 uninterrupted run, because every random choice is seeded by ``(seed, round, client)``.
 
 One class of about 800 lines, on purpose: :class:`FederatedSVI` is the library's entry
-point, and a newcomer finds a fit's set-up, round loop, verdict, draws and state in one
-place. What has a job of its own lives elsewhere: which server runs
-(:mod:`~hbfl_pyro.server_choice`), the stopping rule (:mod:`~hbfl_pyro.convergence`), the
-PSIS check (:mod:`~hbfl_pyro.psis_check`), checkpoints, engines and servers.
+point, and a newcomer finds a fit's set-up, rounds, verdict, draws and state in one
+place. What has a job of its own lives elsewhere: the round loop, shared with the deep
+trainers (:mod:`~hbfl_pyro.rounds`), which server runs (:mod:`~hbfl_pyro.server_choice`),
+the stopping rule (:mod:`~hbfl_pyro.convergence`), the PSIS check
+(:mod:`~hbfl_pyro.psis_check`), checkpoints, engines and servers.
 """
 
 from __future__ import annotations
 
-import time
 import warnings
 from functools import partial
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
@@ -36,7 +36,7 @@ from .elbo import server_term, with_particles
 from .engines import ENGINES, SECOND_ORDER_ENGINES, BatchedMarginalEngine
 from .engines.base import SecureSum
 from .engines.batched_marginal import batched_local_draws
-from .failures import ClientFailureError, failing_clients, failure_message
+from .failures import ClientFailureError, FailureRule, failing_clients, failure_message
 from .families.base import ClosedFormFamily
 from .guides import build_global_guide, private_params
 from .guides.base import is_conditional
@@ -45,6 +45,7 @@ from .options import FEDERATED_SVI as OPTIONS
 from .options import RUN as RUN_OPTIONS
 from .options import check as check_options
 from .psis_check import moments_close, psis_check
+from .rounds import federated_round
 from .seeding import derive_seed, seeded
 from .server import ClosedFormServer, Server
 from .server_choice import MAX_SECOND_ORDER_DIM, choose_family, choose_server  # noqa: F401 (public here too)
@@ -429,34 +430,44 @@ class FederatedSVI:
 
     # ------------------------------------------------------------------ rounds
     def step(self) -> Dict:
-        """Run one round; returns its record (ELBO estimate, participants, seconds)."""
-        server_round = self.round + 1
+        """Run one round; returns its record (ELBO estimate, participants, seconds).
+
+        The round is the package's one round loop, :func:`~hbfl_pyro.rounds.federated_round`
+        (the deep trainers' too): the server selects and writes the messages, the engine
+        delivers them, the server aggregates; a refused differential-privacy round stops
+        here first, and a first-order round ends with the stopping rule's status."""
         if self.dp is not None:
-            self.dp.check_round(server_round)
-        start = time.perf_counter()
-        chosen = self.server.select(server_round)
-        messages = {name: self.server.message(server_round, name) for name in chosen}
-        replies, failures = self.engine.run_round(messages)
-        if isinstance(replies, SecureSum):  # secure aggregation: the server sees the sum
+            self.dp.check_round(self.round + 1)
+        return federated_round(
+            self,
+            self.server.select,
+            self._messages,
+            self.engine,
+            self._aggregate,
+            FailureRule(drop=self._drops),
+            on_record=self._monitor_round,
+        )
+
+    def _messages(self, server_round: int, chosen: List[str]) -> Dict[str, Dict]:
+        return {name: self.server.message(server_round, name) for name in chosen}
+
+    def _aggregate(self, server_round: int, chosen: List[str], replies, failures) -> Dict:
+        """The server's update from the replies, or from their sum under secure
+        aggregation (the server sees only the sum); returns the round's record."""
+        if isinstance(replies, SecureSum):
             record = self.server.aggregate_sum(
                 server_round, replies.total, replies.clients, list(failures)
             )
             record.update(replies.record)
-        else:
-            record = self.server.aggregate(server_round, replies, list(failures))
-        if failures:  # each failing client with its reason, for the report and the log
-            record["errors"] = dict(failures)
-        record["seconds"] = time.perf_counter() - start
-        self.round = server_round
-        self.history.append(record)
+            return record
+        return self.server.aggregate(server_round, replies, list(failures))
+
+    def _monitor_round(self, record: Dict) -> None:
+        """First-order servers: the stopping rule's status of the recorded round."""
         if self.server.mode != "second_order":
             mean, sd = q_moments(self, derive_seed(self.seed, "moments"))
             record["convergence"] = self._monitor.update(record["elbo"], mean, sd)
             self._monitored += 1
-        stuck = failing_clients(self.history)
-        if stuck and not self._drops:
-            raise ClientFailureError(failure_message(server_round, stuck))
-        return record
 
     @property
     def _drops(self) -> bool:
