@@ -449,6 +449,25 @@ class LaplaceMarginal:
         return modes + offset, log_q
 
     @torch.no_grad()
+    def weight_spread(self, z: torch.Tensor, modes: torch.Tensor, noise: torch.Tensor):
+        """Each client's relative variance of its local importance weights at ``z``
+        ``(d,)``: ``Var(w) / E(w)^2`` over ``K`` draws of its Laplace factor at ``modes``
+        ``(C, k)`` (``noise`` ``(K, 1, C, k)``), shape ``(C,)``; 0 where the conditional is
+        Gaussian (every weight equal).
+
+        With ``K`` local draws a client's importance-sampled likelihood has a log-error of
+        variance about this over ``K``, and the clients' errors add up in every PSIS
+        weight: the server picks the PSIS round's ``K`` from their sum (a pilot at the
+        Newton rounds' globals, one model evaluation per local draw)."""
+        if self.size == 0:
+            return modes.new_zeros(modes.shape[:-1])
+        _, precision = self._parts_at_modes(z, modes)
+        locals_, log_q = self._draws_from(modes[None], precision[None], noise)
+        log_w = self._log_joints(z[None], locals_) - log_q  # (K, 1, C)
+        weights = torch.softmax(log_w, 0) * len(noise)  # mean 1 over the K draws
+        return weights.var(0)[0]
+
+    @torch.no_grad()
     def sample_locals(
         self,
         z: torch.Tensor,
@@ -572,15 +591,25 @@ def psis_noise(message: Dict, size: int) -> torch.Tensor:
     this keeps them small.
     """
     draws = message["draws"]
-    gen = torch.Generator().manual_seed(message["seed"])
-    local_draws = message["local_draws"]
+    return _sobol_noise(message["seed"], message["local_draws"], len(draws), size, draws.dtype)
+
+
+def pilot_noise(message: Dict, size: int) -> torch.Tensor:
+    """A client's noise ``(K, 1, 1, k)`` for the local-weight pilot of a Newton round (see
+    :meth:`LaplaceMarginal.weight_spread`): :func:`psis_noise`'s points at one draw."""
+    globals_ = message["globals"]
+    return _sobol_noise(message["seed"], message["local_draws"], 1, size, globals_.dtype)
+
+
+def _sobol_noise(seed: int, local_draws: int, num_draws: int, size: int, dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
     if size == 0:  # no locals: nothing to integrate (the values are the log joints)
-        return torch.zeros((local_draws, len(draws), 1, 0), dtype=draws.dtype)
+        return torch.zeros((local_draws, num_draws, 1, 0), dtype=dtype)
     points = torch.quasirandom.SobolEngine(size, scramble=False).draw(local_draws)
-    points = points.to(draws.dtype)  # (K, k), the first point at the origin
-    shift = torch.rand((len(draws), size), generator=gen, dtype=draws.dtype)  # (S, k)
+    points = points.to(dtype)  # (K, k), the first point at the origin
+    shift = torch.rand((num_draws, size), generator=gen, dtype=dtype)  # (S, k)
     uniform = torch.remainder(points[:, None, :] + shift, 1.0)  # (K, S, k)
-    eps = torch.finfo(draws.dtype).eps
+    eps = torch.finfo(dtype).eps
     return torch.special.ndtri(uniform.clamp(eps, 1.0 - eps)).unsqueeze(-2)
 
 
@@ -656,6 +685,9 @@ class MarginalClient:
         if bool(torch.isfinite(modes).all()):
             self.start, self.centre, self.slope = modes, z.clone(), None
         reply.update(value=value[0], grad=gradient[0], hess=curvature[0], elbo=float(value[0]))
+        if message.get("local_draws", 0):
+            noise = pilot_noise(message, self.marginal.size)
+            reply["local_noise"] = self.marginal.weight_spread(z, modes, noise)[0]
         return reply
 
     def psis_values(self, message: Dict) -> torch.Tensor:

@@ -117,10 +117,12 @@ class FederatedSVI:
     :param tol: second-order server: stop when a full Newton step would raise the
         objective by less than ``tol`` nats.
     :param psis_draws: second-order server: draws of each proposal in the PSIS round.
-    :param local_draws: second-order server: ``K`` draws of each client's Laplace factor
-        per PSIS draw give an importance-sampled likelihood, the PSIS target (unbiased, so
-        the check also corrects the Laplace factors' error), and the reported locals are
-        resampled from ``K`` such draws; ``0``: the Laplace marginal itself is the target.
+    :param local_draws: second-order server: at most this many draws of each client's
+        Laplace factor per PSIS draw give an importance-sampled likelihood, the PSIS
+        target (unbiased, so the check also corrects the Laplace factors' error; the
+        count is sized by a pilot, 1 for a Gaussian conditional), and the reported locals
+        are resampled from this many such draws; ``0``: the Laplace marginal itself is the
+        target.
     :param seed: the run's seed, an int >= 0 (``None`` is refused); every random choice
         derives from it.
     :param plate: the clients plate's name; ``None`` (the default): ``"clients"``, or else

@@ -382,6 +382,54 @@ def test_importance_sampled_values_are_laplace_for_a_gaussian_conditional():
     assert torch.allclose(sampled, laplace, rtol=1e-10, atol=1e-10)
 
 
+def test_the_weight_pilot_is_zero_for_a_gaussian_conditional_and_sizes_the_local_draws():
+    # normal_normal's locals have a Gaussian conditional: every local weight is equal, the
+    # pilot is 0 (to float error) and the PSIS round needs one local draw. The Poisson
+    # GLMM's conditionals are not Gaussian: the pilot is positive and the PSIS round takes
+    # ceil(pilot / LOCAL_NOISE_BUDGET) draws, at most local_draws.
+    from hbfl_pyro.servers.second_order import LOCAL_NOISE_BUDGET
+
+    gaussian = _fit(normal_normal.model, normal_normal.load_data(num_clients=4))
+    assert abs(float(gaussian.server.accepted["local_noise"])) < 1e-10
+    assert gaussian.verdict["local_draws"] == 1
+    poisson = _fit(_glmm, _glmm_data())
+    spread = float(poisson.server.accepted["local_noise"])
+    assert spread > 0
+    expected = min(16, max(1, math.ceil(spread / LOCAL_NOISE_BUDGET)))
+    assert poisson.verdict["local_draws"] == expected
+
+
+def test_weight_spread_is_the_relative_variance_of_the_local_weights():
+    # One client, its pilot against the weights computed by hand: K draws of N(mode,
+    # P^-1), each weighed by the model's log joint (Pyro's own trace) over that density.
+    data = _glmm_data(num=2)
+    fed = FederatedData(data)
+    structure = discover_structure(_glmm, fed)
+    marginal = LaplaceMarginal(_glmm, structure, fed.collate([1]))
+    z = torch.tensor([-0.8, 0.4, -0.5], dtype=torch.float64)  # intercept, slope, log scale
+    modes = marginal.modes(z, marginal.initial_locals())
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(8, 1, 1, 1, generator=gen, dtype=torch.float64)
+    spread = marginal.weight_spread(z, modes, noise)
+    _, precision = marginal._parts_at_modes(z, modes)
+    sd = precision[0, 0, 0].rsqrt()
+    log_w = []
+    for eps in noise[:, 0, 0, 0]:
+        effect = modes[0, 0] + sd * eps
+        values = {
+            "intercept": z[0],
+            "slope": z[1],
+            "scale": z[2].exp(),
+            "effect": effect.reshape(1, 1),
+        }
+        trace = poutine.trace(poutine.condition(_glmm, data=values)).get_trace(fed.collate([1]))
+        trace.compute_log_prob()
+        log_p = trace.nodes["effect"]["log_prob"].sum() + trace.nodes["y"]["log_prob"].sum()
+        log_w.append(log_p - dist.Normal(modes[0, 0], sd).log_prob(effect))
+    weights = torch.softmax(torch.stack(log_w), 0) * 8
+    assert torch.allclose(spread, weights.var().reshape(1), rtol=1e-8)
+
+
 def _noise_scale_model(data):
     m = pyro.sample("m", dist.Normal(0.0, 1.0))
     s = pyro.sample("s", dist.HalfNormal(1.0))

@@ -19,7 +19,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..data import collate
-from ..laplace_marginal import LaplaceMarginal, MarginalClient, psis_noise
+from ..laplace_marginal import LaplaceMarginal, MarginalClient, pilot_noise, psis_noise
 from .base import Failures
 from .inprocess import InProcessEngine
 
@@ -78,6 +78,10 @@ class BatchedMarginalEngine(InProcessEngine):
             z = first["globals"]
             modes = marginal.modes(z, start)
             value, gradient, curvature = marginal.derivatives(z, modes)
+            spread = None
+            if first.get("local_draws", 0):  # the local-weight pilot, each client's noise
+                noise = torch.cat([pilot_noise(messages[n], marginal.size) for n in names], 2)
+                spread = marginal.weight_spread(z, modes, noise)
             for i, n in enumerate(names):
                 if bool(torch.isfinite(modes[i]).all()):
                     client = self.clients[n]
@@ -90,6 +94,8 @@ class BatchedMarginalEngine(InProcessEngine):
                     hess=curvature[i],
                     elbo=float(value[i]),
                 )
+                if spread is not None:
+                    replies[n]["local_noise"] = spread[i]
             return replies
         finally:
             marginal.batch = saved
