@@ -305,6 +305,13 @@ class _RowOptimizer:
     (all when ``None``), so a client that has run out of minibatches keeps its parameters
     and its state. Updates are in place: at ``C d`` in the millions, every temporary of
     that size costs as much as a small network's forward pass.
+
+    Why not ``torch.optim``: its optimisers keep one step count per parameter tensor, and
+    Adam's bias correction reads it; here each row (client) has its own count, since
+    clients of unequal sizes run out of minibatches at different steps. One
+    ``torch.optim.Adam`` per row would restore that at a Python loop over the clients
+    per step, which the vectorised engine exists to avoid. ``tests/test_deep_fedhb.py``
+    checks this class against ``torch.optim`` (the loop engine) to float error.
     """
 
     def __init__(self, theta: torch.Tensor, spec: LocalSpec):
