@@ -22,13 +22,15 @@ What differs between the fits is what they pass, not a copy of the loop:
   replies' sum (:class:`~hbfl_pyro.engines.base.SecureSum`); the deep trainers'
   (:class:`~hbfl_pyro.engines.deep.DeepEngine`) train the round's clients in one vmapped
   pass and return their replies as rows of tensors, with the failing clients found and
-  left out. Either way a client's failure comes back in ``failures``, never raised;
+  left out. Either way a client's failure comes back in ``failures``, not raised (an
+  engine raises only when every client raised: a bug in the code, not a client's fault);
 - **aggregate**: the core's server strategy checks the replies and ``min_clients`` and
   writes the record itself; the deep trainers write ``round``, ``clients`` and, when a
   client failed, ``failed`` and ``errors``, then update their server if enough clients
   replied;
-- the :class:`~hbfl_pyro.failures.FailureRule`: the message's remedy, the number of
-  rounds, ``on_client_failure="drop"``.
+- the :class:`~hbfl_pyro.failures.FailureRule`: the error's remedy, the number of
+  rounds, ``on_client_failure="drop"``, and which rounds it judges (the core every round,
+  the deep trainers those in which a client failed).
 
 Checks before a round (differential privacy's budget) stay with the caller: a refused
 round is not timed, selects nobody and is not recorded.
