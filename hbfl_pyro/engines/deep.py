@@ -66,6 +66,51 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def screen_replies(
+    trainer: FederatedTrainer,
+    server_round: int,
+    answered: List[int],
+    replies,
+    failures: Dict[int, str],
+    stacklevel: int = 2,
+) -> Tuple[Any, Dict[int, str]]:
+    """What every deep engine does with a round's replies once they are in (in process,
+    :meth:`DeepEngine.guard`; on Flower nodes,
+    :class:`~hbfl_pyro.flower.deep.DeepFlowerEngine`): each reply goes through the
+    trainer's hooks as sent (``"up"``, NaN included), the rows holding NaN or Inf are left
+    out and added to ``failures``, and each failure is warned about with a
+    :class:`~hbfl_pyro.ClientFailureWarning` (``stacklevel`` as :func:`warnings.warn`'s,
+    from the caller of this function). Returns ``(replies, failures)``.
+
+    :param answered: the clients whose rows ``replies`` holds, in order.
+    :param replies: their rows (a tensor, or a tuple of them; ``None`` when none answered).
+    :param failures: ``{client: reason}`` of the clients that sent no reply (updated).
+    """
+    if trainer.hooks:  # every reply as sent, before the server's check (as the core's)
+        for j, i in enumerate(answered):
+            row = tuple(
+                p[j] if isinstance(p, torch.Tensor) else None for p in _reply_parts(replies)
+            )
+            trainer.deliver("up", i, trainer.reply_message(server_round, i, row))
+    finite = _finite_rows(replies)
+    if finite is not None and not bool(finite.all()):
+        keep = []
+        for j, (i, ok) in enumerate(zip(answered, finite.tolist())):
+            if ok:
+                keep.append(j)
+            else:
+                failures[i] = "its local training returned NaN or Inf weights"
+        replies = _take_rows(replies, keep)
+    for i in sorted(failures):
+        warnings.warn(
+            f"round {server_round}: client {i} failed ({failures[i]}); it is left out of "
+            "this round",
+            ClientFailureWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return replies, failures
+
+
 class DeepEngine(Engine):
     """Runs a deep trainer's round: messages down, batched local training, replies up.
 
@@ -157,29 +202,7 @@ class DeepEngine(Engine):
             if not parts:  # every client raised: a bug in the code, not a client's fault
                 raise (first or batch_error) from None
             replies = _join_rows(parts)
-        if trainer.hooks:  # every reply as sent, before the server's check (as the core's)
-            for j, i in enumerate(answered):
-                row = tuple(
-                    p[j] if isinstance(p, torch.Tensor) else None for p in _reply_parts(replies)
-                )
-                trainer.deliver("up", i, trainer.reply_message(server_round, i, row))
-        finite = _finite_rows(replies)
-        if finite is not None and not bool(finite.all()):
-            keep = []
-            for j, (i, ok) in enumerate(zip(answered, finite.tolist())):
-                if ok:
-                    keep.append(j)
-                else:
-                    failures[i] = "its local training returned NaN or Inf weights"
-            replies = _take_rows(replies, keep)
-        for i in sorted(failures):
-            warnings.warn(
-                f"round {server_round}: client {i} failed ({failures[i]}); it is left out of "
-                "this round",
-                ClientFailureWarning,
-                stacklevel=stacklevel + 1,
-            )
-        return replies, failures
+        return screen_replies(trainer, server_round, answered, replies, failures, stacklevel + 1)
 
 
-__all__ = ["DeepEngine"]
+__all__ = ["DeepEngine", "screen_replies"]

@@ -11,6 +11,13 @@ A model file (see :mod:`hbfl_pyro.modelfile`) becomes a Flower app:
 * :func:`simulate` -- both in Flower's simulation engine (``hbfl fit --engine flower-sim``);
 * :func:`load_result` -- a finished run back into a :class:`~hbfl_pyro.FederatedSVI`.
 
+The deep trainers (:class:`~hbfl_pyro.deep.FedHB` and its FedAvg / FedProx families) run
+on Flower too (:mod:`hbfl_pyro.flower.deep`): :func:`deep_server_app` runs the trainer's
+own rounds with a :class:`~hbfl_pyro.flower.deep.DeepFlowerEngine`,
+:func:`deep_client_app` trains a node's client from its message, :func:`simulate_deep`
+runs both in Flower's simulation engine and :func:`load_deep_result` loads the result
+into a trainer.
+
 Flower is an optional dependency: ``pip install "hbfl_pyro[flower]"``. Importing this
 package does not import Flower; the functions above do, after switching off Flower's and
 Ray's network traffic (:mod:`hbfl_pyro.flower.env`).
@@ -36,6 +43,11 @@ _LAZY = {
     "RUN_CONFIG_DEFAULTS": "config",
     "simulate": "simulation",
     "load_result": "simulation",
+    "DeepFlowerEngine": "deep",
+    "deep_client_app": "deep",
+    "deep_server_app": "deep",
+    "load_deep_result": "deep",
+    "simulate_deep": "deep",
 }
 
 
@@ -61,15 +73,20 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DeepFlowerEngine",
     "FlowerEngine",
     "HBFLStrategy",
     "INSTALL_HINT",
     "RUN_CONFIG_DEFAULTS",
     "apply_network_hygiene",
     "client_app",
+    "deep_client_app",
+    "deep_server_app",
     "hygienic_env",
+    "load_deep_result",
     "load_result",
     "require_flower",
     "server_app",
     "simulate",
+    "simulate_deep",
 ]

@@ -1,0 +1,162 @@
+"""Deep trainers on Flower (issue 17): a deep FedHB run with its clients on Flower nodes,
+driven by the trainer's own round loop, equals the in-process run.
+
+The Flower runs are real simulations (Flower's simulation engine, ClientApps in Ray
+workers). This file is also their *trainer file*: every process builds the trainer with
+:func:`make_trainer` (the toy federation of ``deep_toys.py``). Every Flower/Ray process
+gets the network hygiene of :mod:`hbfl_pyro.flower.env` (set here before ``flwr`` is
+imported); the simulation's Ray processes are stopped by Flower when it returns.
+"""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from deep_toys import OPTS, toy
+from tree_asserts import assert_close, assert_same
+
+from hbfl_pyro import ClientFailureWarning
+from hbfl_pyro.deep import FedHB, FlatNet, Pooled, fedavg_family, fedprox_family, iso_prior
+from hbfl_pyro.flower.env import apply_network_hygiene
+
+ROOT = Path(__file__).resolve().parents[1]
+# Before flwr or ray is imported by anything in this process.
+apply_network_hygiene(ROOT / ".flwr" / "tests")
+
+THIS = str(Path(__file__).resolve())
+
+
+def make_trainer(family="fedhb", engine="inprocess", fraction=0.5, nan=(), bad=(), **kw):
+    """The trainer file's function: a deep FedHB of the toy federation.
+
+    :param family: ``"fedhb"`` (iso prior), ``"fedavg"`` or ``"fedprox"`` (its families).
+    :param nan: clients with a NaN feature (their training returns NaN weights).
+    :param bad: clients with one feature short (their training raises).
+    """
+    net, clients = toy(nan=tuple(nan))
+    for i in bad:
+        clients[i] = (clients[i][0][:, :3], clients[i][1])
+    init = FlatNet(net).vector()
+    options = dict(OPTS, fraction=fraction, engine=engine)
+    if family == "fedhb":
+        return FedHB(net, clients, iso_prior(init, prox_weight=3.0), eps=0.1, **options, **kw)
+    if family == "fedavg":
+        return FedHB(net, clients, fedavg_family(init), weighting="size", **options, **kw)
+    return FedHB(net, clients, fedprox_family(init, 2.0), **options, **kw)
+
+
+def in_process(rounds, **options):
+    fit = make_trainer(**options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClientFailureWarning)
+        fit.run(rounds)
+    return fit
+
+
+def without_seconds(history):
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+@pytest.fixture(scope="module")
+def flwr():
+    return pytest.importorskip("flwr")
+
+
+# ---------------------------------------------------------------------- no Flower needed
+def test_a_node_trains_its_client_as_the_in_process_engine_does():
+    from hbfl_pyro.flower.deep import train_client
+
+    fit = make_trainer()
+    chosen = fit.select(1)
+    messages = fit.messages(1, chosen)
+    replies, failures = fit.round_engine.run_round(messages)
+    assert not failures
+    for j, i in enumerate(chosen):
+        reply = train_client(make_trainer(), i, messages[i])  # a node's own trainer
+        assert reply == {**reply, "client": i, "round": 1, "num_examples": fit.sizes[i]}
+        assert torch.equal(reply["m"], replies[j])
+
+
+def test_a_node_reports_its_clients_error_as_in_process():
+    from hbfl_pyro.flower.deep import train_client
+
+    fit = make_trainer(fraction=1.0, bad=(2,))
+    with pytest.warns(ClientFailureWarning):
+        _, failures = fit.round_engine.run_round(fit.messages(1, [0, 2]))
+    reply = train_client(make_trainer(fraction=1.0, bad=(2,)), 2, fit.messages(1, [2])[2])
+    assert reply == {"client": 2, "round": 1, "error": failures[2]}
+    assert failures[2].startswith("RuntimeError: mat1 and mat2 shapes")
+
+
+def test_trainers_whose_clients_keep_state_on_the_trainer_are_refused():
+    from hbfl_pyro.flower.deep import check_trainer
+
+    net, clients = toy()
+    with pytest.raises(TypeError, match="only FedHB"):
+        check_trainer(Pooled(net, clients, **OPTS))
+    with pytest.raises(ValueError, match="start='own'"):
+        check_trainer(make_trainer(start="own"))
+    assert check_trainer(make_trainer()) is not None
+
+
+# ---------------------------------------------------------------------- simulation
+@pytest.mark.slow
+def test_simulation_equals_in_process_bit_for_bit(flwr):
+    """FedHB, half the clients a round, 3 rounds; the trainer trains its clients one after
+    another in process (engine="inprocess"), as each node does: equal bit for bit."""
+    from hbfl_pyro.flower.deep import load_deep_result, simulate_deep
+
+    result = simulate_deep(f"{THIS}:make_trainer", 3)
+    fit = in_process(3)
+    assert without_seconds(result["history"]) == without_seconds(fit.history)
+    assert_same(result["state"], fit.state_dict() | {"history": result["state"]["history"]})
+    back = make_trainer()
+    load_deep_result(back, result)
+    assert torch.equal(back.global_weights(), fit.global_weights())
+    assert sorted(result["nodes"]) == list(range(6))
+    # Messages are q(phi) and one weight vector (d = 51): under 2 kB.
+    assert [t["round"] for t in result["traffic"]] == [1, 2, 3]
+    assert max(max(t["bytes_down"] + t["bytes_up"]) for t in result["traffic"]) < 2000
+
+
+@pytest.mark.slow
+def test_a_failing_client_is_reported_as_in_process(flwr):
+    """FedAvg (FedHB's family), every client every round, 2 rounds: client 1's training
+    returns NaN and client 4's raises; both are left out and named with the in-process
+    reasons, and the rest of the run equals the in-process one (engine="inprocess": bit
+    for bit). The vectorised trainer (batched in process, one client a node) is
+    checked to round-off in the same run of FedProx's family."""
+    from hbfl_pyro.flower.deep import simulate_deep
+
+    options = {"family": "fedavg", "fraction": 1.0, "nan": [1], "bad": [4]}
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        result = simulate_deep(f"{THIS}:make_trainer", 2, options)
+    fit = in_process(2, **options)
+    assert without_seconds(result["history"]) == without_seconds(fit.history)
+    for record in result["history"]:
+        assert record["failed"] == [1, 4] and record["clients"] == [0, 2, 3, 5]
+        assert record["errors"][1] == "its local training returned NaN or Inf weights"
+        assert record["errors"][4].startswith("RuntimeError: mat1 and mat2 shapes")
+    assert_same(result["state"]["server"], fit.state_dict()["server"])
+
+
+@pytest.mark.slow
+def test_vectorised_simulation_equals_in_process_to_round_off(flwr):
+    """FedProx (FedHB's family) with the vectorised engine: in process the round's clients
+    train in one vmapped batch, on Flower one a node. Measured equal bit for bit here, but
+    nothing promises that a batch's reductions round as a batch of one's (another BLAS,
+    thread count or chunking may not), so the runs are held to 1e-12 (relative)."""
+    from hbfl_pyro.flower.deep import simulate_deep
+
+    options = {"family": "fedprox", "engine": "vectorised"}
+    result = simulate_deep(f"{THIS}:make_trainer", 3, options)
+    fit = in_process(3, **options)
+    ours, theirs = without_seconds(fit.history), without_seconds(result["history"])
+    assert [r["clients"] for r in theirs] == [r["clients"] for r in ours]
+    for a, b in zip(theirs, ours):
+        assert a["prox_weight"] == pytest.approx(b["prox_weight"], rel=1e-12)
+        assert a["client_spread"] == pytest.approx(b["client_spread"], rel=1e-12, abs=1e-15)
+    state = fit.state_dict()
+    assert_close(result["state"]["server"], state["server"], rtol=1e-12, atol=1e-12)
