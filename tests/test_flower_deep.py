@@ -8,6 +8,7 @@ gets the network hygiene of :mod:`hbfl_pyro.flower.env` (set here before ``flwr`
 imported); the simulation's Ray processes are stopped by Flower when it returns.
 """
 
+import time
 import warnings
 from pathlib import Path
 
@@ -34,7 +35,15 @@ def make_trainer(family="fedhb", engine="inprocess", fraction=0.5, nan=(), bad=(
     :param nan: clients with a NaN feature (their training returns NaN weights).
     :param bad: clients with one feature short (their training raises).
     """
-    net, clients = toy(nan=tuple(nan))
+    # The same weights in every process: the tests run with float64 as torch's default
+    # dtype (conftest), a SuperNode's or ServerApp's process with float32, and the
+    # network's initial draw depends on it.
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        net, clients = toy(nan=tuple(nan))
+    finally:
+        torch.set_default_dtype(dtype)
     for i in bad:
         clients[i] = (clients[i][0][:, :3], clients[i][1])
     init = FlatNet(net).vector()
@@ -160,3 +169,75 @@ def test_vectorised_simulation_equals_in_process_to_round_off(flwr):
         assert a["client_spread"] == pytest.approx(b["client_spread"], rel=1e-12, abs=1e-15)
     state = fit.state_dict()
     assert_close(result["state"]["server"], state["server"], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- deployment
+def _write_app(directory: Path) -> Path:
+    """A Flower app running the deep apps (``flwr run`` builds it into a FAB); it declares
+    every run-config key the apps read, as ``flwr run`` refuses undeclared ones."""
+    from hbfl_pyro.flower.deep import DEEP_CONFIG_DEFAULTS
+
+    package = directory / "hbfl_deep_app"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('"""Deep FedHB on Flower."""\n')
+    for side in ("server", "client"):
+        (package / f"{side}_app.py").write_text(
+            f"from hbfl_pyro.flower import deep_{side}_app\n\napp = deep_{side}_app()\n"
+        )
+
+    def toml(value):
+        return str(value).lower() if isinstance(value, bool) else repr(value).replace("'", '"')
+
+    config = "\n".join(f"{key} = {toml(value)}" for key, value in DEEP_CONFIG_DEFAULTS.items())
+    (directory / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "hbfl-deep-app"\nversion = "0.1.0"\nlicense = "Apache-2.0"\n'
+        'dependencies = ["hbfl_pyro[flower]"]\n\n'
+        '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
+        '[tool.flwr.app]\npublisher = "hbfl-pyro"\n\n'
+        "[tool.flwr.app.components]\n"
+        'serverapp = "hbfl_deep_app.server_app:app"\n'
+        'clientapp = "hbfl_deep_app.client_app:app"\n\n'
+        f"[tool.flwr.app.config]\n{config}\n"
+    )
+    return directory
+
+
+@pytest.mark.slow
+def test_deployment_on_loopback_equals_in_process(flwr, tmp_path):
+    """A SuperLink and six SuperNodes on 127.0.0.1 (started and stopped by PID, as the
+    core's deployment tests do): FedHB's 2 rounds equal the in-process run bit for bit."""
+    import subprocess
+
+    from test_flower import LOOPBACK, Deployment, _alive, _listening, _wait_for
+
+    app = _write_app(tmp_path / "app")
+    out = tmp_path / "out"
+    config = {
+        "trainer": f"{THIS}:make_trainer",
+        "rounds": 2,
+        "num-clients": 6,
+        "out-dir": str(out),
+        "round-timeout": 120.0,
+    }
+    text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in config.items())
+    with Deployment(tmp_path, num_nodes=6) as deployment:
+        done = subprocess.run(
+            [str(deployment.bin / "flwr"), "run", str(app), "hbfl-test", "--run-config", text],
+            env=deployment.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=deployment.dir,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        listening = _listening(deployment.pids())
+        assert listening and all(address in LOOPBACK for address, _ in listening), listening
+        _wait_for(out / "result.pt", 240, deployment)
+        started = deployment.pids()
+    time.sleep(1.0)
+    assert not [p for p in started if _alive(p)], "a process outlived the deployment"
+    result = torch.load(out / "result.pt", weights_only=False)
+    fit = in_process(2)
+    assert without_seconds(result["history"]) == without_seconds(fit.history)
+    assert_same(result["state"]["server"], fit.state_dict()["server"])

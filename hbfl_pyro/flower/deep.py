@@ -18,8 +18,11 @@ out, a :class:`~hbfl_pyro.ClientFailureWarning` per failed client).
 *trainer file*, ``FILE[:NAME]`` (run-config key ``trainer``), a Python file whose
 function ``NAME`` (default ``make_trainer``) returns the trainer, called with the JSON
 object ``trainer-options`` as keywords. It must build the same trainer in every process
-(the same network initialisation, clients, seed and settings): the ServerApp uses its
-server strategy, node ``i`` (``partition-id`` ``i``) trains client ``i``.
+(the same network initialisation, clients, seed and settings), whatever the process's
+defaults: a SuperNode's or ServerApp's process starts with torch's float32 default
+dtype and its own RNG state, so seed and type the initial network explicitly. The
+ServerApp uses its server strategy (whose initial ``q(phi)`` holds the initial weights),
+node ``i`` (``partition-id`` ``i``) trains client ``i``.
 
 **Which trainers.** :class:`~hbfl_pyro.deep.FedHB` (so FedAvg and FedProx as its
 families, :func:`~hbfl_pyro.deep.fedavg_family`, :func:`~hbfl_pyro.deep.fedprox_family`)
