@@ -7,6 +7,7 @@ from .data import ClientSplit, FederatedSplit, load_images, load_mnist, partitio
 from .fedhb import (
     FederatedTrainer,
     FedHB,
+    FedProxFamily,
     client_objective,
     diag_prior,
     fedavg_family,
@@ -40,6 +41,7 @@ __all__ = [
     "FedHB",
     "FedHBMixture",
     "FedProx",
+    "FedProxFamily",
     "FederatedSplit",
     "FederatedTrainer",
     "FlatNet",

@@ -10,9 +10,10 @@ hierarchy only the schedule — which clients take part in a round
 (:func:`~hbfl_pyro.deep.local.batch_schedule`) — which is what "same seeds, same client
 order and batches" means in the special-case tests.
 
-:class:`FedProx` is FedProx(mu) (``mu = 0``: FedAvg) on the same local engine as
-:class:`~hbfl_pyro.deep.fedhb.FedHB` (``"inprocess"`` or ``"vectorised"``), for benchmarks
-where round times must be comparable.
+:class:`FedProx` is FedProx(mu) (``mu = 0``: FedAvg) as
+:class:`~hbfl_pyro.deep.fedhb.FedHB` with :class:`~hbfl_pyro.deep.FedProxFamily`: the same
+server strategy and local engine (``"inprocess"`` or ``"vectorised"``), only the family
+differs, so round times and every other part of a run are comparable.
 
 :class:`Pooled` is centralised training on all clients' training data together with the
 budget of the federated runs (the upper reference of evaluation.md §B), and
@@ -23,22 +24,16 @@ Per-FedAvg, pFedBayes) are in :mod:`hbfl_pyro.deep.personalised`.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..seeding import derive_seed
-from .fedhb import ClientLike, FederatedTrainer, _weighted_sum, _weights
-from .local import (
-    LocalSpec,
-    Penalty,
-    QuadraticPenalty,
-    batch_schedule,
-    schedules_for,
-    select_clients,
-)
+from .fedhb import ClientLike, FederatedTrainer, FedHB, FedProxFamily
+from .local import LocalSpec, Penalty, batch_schedule, schedules_for, select_clients
+from .nets import FlatNet
 from .personalised import Ditto, PerFedAvg, PFedBayes  # noqa: F401  (re-exported)
 
 __all__ = ["FedProx", "Pooled", "local_only", "reference_fedavg"]
@@ -99,14 +94,20 @@ def reference_fedavg(
     return global_model
 
 
-class FedProx(FederatedTrainer):
-    """FedProx(mu) on the shared local engine: each client minimises the mean minibatch
-    cross-entropy plus ``mu/2 ||w - w_global||^2``; the server averages (by size or
-    equally). ``mu = 0`` is FedAvg.
+class FedProx(FedHB):
+    """FedProx(mu) as FedHB with :class:`~hbfl_pyro.deep.FedProxFamily`: each client
+    minimises the mean minibatch cross-entropy plus ``mu/2 ||w - w_global||^2``; the
+    server averages (by size or equally). ``mu = 0`` is FedAvg.
+
+    Only the server family differs from :class:`~hbfl_pyro.deep.FedHB` (and the
+    mixture): the strategy's selection, participation, messages, failure handling, state
+    and checkpoints, and ``dp=``, are FedHB's.
 
     :param mu: FedProx's coefficient (per example, as in the FedProx paper).
     :param weighting: ``"size"`` (FedAvg's rule, the default) or ``"equal"``.
-    :param kwargs: ``fraction``, ``local``, ``engine``, ``chunk_size``, ``seed``.
+    :param kwargs: ``fraction``, ``local``, ``engine``, ``chunk_size``, ``seed``,
+        ``min_clients``, ``max_failures``, and FedHB's ``participation``, ``start``,
+        ``on_message``, ``dp``.
 
     Example::
 
@@ -118,8 +119,8 @@ class FedProx(FederatedTrainer):
         (2, torch.Size([43]))
     """
 
-    STATE = {"weights": "weights"}
-    SETTINGS = ("mu", "weighting")
+    # (FedHB's state; the fingerprint keeps FedProx's own settings, see fingerprint.)
+    SETTINGS: Tuple[str, ...] = ("mu", "weighting")
 
     def __init__(
         self,
@@ -130,25 +131,41 @@ class FedProx(FederatedTrainer):
         weighting: str = "size",
         **kwargs,
     ):
-        super().__init__(net, clients, **kwargs)
         if weighting not in ("size", "equal"):
             raise ValueError(f"weighting must be 'size' or 'equal', got {weighting!r}")
-        self.mu, self.weighting = float(mu), weighting
-        self.weights = self.init.clone()
+        family = FedProxFamily(FlatNet(net).vector(), mu)
+        super().__init__(net, clients, family, weighting=weighting, **kwargs)
 
-    def penalty(self) -> Penalty:
-        if not self.mu:
-            return None
-        # mu/2 ||w - w_global||^2 per example: times n_i on the summed-NLL scale.
-        return QuadraticPenalty(self.weights, self.mu, per_example=True)
+    @property
+    def mu(self) -> float:
+        """FedProx's per-example coefficient (the family's)."""
+        return cast(FedProxFamily, self.family).mu
 
-    def global_weights(self) -> torch.Tensor:
-        return self.weights
+    @property
+    def weights(self) -> torch.Tensor:
+        """The global weights (``m0``; the attribute FedProx's state was once kept in)."""
+        return self.global_weights()
 
-    def aggregate(self, chosen: List[int], thetas: torch.Tensor) -> Dict:
-        w = _weights(chosen, self.sizes, 1, self.weighting, thetas)
-        self.weights = _weighted_sum(w, thetas)
-        return {}
+    def fingerprint(self) -> Dict:
+        """:meth:`FedHB.fingerprint <hbfl_pyro.deep.FederatedTrainer.fingerprint>` with
+        FedProx's settings, and FedHB's options where they differ from FedProx's defaults
+        (so a checkpoint written before FedProx took them still resumes)."""
+        out = super().fingerprint()
+        for name, default in (("participation", "scaled"), ("start", "global")):
+            if getattr(self, name) != default:
+                out["settings"][name] = getattr(self, name)
+        return out
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Continue from a :meth:`state_dict`; a state of the former layout (the global
+        weights under ``"weights"``, before FedProx was a FedHB family) is read too."""
+        if "weights" in state and "server" not in state:
+            state = dict(state)
+            weights = state.pop("weights")
+            state["server"] = {"mode": self.server.mode, "family_params": {"m0": weights}}
+            state["server"]["stale"] = {}
+            state["own"] = {}
+        super().load_state_dict(state)
 
 
 def local_only(

@@ -84,6 +84,7 @@ from .nets import FlatNet, WeightFunction
 
 __all__ = [
     "FedHB",
+    "FedProxFamily",
     "FederatedTrainer",
     "client_objective",
     "diag_prior",
@@ -187,6 +188,80 @@ def fedprox_family(init: torch.Tensor, prox_weight: float) -> NIWIso:
     """
     a0 = 1e250
     return NIWIso(init.shape[-1], mu0=init.detach(), lambda0=1e-300, a0=a0, b0=a0 / prox_weight)
+
+
+class FedProxFamily(ClosedFormFamily):
+    """FedProx's (and, with ``mu = 0``, FedAvg's) server family, exact in any dtype.
+
+    The hierarchy ``theta_i ~ N(mu, I / (mu_prox n_i))`` with a flat prior on ``mu``: the
+    covariance is fixed, and stated *per example*, so a client of ``n_i`` examples has
+    prox precision ``mu_prox n_i`` on the summed-NLL scale, i.e. minimises
+    ``mean NLL + mu_prox / 2 ||m - m0||^2`` (normalised objective): FedProx(``mu_prox``)
+    with the same ``mu`` for every client, as in the FedProx paper. ``q(mu)`` is a point
+    mass at the weighted mean of the clients' ``m_i`` (the strategy's weights: with
+    ``weighting="size"``, FedAvg's; that is also the exact posterior mean of ``mu`` under
+    the per-client precisions ``mu_prox n_i``).
+
+    :func:`fedprox_family` reaches FedProx only as a limit of the NIW family, with one
+    prox weight for all clients (``mu_i = P / n_i``) and in float64; this family is FedProx
+    itself, in float32 too. :class:`~hbfl_pyro.deep.FedProx` is
+    ``FedHB(net, clients, FedProxFamily(init, mu), weighting="size")``.
+
+    :param init: the initial weights ``(d,)``: ``q(mu)``'s starting point.
+    :param mu: FedProx's per-example coefficient ``mu_prox >= 0`` (0: FedAvg, no prox).
+
+    Example::
+
+        >>> import torch
+        >>> fam = FedProxFamily(torch.zeros(2), mu=0.1)
+        >>> sums = fam.weighted_summary_sums(
+        ...     torch.tensor([1.0, 3.0]), torch.tensor([[4.0, 0.0], [0.0, 4.0]]), torch.tensor(0.0))
+        >>> fam.server_update(sums, 2)["m0"].tolist()
+        [1.0, 3.0]
+        >>> pen = fam.client_penalty(fam.init_params())  # per example: times n_i
+        >>> float(pen(torch.tensor([3.0, 4.0]), 10))
+        12.5
+    """
+
+    covariance = "diag"
+
+    def __init__(self, init: torch.Tensor, mu: float = 0.0):
+        mu = float(mu)
+        if not mu >= 0.0:
+            raise ValueError(f"mu must be >= 0, got {mu}")
+        self.d = init.shape[-1]
+        self.mu0 = init.detach()
+        self.mu = mu
+
+    def init_params(self) -> Params:
+        """``{"m0": init}``: the global weights before any client has replied."""
+        return {"m0": self.mu0.clone()}
+
+    def client_summary(self, mean: torch.Tensor, cov: torch.Tensor) -> Params:
+        """``{"sum_m": m_i, "count": 1}`` (the covariance is fixed: no second moment)."""
+        return {"sum_m": mean, "count": mean.new_ones(mean.shape[:-1])}
+
+    def weighted_summary_sums(
+        self, weights: torch.Tensor, means: torch.Tensor, var: torch.Tensor
+    ) -> Params:
+        """``sum_m = w @ m`` and ``count = sum w``, one contraction."""
+        return {"sum_m": torch.tensordot(weights, means, dims=1), "count": weights.sum()}
+
+    def server_update(self, sums: Params, num_clients: float | torch.Tensor) -> Params:
+        """``m0 = sum_m / count``: the weighted mean of the clients' ``m_i``."""
+        return {"m0": sums["sum_m"] / sums["count"]}
+
+    def expected_log_prior(self, theta: torch.Tensor, params: Params) -> torch.Tensor:
+        """Per example, up to a constant: ``-mu / 2 ||theta - m0||^2`` (a client's prox
+        is ``n_i`` times it: :meth:`client_penalty`)."""
+        return -0.5 * self.mu * (theta - params["m0"]).pow(2).sum(-1)
+
+    def client_penalty(self, params: Params) -> Penalty:
+        """The clients' prox ``n_i mu / 2 ||theta - m0||^2`` (``None`` for ``mu = 0``:
+        FedAvg trains without one)."""
+        if not self.mu:
+            return None
+        return QuadraticPenalty(params["m0"], self.mu, per_example=True)
 
 
 def prox_weight(family: ClosedFormFamily, params: Params) -> torch.Tensor:
@@ -333,9 +408,14 @@ class FederatedTrainer:
         min_clients: int = 1,
         max_failures: int = MAX_FAILED_ROUNDS,
     ):
-        # The warning names the caller: the user's line, through a subclass's __init__.
-        direct = type(self).__init__ is FederatedTrainer.__init__
-        engine = engine_name(engine, stacklevel=3 if direct else 4)
+        # The warning names the caller: the user's line, through the chain of __init__s
+        # that led here (FedProx -> FedHB -> this one: each calls its parent's).
+        inits = sum(
+            "__init__" in vars(cls)
+            for cls in type(self).__mro__
+            if issubclass(cls, FederatedTrainer)
+        )
+        engine = engine_name(engine, stacklevel=2 + inits)
         flat = FlatNet(net)
         #: ``{parameter name: shape}`` of the network (for :meth:`fingerprint`).
         self.layout = {name: list(shape) for name, shape in zip(flat.names, flat.shapes)}
@@ -683,7 +763,7 @@ class FedHB(FederatedTrainer):
     """
 
     STATE = {"server": "server_state", "own": "_own"}
-    SETTINGS = ("family", "eps", "participation", "weighting", "start")
+    SETTINGS: Tuple[str, ...] = ("family", "eps", "participation", "weighting", "start")
 
     server: Union[FamilyServer, FamilyDifferentialPrivacy]
 
@@ -825,6 +905,8 @@ class FedHB(FederatedTrainer):
         """``-E_q(phi)[log p(theta | phi)]`` under ``q(phi)`` (the current one by default)."""
         params = self.params if params is None else params
         family = self.family
+        if isinstance(family, FedProxFamily):
+            return family.client_penalty(params)
         if isinstance(family, (NIWIso, NIWDiag)):
             # A quadratic with precision a / b around m0: the engines add its gradient in
             # place. The constant makes the value -expected_log_prior exactly.
@@ -857,7 +939,11 @@ class FedHB(FederatedTrainer):
         return torch.stack([self._own.get(i, m0) for i in clients])
 
     def prox_weight(self) -> float:
-        """The mean over coordinates of the current prox weight (summed-NLL scale)."""
+        """The mean over coordinates of the current prox weight (summed-NLL scale; for
+        :class:`FedProxFamily`, whose weight is ``mu n_i`` per client, the mean over the
+        clients, ``mu`` times their mean size)."""
+        if isinstance(self.family, FedProxFamily):
+            return self.family.mu * sum(self.sizes) / len(self.sizes)
         return float(prox_weight(self.family, self.params).mean())
 
     def aggregate(self, chosen: List[int], thetas: torch.Tensor) -> Dict:
@@ -899,11 +985,16 @@ class FedHB(FederatedTrainer):
             server.aggregate_sum(self.round + 1, total, pool)
         if self.start == "own":
             self._own.update(zip(chosen, thetas))
-        return {
-            "prox_weight": self.prox_weight(),
-            "client_spread": _spread(sums, self.eps),
-            **entries,
-        }
+        return {**self.diagnostics(sums), **entries}
+
+    def diagnostics(self, sums: Params) -> Dict:
+        """The round record's view of the update: the learned prox weight and the clients'
+        spread (from the sums the update read). None for :class:`FedProxFamily`, whose
+        prox is fixed and whose sums hold no second moments (FedAvg's and FedProx's
+        records have never had these entries)."""
+        if isinstance(self.family, FedProxFamily):
+            return {}
+        return {"prox_weight": self.prox_weight(), "client_spread": _spread(sums, self.eps)}
 
     @property
     def privacy(self) -> Optional[Dict]:
