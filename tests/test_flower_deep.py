@@ -131,18 +131,24 @@ def test_simulation_equals_in_process_bit_for_bit(flwr):
 
 @pytest.mark.slow
 def test_a_failing_client_is_reported_as_in_process(flwr):
-    """FedAvg (FedHB's family), every client every round, 2 rounds: client 1's training
-    returns NaN and client 4's raises; both are left out and named with the in-process
-    reasons, and the rest of the run equals the in-process one (engine="inprocess": bit
-    for bit). The vectorised trainer (batched in process, one client a node) is
-    checked to round-off in the same run of FedProx's family."""
+    """FedAvg (FedHB's family), every client every round: client 1's training returns NaN
+    and client 4's raises; both are left out and named with the in-process reasons, the
+    rest of the run equals the in-process one bit for bit, and in round 3 (their third
+    failure in a row) the run stops with the in-process ClientFailureError."""
+    from hbfl_pyro import ClientFailureError
     from hbfl_pyro.flower.deep import simulate_deep
 
     options = {"family": "fedavg", "fraction": 1.0, "nan": [1], "bad": [4]}
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        result = simulate_deep(f"{THIS}:make_trainer", 2, options)
-    fit = in_process(2, **options)
+        result = simulate_deep(f"{THIS}:make_trainer", 4, options)
+    fit = make_trainer(**options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClientFailureWarning)
+        with pytest.raises(ClientFailureError) as stopped:
+            fit.run(4)
+    assert result["stopped"] == str(stopped.value) and "round 3" in result["stopped"]
+    assert result["round"] == fit.round == 3
     assert without_seconds(result["history"]) == without_seconds(fit.history)
     for record in result["history"]:
         assert record["failed"] == [1, 4] and record["clients"] == [0, 2, 3, 5]
