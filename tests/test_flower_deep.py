@@ -8,6 +8,7 @@ gets the network hygiene of :mod:`hbfl_pyro.flower.env` (set here before ``flwr`
 imported); the simulation's Ray processes are stopped by Flower when it returns.
 """
 
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,13 +29,27 @@ apply_network_hygiene(ROOT / ".flwr" / "tests")
 THIS = str(Path(__file__).resolve())
 
 
-def make_trainer(family="fedhb", engine="inprocess", fraction=0.5, nan=(), bad=(), **kw):
+#: The messages the trainer's hooks saw, ``(direction, client, message)`` (``log=True``).
+#: The ServerApp of a simulation runs in the test's process, from this file imported as a
+#: trainer file (a module of its own: :func:`hook_log` reads its list).
+HOOK_LOG: list = []
+
+
+def hook_log() -> list:
+    return sys.modules["_hbfl_model_test_flower_deep"].HOOK_LOG
+
+
+def make_trainer(family="fedhb", engine="inprocess", fraction=0.5, nan=(), bad=(), log=False, **kw):
     """The trainer file's function: a deep FedHB of the toy federation.
 
     :param family: ``"fedhb"`` (iso prior), ``"fedavg"`` or ``"fedprox"`` (its families).
     :param nan: clients with a NaN feature (their training returns NaN weights).
     :param bad: clients with one feature short (their training raises).
+    :param log: the trainer's hook appends every message to :data:`HOOK_LOG`.
     """
+    if log:
+        HOOK_LOG.clear()
+        kw["on_message"] = lambda *message: HOOK_LOG.append(message)
     # The same weights in every process: the tests run with float64 as torch's default
     # dtype (conftest), a SuperNode's or ServerApp's process with float32, and the
     # network's initial draw depends on it.
@@ -113,11 +128,15 @@ def test_trainers_whose_clients_keep_state_on_the_trainer_are_refused():
 @pytest.mark.slow
 def test_simulation_equals_in_process_bit_for_bit(flwr):
     """FedHB, half the clients a round, 3 rounds; the trainer trains its clients one after
-    another in process (engine="inprocess"), as each node does: equal bit for bit."""
+    another in process (engine="inprocess"), as each node does: equal bit for bit, and
+    the server's hooks see the same messages, down and up, in the same order."""
     from hbfl_pyro.flower.deep import load_deep_result, simulate_deep
 
-    result = simulate_deep(f"{THIS}:make_trainer", 3)
-    fit = in_process(3)
+    result = simulate_deep(f"{THIS}:make_trainer", 3, {"log": True})
+    on_flower = list(hook_log())
+    fit = in_process(3, log=True)
+    assert len(on_flower) == 2 * 9  # 3 clients a round, each a message down and a reply up
+    assert_same(on_flower, HOOK_LOG)
     assert without_seconds(result["history"]) == without_seconds(fit.history)
     assert_same(result["state"], fit.state_dict() | {"history": result["state"]["history"]})
     back = make_trainer()
