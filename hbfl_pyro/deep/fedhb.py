@@ -740,7 +740,8 @@ class FedHB(FederatedTrainer):
         (:class:`~hbfl_pyro.servers.FamilyDifferentialPrivacy` wraps the server; each
         client's update ``m_i - m0`` is clipped to ``dp.clip``, Gaussian noise goes on each
         round's sums, and every record reports ``epsilon`` and ``delta``). Needs
-        ``participation="scaled"`` and an ``NIWIso`` or ``NIWDiag`` family; with
+        ``participation="scaled"`` and an ``NIWIso``, ``NIWDiag`` or
+        :class:`FedProxFamily` family (the last: DP-FedAvg / DP-FedProx); with
         ``start="own"`` a client resumes from the clipped reply it sent.
     :param kwargs: ``fraction``, ``local``, ``engine``, ``chunk_size``, ``seed`` of
         :class:`FederatedTrainer`.

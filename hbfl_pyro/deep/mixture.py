@@ -86,6 +86,7 @@ from ..families.niw import NIWDiag, NIWIso
 from ..participation import check_participation
 from ..seeding import derive_seed, seeded
 from ..servers.closed_form import MixtureServer
+from ..servers.dp import MIXTURE_REASON
 from .baselines import FedProx
 from .data import FederatedSplit
 from .fedhb import (
@@ -398,8 +399,9 @@ class FedHBMixture(FederatedTrainer):
         (``round``, ``mode``, ``seed``, every component's ``family_params``, ``alpha``),
         ``"up"`` with the reply (``client``, ``round``, ``num_examples``, ``m``: its
         ``m_i``, ``responsibilities``: its ``r_i``).
-    :param dp: not supported yet (raises ``NotImplementedError``): deep differential
-        privacy is :class:`~hbfl_pyro.deep.FedHB`'s ``dp=``.
+    :param dp: not supported yet (raises ``NotImplementedError`` saying why,
+        :data:`~hbfl_pyro.servers.dp.MIXTURE_REASON`): deep differential privacy is
+        :class:`~hbfl_pyro.deep.FedHB`'s ``dp=`` (one family).
     :param kwargs: ``fraction``, ``local``, ``engine``, ``chunk_size``, ``seed``.
 
     Example::
@@ -458,9 +460,7 @@ class FedHBMixture(FederatedTrainer):
     ):
         if dp is not None:
             raise NotImplementedError(
-                "differential privacy of the mixture is not supported yet (its replies carry "
-                "responsibilities, whose sensitivity has no bound from a clip of m_i): use "
-                "FedHB(..., dp=...) for a private run"
+                "differential privacy of the mixture is not supported yet: " + MIXTURE_REASON
             )
         super().__init__(net, clients, **kwargs)
         if on_message is not None and not callable(on_message):

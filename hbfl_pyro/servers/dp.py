@@ -31,6 +31,34 @@ if TYPE_CHECKING:
     from .closed_form import FamilyServer
 
 
+#: Why the deep mixture has no differential privacy (yet), and what to use instead.
+MIXTURE_REASON = (
+    "a client's responsibilities r_i weigh its summary in every component's sums and set "
+    "q(pi) (N_k), so a private round would have to clip each component's update about its "
+    "own centre and noise (r_i, r_ik u_ik, r_ik u_ik^2 / C) jointly, with the noisy weights "
+    "projected onto counts; and its records publish every client's r_i, and cluster_rounds "
+    "/ hold_rounds group clients by their individual updates. None of this is implemented: "
+    "use FedHB(..., dp=...) with one family (iso_prior or diag_prior) for a private run"
+)
+
+#: Why stale participation has no differential privacy (yet), and what to use instead.
+STALE_REASON = (
+    "a stale pool re-releases every client's latest reply each round, clipped about the "
+    "mean m0 of the round it was sent in, so the sums' cross term 2 sum_i w_i m0^(r_i) u_i "
+    "is not a function of one noised sum of the updates. A correct release would noise the "
+    "sums of each group of replies clipped about the same m0 (one Gaussian release per "
+    "round: a client is in one group; the accountant's count of every round already pays "
+    "for each re-release, as no amplification by sampling is claimed), at sqrt(groups) "
+    "times the noise on the total; it is not implemented. Use participation='scaled'"
+)
+
+
+def _first_moments(strategy: FamilyServer) -> bool:
+    """Whether the family's summaries are ``(sum_m, count)`` alone (FedProx's family: a
+    fixed covariance, no second moment), so the release is ``sum_i w_i u_i`` alone."""
+    return set(strategy.sum_layout(0)) == {"stats/sum_m", "stats/count"}
+
+
 class DifferentialPrivacy(ServerStrategy):
     """Client-level differential privacy around a first-order server: its replies are
     re-clipped and Gaussian noise is added to each round's sum before the server's update.
@@ -256,12 +284,18 @@ class FamilyDifferentialPrivacy(DifferentialPrivacy):
     ``weighting="size"``, the clients' training-set sizes (the server weighs by them) are
     public; the noise is calibrated to the largest multiplicity in the round.
 
-    **Refused**: ``participation="stale"`` (the pool's replies were clipped about the means
-    of the rounds they were sent in, so the cross term ``2 sum_i w_i m0^(r_i) u_i`` of the
-    second moments is not a function of the clipped sum and has no bound from the clip;
-    use ``"scaled"``); the full-covariance family (its ``d x d`` second moment; use
-    ``NIWIso`` or ``NIWDiag``); the mixture's server (not supported yet); secure
-    aggregation (the server could not re-clip each update).
+    **FedAvg and FedProx** (:class:`~hbfl_pyro.deep.FedProxFamily`, whose summaries have no
+    second moment): the release is ``sum_i w_i u_i`` alone, of sensitivity ``C`` per unit
+    multiplicity, and the noise ``z C max_i w_i`` goes on ``sum_m`` only: DP-FedAvg
+    (McMahan et al. 2018) with the same clipping, accounting and state.
+
+    **Refused** (the errors say why, :data:`STALE_REASON` and :data:`MIXTURE_REASON`):
+    ``participation="stale"`` (the pool's replies were clipped about the means of the
+    rounds they were sent in, so the cross term ``2 sum_i w_i m0^(r_i) u_i`` of the second
+    moments is not a function of one noised sum; noising each group of replies clipped
+    about the same mean would be correct and is not implemented; use ``"scaled"``); the
+    full-covariance family (its ``d x d`` second moment; use ``NIWIso`` or ``NIWDiag``);
+    the mixture's server; secure aggregation (the server could not re-clip each update).
 
     :param strategy: the wrapped :class:`~hbfl_pyro.servers.closed_form.FamilyServer`.
     :param dp: the :class:`~hbfl_pyro.dp.DPConfig`.
@@ -292,21 +326,20 @@ class FamilyDifferentialPrivacy(DifferentialPrivacy):
             mode = getattr(strategy, "mode", type(strategy).__name__)
             raise TypeError(
                 f"FamilyDifferentialPrivacy wraps a FamilyServer (deep FedHB), not the {mode} "
-                "server: wrap the core's Server in DifferentialPrivacy; the deep mixture has "
-                "no differential privacy yet"
+                "server: wrap the core's Server in DifferentialPrivacy. The deep mixture has "
+                "no differential privacy yet: " + MIXTURE_REASON
             )
         if strategy.participation == "stale":
             raise ValueError(
-                "differential privacy of a deep FedHB run needs participation='scaled': a "
-                "stale pool's updates were clipped about the means of the rounds they were "
-                "sent in, which leaves the round's second moments without a bound from the "
-                "clip"
+                "differential privacy of a deep FedHB run needs participation='scaled' for "
+                "now: " + STALE_REASON
             )
-        if not isinstance(strategy.family, (NIWIso, NIWDiag)):
+        if not (isinstance(strategy.family, (NIWIso, NIWDiag)) or _first_moments(strategy)):
             raise ValueError(
-                f"differential privacy of a deep FedHB run needs an NIWIso or NIWDiag family "
-                f"(got {type(strategy.family).__name__}: a d x d second moment per client); "
-                "use iso_prior or diag_prior"
+                f"differential privacy of a deep FedHB run needs an NIWIso or NIWDiag family, "
+                f"or FedProx's (got {type(strategy.family).__name__}: its summaries are not "
+                "sums of a clipped update and its square; NIWFull's is a d x d second moment "
+                "per client); use iso_prior or diag_prior"
             )
         self.strategy = strategy  # type: ignore[assignment]  # (the parent wraps a Server)
         self.dp = dp
@@ -323,7 +356,10 @@ class FamilyDifferentialPrivacy(DifferentialPrivacy):
     @property
     def sensitivity(self) -> float:
         """The L2 bound of one client's contribution ``(u_i, u_i^2 / C)`` to the released
-        vector, per unit multiplicity: ``sqrt(2) C``."""
+        vector, per unit multiplicity: ``sqrt(2) C``; ``C`` for a family without second
+        moments (FedProx's: the release is ``sum_i w_i u_i`` alone)."""
+        if _first_moments(self.family_server):
+            return self.dp.clip
         return math.sqrt(2.0) * self.dp.clip
 
     def clip_updates(self, means: torch.Tensor, m0: torch.Tensor) -> torch.Tensor:
@@ -380,12 +416,15 @@ class FamilyDifferentialPrivacy(DifferentialPrivacy):
         that clients could have sent."""
         gen = torch.Generator().manual_seed(seed)  # the server's own: global RNG untouched
         std = self.dp._z * self.sensitivity * largest
-        m, mm = sums["sum_m"], sums["sum_mm"]
+        m = sums["sum_m"]
         first = std * torch.randn(m.shape, generator=gen, dtype=m.dtype).to(m.device)
-        second = std * torch.randn(mm.shape, generator=gen, dtype=mm.dtype).to(mm.device)
-        cross = m0 * first if mm.shape == m.shape else (m0 * first).sum(-1)
         noisy = dict(sums)
         noisy["sum_m"] = m + first
+        if "sum_mm" not in sums:  # FedProx's family: the release is sum_i w_i u_i alone
+            return noisy
+        mm = sums["sum_mm"]
+        second = std * torch.randn(mm.shape, generator=gen, dtype=mm.dtype).to(mm.device)
+        cross = m0 * first if mm.shape == m.shape else (m0 * first).sum(-1)
         noisy["sum_mm"] = mm + 2.0 * cross + self.dp.clip * second
         return project_moments(noisy, sums["count"])  # type: ignore[arg-type]
 
@@ -415,4 +454,4 @@ class FamilyDifferentialPrivacy(DifferentialPrivacy):
         return record
 
 
-__all__ = ["DifferentialPrivacy", "FamilyDifferentialPrivacy"]
+__all__ = ["DifferentialPrivacy", "FamilyDifferentialPrivacy", "MIXTURE_REASON", "STALE_REASON"]
