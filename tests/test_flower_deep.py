@@ -18,7 +18,7 @@ import torch
 from deep_toys import OPTS, toy
 from tree_asserts import assert_close, assert_same
 
-from hbfl_pyro import ClientFailureWarning
+from hbfl_pyro import ClientFailureWarning, DPConfig
 from hbfl_pyro.deep import FedHB, FlatNet, Pooled, fedavg_family, fedprox_family, iso_prior
 from hbfl_pyro.flower.env import apply_network_hygiene
 
@@ -39,14 +39,19 @@ def hook_log() -> list:
     return sys.modules["_hbfl_model_test_flower_deep"].HOOK_LOG
 
 
-def make_trainer(family="fedhb", engine="inprocess", fraction=0.5, nan=(), bad=(), log=False, **kw):
+def make_trainer(
+    family="fedhb", engine="inprocess", fraction=0.5, nan=(), bad=(), log=False, dp_clip=0.0, **kw
+):
     """The trainer file's function: a deep FedHB of the toy federation.
 
     :param family: ``"fedhb"`` (iso prior), ``"fedavg"`` or ``"fedprox"`` (its families).
     :param nan: clients with a NaN feature (their training returns NaN weights).
     :param bad: clients with one feature short (their training raises).
     :param log: the trainer's hook appends every message to :data:`HOOK_LOG`.
+    :param dp_clip: with ``dp=`` of this clip (noise multiplier 1, reproducible noise).
     """
+    if dp_clip:  # client-level DP: the nodes clip, the server adds seeded noise
+        kw["dp"] = DPConfig(clip=dp_clip, noise_multiplier=1.0, reproducible_noise=True)
     if log:
         HOOK_LOG.clear()
         kw["on_message"] = lambda *message: HOOK_LOG.append(message)
@@ -265,4 +270,20 @@ def test_deployment_on_loopback_equals_in_process(flwr, tmp_path):
     result = torch.load(out / "result.pt", weights_only=False)
     fit = in_process(2)
     assert without_seconds(result["history"]) == without_seconds(fit.history)
+    assert_same(result["state"]["server"], fit.state_dict()["server"])
+
+
+@pytest.mark.slow
+def test_differentially_private_simulation_equals_in_process(flwr):
+    """FedHB(dp=...): each node clips its client's update about the m0 it was sent, the
+    ServerApp's server clips again and adds the noise (seeded by the run's seed and the
+    round: reproducible_noise), so the private run equals the in-process one bit for bit,
+    epsilon included."""
+    from hbfl_pyro.flower.deep import simulate_deep
+
+    options = {"dp_clip": 0.5}
+    result = simulate_deep(f"{THIS}:make_trainer", 3, options)
+    fit = in_process(3, **options)
+    assert without_seconds(result["history"]) == without_seconds(fit.history)
+    assert result["history"][-1]["epsilon"] == fit.privacy["epsilon"] > 0
     assert_same(result["state"]["server"], fit.state_dict()["server"])

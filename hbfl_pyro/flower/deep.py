@@ -39,6 +39,11 @@ rows in the order sent, so the run equals the in-process one bit for bit. With
 whose reductions may round differently from a batch of one: equal to round-off (1e-12
 relative in the tests).
 
+**Differential privacy.** ``FedHB(..., dp=DPConfig(...))``: each node clips its
+client's update about the ``m0`` it was sent (the trainer's local solver does), the
+ServerApp's server clips again and adds the noise; with ``reproducible_noise=True`` the
+private run equals the in-process one bit for bit.
+
 **Failures.** A client whose local training raises replies with the reason (the reason
 in process, ``"RuntimeError: ..."``); a node that fails otherwise (its ClientApp raises,
 it goes offline, it does not answer within ``round-timeout``) is a failure with Flower's
@@ -134,7 +139,7 @@ def load_trainer(config: Mapping):
             "'/abs/path/trainer.py:make_trainer'} (or --run-config to flwr run)"
         )
     path, name = parse_trainer_spec(spec)
-    # Imported afresh (not cached): a node may serve several runs of an edited file.
+    # Imported afresh: the nodes cache the trainer (node_trainer), the server builds one.
     module = _import_file(path.resolve())
     factory = getattr(module, name, None)
     if not callable(factory):
@@ -161,15 +166,19 @@ def check_trainer(trainer):
     return trainer
 
 
-#: The trainers of this process's nodes, ``{(trainer, trainer-options): trainer}``: a
-#: node's trainer is read-only (every round's work comes from the message), so the nodes a
-#: Ray worker serves share one.
-_NODE_TRAINERS: Dict[Tuple[str, str], Any] = {}
+#: The trainers of this process's nodes, ``{(trainer, its file's mtime, trainer-options):
+#: trainer}``: a node's trainer is read-only (every round's work comes from the message),
+#: so the nodes a Ray worker serves share one, and a node serving runs of an edited file
+#: builds it anew.
+_NODE_TRAINERS: Dict[Tuple[str, float, str], Any] = {}
 
 
 def node_trainer(config: Mapping):
-    """The trainer a node trains its client with (built once per process)."""
-    key = (str(config["trainer"]), json.dumps(_trainer_options(config), sort_keys=True))
+    """The trainer a node trains its client with (built once per process and file)."""
+    path = parse_trainer_spec(str(config["trainer"]))[0]
+    mtime = path.stat().st_mtime if path.exists() else 0.0
+    options = json.dumps(_trainer_options(config), sort_keys=True)
+    key = (str(config["trainer"]), mtime, options)
     if key not in _NODE_TRAINERS:
         _NODE_TRAINERS[key] = load_trainer(config)
     return _NODE_TRAINERS[key]
