@@ -19,7 +19,7 @@ from deep_toys import OPTS, toy
 from tree_asserts import assert_close, assert_same
 
 from hbfl_pyro import ClientFailureWarning, DPConfig
-from hbfl_pyro.deep import FedHB, FlatNet, Pooled, fedavg_family, fedprox_family, iso_prior
+from hbfl_pyro.deep import FedHB, FedProx, FlatNet, Pooled, fedavg_family, fedprox_family, iso_prior
 from hbfl_pyro.flower.env import apply_network_hygiene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,8 @@ def make_trainer(
 ):
     """The trainer file's function: a deep FedHB of the toy federation.
 
-    :param family: ``"fedhb"`` (iso prior), ``"fedavg"`` or ``"fedprox"`` (its families).
+    :param family: ``"fedhb"`` (iso prior), ``"fedavg"`` or ``"fedprox"`` (its NIW limits),
+        ``"FedProx"`` (the FedProx class: FedHB with ``FedProxFamily``).
     :param nan: clients with a NaN feature (their training returns NaN weights).
     :param bad: clients with one feature short (their training raises).
     :param log: the trainer's hook appends every message to :data:`HOOK_LOG`.
@@ -72,7 +73,9 @@ def make_trainer(
         return FedHB(net, clients, iso_prior(init, prox_weight=3.0), eps=0.1, **options, **kw)
     if family == "fedavg":
         return FedHB(net, clients, fedavg_family(init), weighting="size", **options, **kw)
-    return FedHB(net, clients, fedprox_family(init, 2.0), **options, **kw)
+    if family == "fedprox":
+        return FedHB(net, clients, fedprox_family(init, 2.0), **options, **kw)
+    return FedProx(net, clients, mu=0.3, **options, **kw)  # FedHB with FedProxFamily
 
 
 def in_process(rounds, **options):
@@ -182,21 +185,24 @@ def test_a_failing_client_is_reported_as_in_process(flwr):
 
 
 @pytest.mark.slow
-def test_vectorised_simulation_equals_in_process_to_round_off(flwr):
-    """FedProx (FedHB's family) with the vectorised engine: in process the round's clients
-    train in one vmapped batch, on Flower one a node. Measured equal bit for bit here, but
-    nothing promises that a batch's reductions round as a batch of one's (another BLAS,
-    thread count or chunking may not), so the runs are held to 1e-12 (relative)."""
+@pytest.mark.parametrize("family", ["fedprox", "FedProx"])
+def test_vectorised_simulation_equals_in_process_to_round_off(flwr, family):
+    """FedProx with the vectorised engine, as FedHB's NIW limit (fedprox_family) and as
+    the FedProx class (FedHB with FedProxFamily): in process the round's clients train in
+    one vmapped batch, on Flower one a node. Measured equal bit for bit here, but nothing
+    promises that a batch's reductions round as a batch of one's (another BLAS, thread
+    count or chunking may not), so the runs are held to 1e-12 (relative)."""
     from hbfl_pyro.flower.deep import simulate_deep
 
-    options = {"family": "fedprox", "engine": "vectorised"}
+    options = {"family": family, "engine": "vectorised"}
     result = simulate_deep(f"{THIS}:make_trainer", 3, options)
     fit = in_process(3, **options)
     ours, theirs = without_seconds(fit.history), without_seconds(result["history"])
-    assert [r["clients"] for r in theirs] == [r["clients"] for r in ours]
+    assert [sorted(r) for r in theirs] == [sorted(r) for r in ours]
     for a, b in zip(theirs, ours):
-        assert a["prox_weight"] == pytest.approx(b["prox_weight"], rel=1e-12)
-        assert a["client_spread"] == pytest.approx(b["client_spread"], rel=1e-12, abs=1e-15)
+        for key, value in b.items():  # round, clients; FedHB's prox_weight, client_spread
+            expected = pytest.approx(value, rel=1e-12, abs=1e-15)
+            assert a[key] == (expected if isinstance(value, float) else value), key
     state = fit.state_dict()
     assert_close(result["state"]["server"], state["server"], rtol=1e-12, atol=1e-12)
 

@@ -25,7 +25,8 @@ ServerApp uses its server strategy (whose initial ``q(phi)`` holds the initial w
 node ``i`` (``partition-id`` ``i``) trains client ``i``.
 
 **Which trainers.** :class:`~hbfl_pyro.deep.FedHB` (so FedAvg and FedProx as its
-families, :func:`~hbfl_pyro.deep.fedavg_family`, :func:`~hbfl_pyro.deep.fedprox_family`)
+families: :class:`~hbfl_pyro.deep.FedProx`, FedHB with a FedProx family, or the NIW
+limits :func:`~hbfl_pyro.deep.fedavg_family`, :func:`~hbfl_pyro.deep.fedprox_family`)
 with ``start="global"``: its clients train from their message alone. Methods whose
 clients keep state between rounds on the trainer (``start="own"``, the mixture's labels,
 the personalised baselines) or read the trainer instead of a message (the pooled
