@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from pyro import poutine
@@ -179,6 +179,8 @@ class Client:
         local = list(self.local_guide.parameters())
         self.optim = torch.optim.Adam(local, lr=config.lr) if local else None
         self.updates = 0  # rounds this client has taken part in
+        # The local draws of the last PSIS check (psis_log_ratios), for psis_local_gaps.
+        self._psis_locals: Dict[str, torch.Tensor] = {}
 
     @property
     def model(self) -> Callable:
@@ -222,25 +224,50 @@ class Client:
             return float(self._terms(message, num_particles).sum())
 
     def psis_log_ratios(self, message, global_values, num_draws: int) -> torch.Tensor:
-        """This client's share of the PSIS check of a gradient-mode fit: for each of the
+        """This client's share of the PSIS check of a first-order fit: for each of the
         server's draws ``phi_s`` (``global_values``), one draw ``theta ~ q_i(theta | phi_s)``
         and ``log p(theta, D_i | phi_s) - log q_i(theta | phi_s)``: shape ``(num_draws,)``,
         one number per draw (an unbiased estimate of ``p(D_i | phi_s)`` once exponentiated).
+        In closed-form mode the model itself is held at ``phi_s`` (its exact local prior,
+        not the family's expectation the training objective uses).
         """
         with private_params(), torch.no_grad(), seeded(message["seed"]):
             self._load_global(message)
+            model, global_guide, held = self._model, self.global_guide, global_values
+            if global_guide is None:  # closed form: no q(phi) here, the draws are data
+                model, held = poutine.condition(self._model, data=global_values), None
+            self._psis_locals = {}
             terms = client_terms(
-                self._model,
-                self.global_guide,
+                model,
+                global_guide,
                 self.local_guide,
                 self._batch,
                 self._structure,
                 1,
                 num_draws,
-                global_values=global_values,
+                global_values=held,
                 per_particle=True,
+                record=self._psis_locals,
             )
         return terms[:, 0]
+
+    def psis_local_gaps(self, weights: torch.Tensor) -> Dict[str, Tuple[float, float, float]]:
+        """How far this client's ``q_i`` is from the PSIS-weighted posterior of its locals:
+        ``{site: (largest |mean_q - mean_w| / sd_w, smallest and largest sd_q / sd_w)}``
+        over the site's values, from the draws of the last :meth:`psis_log_ratios` and the
+        server's normalised ``weights`` (one per draw; they come from the sum over all
+        clients, so the weighted moments are the joint posterior's)."""
+        gaps = {}
+        for site, value in self._psis_locals.items():
+            flat = value.detach().double().reshape(len(weights), -1)
+            w = weights.double()[:, None]
+            q_mean, q_sd = flat.mean(0), flat.std(0)
+            w_mean = (w * flat).sum(0)
+            w_sd = (w * (flat - w_mean) ** 2).sum(0).clamp_min(1e-300).sqrt()
+            ratio = q_sd / w_sd
+            shift = float(((q_mean - w_mean).abs() / w_sd).max())
+            gaps[site] = (shift, float(ratio.min()), float(ratio.max()))
+        return gaps
 
     def _q_phi(self) -> torch.nn.Module:
         """The client's copy of ``q(phi)`` (gradient mode; a closed-form family has none)."""

@@ -28,7 +28,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .families.base import ClosedFormFamily
 from .noise import MomentMatchedNoise
-from .structure import ModelStructure
+from .structure import ModelStructure, site_value
 
 PARTICLE_PLATE = "_hbfl_particles"
 
@@ -136,6 +136,7 @@ def client_terms(
     moment_matched: bool = False,
     global_values: Optional[Dict[str, torch.Tensor]] = None,
     per_particle: bool = False,
+    record: Optional[Dict[str, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """The clients' ELBO terms, a vector of length ``num_clients``.
 
@@ -152,6 +153,8 @@ def client_terms(
     :param per_particle: return ``(num_particles, num_clients)``, one log-ratio
         ``log p(theta_i, D_i | phi) - log q_i(theta_i | phi)`` per particle, instead of
         their average.
+    :param record: if given, receives the local sites' drawn values (the draws the terms
+        were computed at; the PSIS check weighs them).
     """
     nesting = structure.max_plate_nesting
     guide_trace = Trace()
@@ -186,6 +189,8 @@ def client_terms(
         total = total + reduce(log_p, site, per_particle=per_particle)
     for site in _guide_sites(local_trace):
         total = total - reduce(site_log_prob(site), site, per_particle=per_particle)
+    if record is not None:
+        record.update({name: site_value(model_trace.nodes[name]) for name in structure.local_sites})
     return cast(torch.Tensor, total)  # a model has an observed site: a tensor was added
 
 
@@ -206,6 +211,28 @@ def server_term(
         model, global_guide, placeholder, structure, num_particles, moment_matched
     )
     return ratios.mean(0)
+
+
+def global_log_prior(
+    model: Callable,
+    placeholder: Dict[str, torch.Tensor],
+    structure: ModelStructure,
+    values: Dict[str, torch.Tensor],
+    num_particles: int,
+) -> torch.Tensor:
+    """``log p(phi_s)`` of the model's global sites at ``num_particles`` given values
+    (shaped as inside the particle plate): shape ``(num_particles,)``."""
+    model = with_particles(
+        poutine.condition(model, data=values), num_particles, structure.max_plate_nesting
+    )
+    # The placeholder's values need not lie in the likelihood's support: don't validate.
+    with pyro.validation_enabled(False):
+        trace = poutine.trace(model).get_trace(placeholder)
+    total: Union[float, torch.Tensor] = 0.0
+    for name in structure.global_sites:
+        site = trace.nodes[name]
+        total = total + _reduce(site_log_prob(site), site, None, 0, per_particle=True)
+    return cast(torch.Tensor, total)
 
 
 def server_log_ratios(

@@ -28,20 +28,21 @@ Example::
     >>> fit = FederatedSVI(model, clients, server="gradient", local_steps=5, seed=0)
     >>> _ = fit.run(30, progress=False)
     >>> check = psis_check(fit, num_draws=200)
-    >>> sorted(check)
-    ['draws', 'k_hat', 'q_mean_shift', 'q_sd_ratio', 'q_worst_site', 'unevaluated_draws']
+    >>> sorted(check)  # doctest: +NORMALIZE_WHITESPACE
+    ['draws', 'ess', 'k_hat', 'local_mean_shift', 'local_sd_ratio', 'local_tolerance',
+     'local_worst', 'q_mean_shift', 'q_sd_ratio', 'q_worst_site', 'unevaluated_draws']
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Tuple
 
 import arviz as az
 import numpy as np
 import torch
 
-from .elbo import server_log_ratios
+from .elbo import global_log_prior, server_log_ratios
 from .guides import private_params
 from .seeding import derive_seed, seeded
 
@@ -53,38 +54,60 @@ def joint_log_weights(fit, num_draws: int = CHECK_DRAWS):
     """The check's importance log-weights ``(num_draws,)`` and the draws of the globals
     they belong to (``{site: value}``, shaped as in the particle plate).
 
-    :raises ValueError: for a fit whose server is not in gradient mode.
+    :raises ValueError: for a fit whose server is not first-order (gradient or closed
+        form).
     """
-    if fit.server.mode != "gradient":
-        raise ValueError(f"the PSIS check needs a gradient-mode fit, not {fit.server.mode!r}")
+    if fit.server.mode not in ("gradient", "closed_form"):
+        raise ValueError(
+            f"the PSIS check needs a gradient or closed-form fit, not {fit.server.mode!r}"
+        )
+    server, _ = fit._first_order_parts()  # (inside a DP wrapper, if any)
     seed_round = -1 - fit.round  # messages like elbo()'s: no training round's seeds
     with private_params(), torch.no_grad(), seeded(derive_seed(fit.seed, "psis", fit.round)):
-        log_w, values = server_log_ratios(
-            fit.model,
-            fit.server.global_guide,
-            fit.server.placeholder,
-            fit.structure,
-            num_draws,
-        )
+        if server.mode == "gradient":
+            log_w, values = server_log_ratios(
+                fit.model, server.global_guide, server.placeholder, fit.structure, num_draws
+            )
+        else:
+            log_w, values = _family_log_ratios(fit, server, num_draws)
     for name, client in fit.clients.items():
         message = fit.server.message(seed_round, name)
         log_w = log_w + client.psis_log_ratios(message, values, num_draws)
     return log_w, values
 
 
+def _family_log_ratios(fit, server, num_draws: int):
+    """Closed form: draws of the family's ``q(phi)`` and ``log p(phi_s) - log q(phi_s)``."""
+    from .svi import particle_shaped  # (svi imports this module)
+
+    family, params = server.family, server.closed_form_params()
+    if set(family.global_sites) != set(fit.structure.global_sites):
+        raise ValueError(
+            f"the family covers the globals {family.global_sites}, the model has "
+            f"{fit.structure.global_sites}"
+        )
+    draws = family.sample_posterior(params, num_draws)
+    values = {n: particle_shaped(draws[n], n, fit.structure) for n in fit.structure.global_sites}
+    log_p = global_log_prior(fit.model, server.placeholder, fit.structure, values, num_draws)
+    return log_p - family.log_posterior(params, draws), values
+
+
 def psis_check(fit, num_draws: int = CHECK_DRAWS) -> Dict:
     """Pareto k-hat of the joint approximation of a gradient-mode ``fit``, as it stands,
     and how far q(phi)'s own moments are from the PSIS-weighted ones.
 
-    :returns: ``{"k_hat", "draws", "unevaluated_draws", "q_mean_shift", "q_sd_ratio",
-        "q_worst_site"}``: the share of draws some client could not evaluate (they get no
-        weight); the largest ``|mean_q - mean_w| / sd_w`` over every global value; the
-        range ``(min, max)`` of ``sd_q / sd_w``; the global site of the worst value (``_w``:
-        weighted by the smoothed importance weights, the posterior's moments when k-hat
-        < 0.7). A mean-field fit that shrinks a scale's sd shows it here even when its
-        k-hat looks good (eight schools, mean-field: k-hat 0.48, tau's ``sd_q / sd_w``
-        about 0.75).
-    :raises ValueError: for a fit whose server is not in gradient mode.
+    :returns: ``{"k_hat", "draws", "unevaluated_draws", "ess", "q_mean_shift",
+        "q_sd_ratio", "q_worst_site"}``: the share of draws some client could not evaluate
+        (they get no weight); the smoothed weights' effective sample size; the largest
+        ``|mean_q - mean_w| / sd_w`` over every global value; the range ``(min, max)`` of
+        ``sd_q / sd_w``; the global site of the worst value (``_w``: weighted by the
+        smoothed importance weights, the posterior's moments when k-hat < 0.7). A
+        mean-field fit that shrinks a scale's sd shows it here even when its k-hat looks
+        good (eight schools, mean-field: k-hat 0.48, tau's ``sd_q / sd_w`` about 0.75).
+        With local sites also ``"local_mean_shift"``, ``"local_sd_ratio"``,
+        ``"local_worst"`` (``client/site``) and ``"local_tolerance"``: the same for every
+        client's locals, each client weighing its own draws (:func:`_local_gaps`).
+    :raises ValueError: for a fit whose server is not first-order.
     """
     log_w, values = joint_log_weights(fit, num_draws)
     log_w = log_w.detach().double()
@@ -96,8 +119,41 @@ def psis_check(fit, num_draws: int = CHECK_DRAWS) -> Dict:
         "draws": num_draws,
         "unevaluated_draws": float(unevaluated.double().mean()),
     }
-    check.update(_moment_gaps(values, torch.from_numpy(np.exp(smoothed)), num_draws))
+    weights = torch.from_numpy(np.exp(smoothed))
+    check["ess"] = float(1.0 / weights.pow(2).sum())
+    check.update(_moment_gaps(values, weights, num_draws))
+    check.update(_local_gaps(fit, weights))
     return check
+
+
+def _local_gaps(fit, weights: torch.Tensor) -> Dict:
+    """Every client's ``q_i`` against the weighted posterior of its locals (each client
+    weighs its own draws: :meth:`~hbfl_pyro.client.Client.psis_local_gaps`), and the
+    tolerance their worst value gets for the Monte Carlo error of the weighted moments.
+
+    The weighted mean of a value has a Monte Carlo error of about ``1 / sqrt(ESS)`` of its
+    sd, and its sd about ``1 / sqrt(2 ESS)``; the largest of ``M`` such errors is about
+    ``sqrt(2 log 2M)`` of them. So a worst local shift is judged against
+    ``MEAN_SHIFT_OK + sqrt(2 log 2M / ESS)``: an 85-client fit is not flagged for the noise
+    in 85 weighted means, and a local factor 0.3 sd off is."""
+    if not fit.structure.local_sites:
+        return {}
+    shift, low, high, worst, count = 0.0, math.inf, 0.0, None, 0
+    for name, client in fit.clients.items():
+        for site, (site_shift, site_low, site_high) in client.psis_local_gaps(weights).items():
+            count += client._psis_locals[site][0].numel()
+            gap = max(site_shift, abs(math.log(site_low)), abs(math.log(site_high)))
+            if worst is None or gap > worst[1]:
+                worst = (f"{name}/{site}", gap)
+            shift, low, high = max(shift, site_shift), min(low, site_low), max(high, site_high)
+    ess = float(1.0 / weights.pow(2).sum())
+    noise = math.sqrt(2.0 * math.log(2.0 * max(count, 1)) / max(ess, 1.0))
+    return {
+        "local_mean_shift": shift,
+        "local_sd_ratio": (low, high),
+        "local_worst": worst[0] if worst else None,
+        "local_tolerance": noise,
+    }
 
 
 def _moment_gaps(values: Dict[str, torch.Tensor], weights: torch.Tensor, num_draws: int) -> Dict:
@@ -130,11 +186,31 @@ SD_RATIO_OK = (0.9, 1.1)
 
 def moments_close(check: Dict) -> bool:
     """Whether q's own moments are within :data:`MEAN_SHIFT_OK` and :data:`SD_RATIO_OK` of
-    the importance-weighted ones (what a first-order fit reports is q's own)."""
+    the importance-weighted ones (what a first-order fit reports is q's own): the globals',
+    and every client's locals' with :func:`local_tolerance` added."""
     low, high = check["q_sd_ratio"]
-    return (
-        check["q_mean_shift"] <= MEAN_SHIFT_OK and SD_RATIO_OK[0] <= low and high <= SD_RATIO_OK[1]
+    close = (
+        check["q_mean_shift"] <= MEAN_SHIFT_OK and SD_RATIO_OK[0] <= low <= high <= SD_RATIO_OK[1]
     )
+    return close and locals_close(check)
+
+
+def local_limits(check: Dict) -> Tuple[float, Tuple[float, float]]:
+    """The largest local mean shift and the sd-ratio range that count as close, given the
+    check's Monte Carlo tolerance (:func:`_local_gaps`)."""
+    noise = check.get("local_tolerance", 0.0)
+    spread = noise / math.sqrt(2.0)
+    return MEAN_SHIFT_OK + noise, (SD_RATIO_OK[0] - spread, SD_RATIO_OK[1] + spread)
+
+
+def locals_close(check: Dict) -> bool:
+    """Whether every client's ``q_i`` is within :func:`local_limits` of the weighted
+    posterior of its locals (``True`` for a model without locals)."""
+    if "local_mean_shift" not in check:
+        return True
+    shift_ok, (low_ok, high_ok) = local_limits(check)
+    low, high = check["local_sd_ratio"]
+    return check["local_mean_shift"] <= shift_ok and low_ok <= low <= high <= high_ok
 
 
 __all__ = [
@@ -142,6 +218,8 @@ __all__ = [
     "MEAN_SHIFT_OK",
     "SD_RATIO_OK",
     "joint_log_weights",
+    "local_limits",
+    "locals_close",
     "moments_close",
     "psis_check",
 ]

@@ -575,8 +575,9 @@ class FederatedSVI:
         (:mod:`hbfl_pyro.convergence`) at the last round, with what it measured
         (``moment_change``, ``elbo_gain``, ``elbo_se``, ``monitored_rounds``,
         ``step_halvings``); ``"not checked"`` when no round ran under this object (a fit
-        received from Flower). In gradient mode it also carries the PSIS check of the joint
-        approximation (``k_hat`` of q itself, ``k_hat_of="q"``, ``reliable`` when < 0.5;
+        received from Flower). It also carries the PSIS check of the joint approximation
+        (``k_hat`` of q itself, ``k_hat_of="q"``; ``reliable`` when < 0.5 and q's own
+        moments of the globals and of every client's locals are close to the weighted ones;
         :mod:`hbfl_pyro.psis_check`, computed once per round when asked).
         ``dropped_clients`` names clients left out with ``on_client_failure="drop"``."""
         if isinstance(self.server, SecondOrderServer):
@@ -590,7 +591,7 @@ class FederatedSVI:
             verdict.update(self._monitor.last, monitored_rounds=self._monitored)
             if self._halvings:
                 verdict["step_halvings"] = self._halvings
-        if self.server.mode == "gradient" and self.round > 0:
+        if self.server.mode in ("gradient", "closed_form") and self.round > 0:
             verdict.update(self._joint_check())
         dropped = failing_clients(self.history, final=True)
         if dropped:  # only with on_client_failure="drop": otherwise the fit stopped
@@ -598,7 +599,7 @@ class FederatedSVI:
         return verdict
 
     def _joint_check(self) -> Dict:
-        """The PSIS check of a gradient-mode fit at its current round (computed once per
+        """The PSIS check of a first-order fit at its current round (computed once per
         round: :func:`~hbfl_pyro.psis_check.psis_check`)."""
         cached = getattr(self, "_checked", None)
         if cached is None or cached[0] != self.round:

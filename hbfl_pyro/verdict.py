@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from .convergence import WINDOW
-from .psis_check import MEAN_SHIFT_OK, SD_RATIO_OK
+from .psis_check import MEAN_SHIFT_OK, SD_RATIO_OK, local_limits, locals_close
 
 #: Pareto k-hat at or above which importance-sampling estimates are unreliable.
 K_HAT_RELIABLE = 0.7
@@ -90,6 +90,25 @@ def verdict_problems(verdict: Dict) -> List[str]:
                 "unconverged fit: try a richer --guide, or drop the first-order options "
                 "so that the second-order server runs where it applies."
             )
+    if (
+        _of_q(verdict)
+        and "local_mean_shift" in verdict
+        and k_hat is not None
+        and k_hat < K_HAT_RELIABLE
+        and not locals_close(verdict)
+    ):
+        shift_ok, (low_ok, high_ok) = local_limits(verdict)
+        low, high = verdict["local_sd_ratio"]
+        problems.append(
+            f"the clients' local factors q_i, whose moments are reported, differ from the "
+            f"importance-weighted posterior of their locals: means up to "
+            f"{verdict['local_mean_shift']:.2f} sd apart, sds {low:.2f}-{high:.2f} of the "
+            f"weighted ones (worst: {verdict.get('local_worst')!r}; close is <= "
+            f"{shift_ok:.2f} sd and {low_ok:.2f}-{high_ok:.2f} with this check's Monte Carlo "
+            "error). The local blocks are not at their optimum (too few local steps a "
+            "round) or their family is too poor: drop the first-order options so that the "
+            "second-order server runs where it applies, or raise local_steps."
+        )
     if _of_q(verdict) and verdict.get("check_error"):
         problems.append(
             f"the PSIS check of this first-order fit could not run ({verdict['check_error']})"

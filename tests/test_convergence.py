@@ -79,7 +79,9 @@ def test_run_until_converged_stops_near_the_exact_mean():
     data = _data()
     fit = FederatedSVI(normal_normal.model, data, server="gradient", seed=0)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", ConvergenceWarning)  # it must converge
+        # It must converge (the stopping rule is what this tests; its PSIS check may still
+        # find a client's mean-field factor off: tests/test_psis_check.py).
+        warnings.filterwarnings("error", "the fit did not converge", ConvergenceWarning)
         fit.run(progress=False)
     verdict = fit.verdict
     assert verdict["status"] == "converged"

@@ -278,6 +278,22 @@ def test_neg_kl_matches_monte_carlo(name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_log_posterior_is_q_and_at_the_prior_the_models_prior(name):
+    # log q(phi), which the PSIS check of a closed-form fit weighs against: q's density at
+    # its draws, and at the prior's parameters the model's own prior density (Pyro's).
+    family, params = posterior_params(name)
+    phi = family.sample_posterior(params, 50)
+    torch.testing.assert_close(
+        family.log_posterior(params, phi), posterior_log_prob(name, family, params, phi)
+    )
+    prior = family.init_params()
+    at_prior = family.sample_posterior(prior, 50)
+    torch.testing.assert_close(
+        family.log_posterior(prior, at_prior), model_global_log_prob(family, at_prior)
+    )
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_point_values_are_posterior_means(name):
     family, params = posterior_params(name)
     draws = family.sample_posterior(params, 200_000)

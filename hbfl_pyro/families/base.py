@@ -93,3 +93,9 @@ class ClosedFormFamily:
     def sample_posterior(self, params: Params, num_samples: int) -> Params:
         """Draws of every global site from ``q(phi)``: ``{site: (num_samples, *site_shape)}``."""
         raise NotImplementedError
+
+    def log_posterior(self, params: Params, draws: Params) -> torch.Tensor:
+        """``log q(phi)`` at draws shaped as :meth:`sample_posterior` returns them: shape
+        ``(num_samples,)``, a density over the global sites' own values (the measure the
+        model's prior uses), so that ``log p(phi) - log q(phi)`` is an importance weight."""
+        raise NotImplementedError

@@ -329,6 +329,13 @@ class NIWFull(ClosedFormFamily):
         mu = dist.MultivariateNormal(params["m0"], sigma / params["l0"]).rsample()
         return {mu_site: mu, sigma_site: sigma}
 
+    def log_posterior(self, params: Params, draws: Params) -> torch.Tensor:
+        mu_site, sigma_site = self.global_sites
+        sigma = draws[sigma_site]
+        log_q = InverseWishart(params["n0"], params["V0"]).log_prob(sigma)
+        mean = dist.MultivariateNormal(params["m0"], sigma / params["l0"])
+        return log_q + mean.log_prob(draws[mu_site])
+
     def sample_global(self) -> dict[str, torch.Tensor]:
         """``pyro.sample`` the global sites from ``p(phi)``; call outside the clients plate.
 
@@ -517,6 +524,13 @@ class NIWDiag(ClosedFormFamily):
         var = dist.InverseGamma(params["a"], params["b"]).rsample((num_samples,))
         mu = dist.Normal(params["m0"], (var / params["l0"]).sqrt()).rsample()
         return {mu_site: mu, var_site: var}
+
+    def log_posterior(self, params: Params, draws: Params) -> torch.Tensor:
+        mu_site, var_site = self.global_sites
+        var = draws[var_site]
+        log_q = dist.InverseGamma(params["a"], params["b"]).log_prob(var).sum(-1)
+        mean = dist.Normal(params["m0"], (var / params["l0"]).sqrt())
+        return log_q + mean.log_prob(draws[mu_site]).sum(-1)
 
     def sample_global(self) -> dict[str, torch.Tensor]:
         """``pyro.sample`` the global sites from ``p(phi)``; call outside the clients plate.
@@ -708,6 +722,13 @@ class NIWIso(ClosedFormFamily):
         scale = (var / params["l0"]).sqrt().unsqueeze(-1)
         mu = dist.Normal(params["m0"], scale).rsample()
         return {mu_site: mu, var_site: var}
+
+    def log_posterior(self, params: Params, draws: Params) -> torch.Tensor:
+        mu_site, var_site = self.global_sites
+        var = draws[var_site]
+        log_q = dist.InverseGamma(params["a"], params["b"]).log_prob(var)
+        scale = (var / params["l0"]).sqrt().unsqueeze(-1)
+        return log_q + dist.Normal(params["m0"], scale).log_prob(draws[mu_site]).sum(-1)
 
     def sample_global(self) -> dict[str, torch.Tensor]:
         """``pyro.sample`` the global sites from ``p(phi)``; call outside the clients plate.

@@ -91,6 +91,10 @@ class NormalNormal(ClosedFormFamily):
         draws = Normal(params["loc"], params["scale"]).sample((num_samples,))
         return {self.global_sites[0]: draws.reshape((num_samples,) + self.site_shape)}
 
+    def log_posterior(self, params: Params, draws: Params) -> torch.Tensor:
+        flat = draws[self.global_sites[0]].reshape(-1, params["loc"].numel())
+        return Normal(params["loc"], params["scale"]).log_prob(flat).sum(-1)
+
     # ------------------------------------------------------------------ detection
     @classmethod
     def detect(
