@@ -251,12 +251,13 @@ class Client:
             )
         return terms[:, 0]
 
-    def psis_local_gaps(self, weights: torch.Tensor) -> Dict[str, Tuple[float, float, float]]:
+    def psis_local_gaps(self, weights: torch.Tensor) -> Dict[str, Tuple[float, float, float, int]]:
         """How far this client's ``q_i`` is from the PSIS-weighted posterior of its locals:
-        ``{site: (largest |mean_q - mean_w| / sd_w, smallest and largest sd_q / sd_w)}``
-        over the site's values, from the draws of the last :meth:`psis_log_ratios` and the
-        server's normalised ``weights`` (one per draw; they come from the sum over all
-        clients, so the weighted moments are the joint posterior's)."""
+        ``{site: (largest |mean_q - mean_w| / sd_w, smallest and largest sd_q / sd_w,
+        number of values)}`` over the site's values, from the draws of the last
+        :meth:`psis_log_ratios` and the server's normalised ``weights`` (one per draw; they
+        come from the sum over all clients, so the weighted moments are the joint
+        posterior's)."""
         gaps = {}
         for site, value in self._psis_locals.items():
             flat = value.detach().double().reshape(len(weights), -1)
@@ -266,7 +267,7 @@ class Client:
             w_sd = (w * (flat - w_mean) ** 2).sum(0).clamp_min(1e-300).sqrt()
             ratio = q_sd / w_sd
             shift = float(((q_mean - w_mean).abs() / w_sd).max())
-            gaps[site] = (shift, float(ratio.min()), float(ratio.max()))
+            gaps[site] = (shift, float(ratio.min()), float(ratio.max()), flat.shape[1])
         return gaps
 
     def _q_phi(self) -> torch.nn.Module:

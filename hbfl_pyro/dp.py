@@ -299,7 +299,7 @@ class DPConfig:
             )
 
     @property
-    def _z(self) -> float:
+    def multiplier(self) -> float:
         """The noise multiplier as a float: the one given, or the one solved for
         ``target_epsilon`` (``__post_init__`` sets ``noise_multiplier`` either way)."""
         if self.noise_multiplier is None:  # only while __post_init__ runs
@@ -355,9 +355,9 @@ class DPConfig:
         clipped = [self.clip_message(m, "the server's re-clipping") for m in messages]
         keys = list(clipped[0])
         sums = {k: sum(m[k] for m in clipped) for k in keys}
-        if self._z > 0:
+        if self.multiplier > 0:
             gen = torch.Generator().manual_seed(seed)
-            std = self._z * self.clip
+            std = self.multiplier * self.clip
             for k in sorted(keys):
                 if k in PUBLIC_KEYS:
                     continue
@@ -376,7 +376,7 @@ class DPConfig:
     # ------------------------------------------------------------------ accounting
     def epsilon(self, rounds: int) -> float:
         """``epsilon`` at this config's ``delta`` after ``rounds`` released sums."""
-        return epsilon(self._z, rounds, self.delta, self.accountant)
+        return epsilon(self.multiplier, rounds, self.delta, self.accountant)
 
     def report(self, rounds: int) -> Dict:
         """The privacy of a run that released ``rounds`` noisy sums, as a plain dict.

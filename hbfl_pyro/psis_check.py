@@ -45,6 +45,7 @@ import torch
 from .elbo import global_log_prior, server_log_ratios
 from .guides import private_params
 from .seeding import derive_seed, seeded
+from .servers.dp import DifferentialPrivacy
 
 #: Draws of ``q(phi)`` in the check (each client evaluates each once).
 CHECK_DRAWS = 1000
@@ -61,7 +62,9 @@ def joint_log_weights(fit, num_draws: int = CHECK_DRAWS):
         raise ValueError(
             f"the PSIS check needs a gradient or closed-form fit, not {fit.server.mode!r}"
         )
-    server, _ = fit._first_order_parts()  # (inside a DP wrapper, if any)
+    server = fit.server  # (inside a DP wrapper, if any)
+    if isinstance(server, DifferentialPrivacy):
+        server = server.strategy
     seed_round = -1 - fit.round  # messages like elbo()'s: no training round's seeds
     with private_params(), torch.no_grad(), seeded(derive_seed(fit.seed, "psis", fit.round)):
         if server.mode == "gradient":
@@ -140,8 +143,9 @@ def _local_gaps(fit, weights: torch.Tensor) -> Dict:
         return {}
     shift, low, high, worst, count = 0.0, math.inf, 0.0, None, 0
     for name, client in fit.clients.items():
-        for site, (site_shift, site_low, site_high) in client.psis_local_gaps(weights).items():
-            count += client._psis_locals[site][0].numel()
+        for site, gap in client.psis_local_gaps(weights).items():
+            site_shift, site_low, site_high, values = gap
+            count += values
             gap = max(site_shift, abs(math.log(site_low)), abs(math.log(site_high)))
             if worst is None or gap > worst[1]:
                 worst = (f"{name}/{site}", gap)

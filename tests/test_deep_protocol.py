@@ -38,6 +38,7 @@ from hbfl_pyro.deep import (
 from hbfl_pyro.seeding import derive_seed
 from hbfl_pyro.servers import ServerStrategy
 from hbfl_pyro.servers.base import select_indices
+from hbfl_pyro.servers.closed_form import client_multiplicities
 
 
 def former_deep_selection(num_clients, fraction, seed, server_round):
@@ -335,7 +336,6 @@ def test_a_checkpoint_file_is_refused_by_another_trainer_network_or_clients(tmp_
 
 
 def test_the_core_and_deep_trainers_share_participation():
-    import hbfl_pyro.deep.fedhb as deep_fedhb
     import hbfl_pyro.server as core_server
     import hbfl_pyro.servers.closed_form as closed_form
     from hbfl_pyro import participation
@@ -356,5 +356,5 @@ def test_the_core_and_deep_trainers_share_participation():
         seen.update(dict.fromkeys(record["clients"]))
     assert sorted(fit.server.stale) == sorted(seen)
     # Scaled: each round's equal weights are N / |S| (the core's factor), summing to N.
-    weights = deep_fedhb._weights([0, 2, 5], fit.sizes, 6, "equal", fit.init)
+    weights = client_multiplicities([0, 2, 5], fit.sizes, 6, "equal", fit.init)
     assert weights.tolist() == [participation.scale_factor(6, 3)] * 3 == [2.0] * 3

@@ -66,7 +66,7 @@ from ..families.niw import NIWDiag, NIWFull, NIWIso
 from ..participation import check_participation
 from ..rounds import federated_round
 from ..server import ClientFailureWarning
-from ..servers.closed_form import BLOCK, FamilyServer, client_multiplicities, summed_summaries
+from ..servers.closed_form import BLOCK, FamilyServer, summed_summaries
 from ..servers.dp import FamilyDifferentialPrivacy
 from .data import ClientSplit
 from .local import (
@@ -694,13 +694,6 @@ class FederatedTrainer:
         return self.train(starts, data, schedules, self.penalty(), spec)
 
 
-#: Former private names of the helpers now in :mod:`hbfl_pyro.servers.closed_form` (the
-#: mixture and the personalised baselines still import them from here).
-_weights = client_multiplicities
-_BLOCK = BLOCK
-_summed_summaries = summed_summaries
-
-
 def _spread(sums: Params, eps: float) -> float:
     """The weighted mean per-coordinate variance of the summed ``m_i`` (a diagnostic),
     from the sums alone: ``(sum_mm - d eps^2 sum_w) / (d sum_w) - ||mean||^2 / d``."""
@@ -712,7 +705,7 @@ def _spread(sums: Params, eps: float) -> float:
     return float((second - mean.dot(mean)) / d)
 
 
-def _weighted_sum(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def weighted_sum(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``sum_i w_i rows_i`` as one contraction (no ``(C, d)`` temporary)."""
     return torch.tensordot(w, rows, dims=1)
 

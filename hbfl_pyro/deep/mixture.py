@@ -85,12 +85,11 @@ from ..families.base import ClosedFormFamily, Params
 from ..families.niw import NIWDiag, NIWIso
 from ..participation import check_participation
 from ..seeding import derive_seed, seeded
-from ..servers.closed_form import MixtureServer
+from ..servers.closed_form import BLOCK, MixtureServer
 from ..servers.dp import MIXTURE_REASON
 from .baselines import FedProx
 from .data import FederatedSplit
 from .fedhb import (
-    _BLOCK,
     ClientLike,
     FederatedTrainer,
     MessageHook,
@@ -793,7 +792,7 @@ class FedHBMixture(FederatedTrainer):
         if self.server.pool(replies) is self.server.stale:
             counts = self._update_from_pool()
         else:
-            counts = self._update_from(chosen, lambda s: thetas[s : s + _BLOCK], resp)
+            counts = self._update_from(chosen, lambda s: thetas[s : s + BLOCK], resp)
         return {
             "responsibilities": resp.detach().clone(),
             "counts": counts,
@@ -807,7 +806,7 @@ class FedHBMixture(FederatedTrainer):
         pool = sorted(stale)
 
         def rows(s):
-            return torch.stack([stale[i][0] for i in pool[s : s + _BLOCK]])
+            return torch.stack([stale[i][0] for i in pool[s : s + BLOCK]])
 
         return self._update_from(pool, rows, torch.stack([stale[i][1] for i in pool]))
 

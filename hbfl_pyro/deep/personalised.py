@@ -41,7 +41,8 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from ..seeding import derive_seed
-from .fedhb import ClientLike, FederatedTrainer, _weighted_sum, _weights
+from ..servers.closed_form import client_multiplicities
+from .fedhb import ClientLike, FederatedTrainer, weighted_sum
 from .local import (
     LocalSpec,
     Penalty,
@@ -185,8 +186,8 @@ class Ditto(FederatedTrainer):
         else:
             thetas, personal = replies
         self.personal[torch.tensor(chosen, device=self.personal.device)] = personal
-        w = _weights(chosen, self.sizes, 1, self.weighting, thetas)
-        self.weights = _weighted_sum(w, thetas)
+        w = client_multiplicities(chosen, self.sizes, 1, self.weighting, thetas)
+        self.weights = weighted_sum(w, thetas)
         return {}
 
     def finetune(
@@ -288,8 +289,8 @@ class PerFedAvg(FederatedTrainer):
         return self.weights
 
     def aggregate(self, chosen: List[int], thetas: torch.Tensor) -> Dict:
-        w = _weights(chosen, self.sizes, 1, self.weighting, thetas)
-        self.weights = _weighted_sum(w, thetas)
+        w = client_multiplicities(chosen, self.sizes, 1, self.weighting, thetas)
+        self.weights = weighted_sum(w, thetas)
         return {}
 
     # ------------------------------------------------------------------ the meta step
@@ -655,8 +656,8 @@ class PFedBayes(FederatedTrainer):
 
     def aggregate(self, chosen: List[int], thetas: torch.Tensor) -> Dict:
         """``z <- (1 - beta) z + beta * average(p)``."""
-        w = _weights(chosen, self.sizes, 1, self.weighting, thetas)
-        self.weights = (1 - self.beta) * self.weights + self.beta * _weighted_sum(w, thetas)
+        w = client_multiplicities(chosen, self.sizes, 1, self.weighting, thetas)
+        self.weights = (1 - self.beta) * self.weights + self.beta * weighted_sum(w, thetas)
         return {"global_sigma": float(F.softplus(self.weights[self.base.d :]).mean())}
 
     def finetune(

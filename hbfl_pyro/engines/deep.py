@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # (hbfl_pyro.deep imports this module)
     from ..deep.fedhb import FederatedTrainer
 
 
-def _reply_parts(replies) -> Tuple:
+def reply_parts(replies) -> Tuple:
     """A round's replies as a tuple of per-client parts (tensors with one row per client,
     or ``None``): a tensor alone or a tuple of them (e.g. the mixture's ``(thetas, resp)``)."""
     return replies if isinstance(replies, tuple) else (replies,)
@@ -36,7 +36,7 @@ def _finite_rows(replies) -> Optional[torch.Tensor]:
     """Which clients' replies hold only finite numbers, ``(C,)`` bool (``None``: no
     floating-point part to check)."""
     ok = None
-    for part in _reply_parts(replies):
+    for part in reply_parts(replies):
         if isinstance(part, torch.Tensor) and part.is_floating_point():
             rows = torch.isfinite(part.reshape(part.shape[0], -1)).all(-1)
             ok = rows if ok is None else ok & rows
@@ -46,22 +46,22 @@ def _finite_rows(replies) -> Optional[torch.Tensor]:
 def _take_rows(replies, positions: List[int]):
     """The replies of the clients at ``positions`` (same layout as ``replies``)."""
     parts = []
-    for part in _reply_parts(replies):
+    for part in reply_parts(replies):
         if isinstance(part, torch.Tensor):
             part = part[torch.tensor(positions, dtype=torch.long, device=part.device)]
         parts.append(part)
     return tuple(parts) if isinstance(replies, tuple) else parts[0]
 
 
-def _join_rows(replies: List[Any]):
+def join_rows(replies: List[Any]):
     """Per-client replies (each of one client, same layout) joined into one round's."""
     first = replies[0]
-    columns = zip(*map(_reply_parts, replies))
+    columns = zip(*map(reply_parts, replies))
     parts = [None if col[0] is None else torch.cat(list(col)) for col in columns]
     return tuple(parts) if isinstance(first, tuple) else parts[0]
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     """A failure's reason as the core's engines record it."""
     return f"{type(exc).__name__}: {exc}"
 
@@ -88,9 +88,7 @@ def screen_replies(
     """
     if trainer.hooks:  # every reply as sent, before the server's check (as the core's)
         for j, i in enumerate(answered):
-            row = tuple(
-                p[j] if isinstance(p, torch.Tensor) else None for p in _reply_parts(replies)
-            )
+            row = tuple(p[j] if isinstance(p, torch.Tensor) else None for p in reply_parts(replies))
             trainer.deliver("up", i, trainer.reply_message(server_round, i, row))
     finite = _finite_rows(replies)
     if finite is not None and not bool(finite.all()):
@@ -196,13 +194,13 @@ class DeepEngine(Engine):
                     parts.append(trainer.local_updates(server_round, [i]))
                 except Exception as exc:
                     first = first or exc
-                    failures[i] = _reason(exc)
+                    failures[i] = failure_reason(exc)
                 else:
                     answered.append(i)
             if not parts:  # every client raised: a bug in the code, not a client's fault
                 raise (first or batch_error) from None
-            replies = _join_rows(parts)
+            replies = join_rows(parts)
         return screen_replies(trainer, server_round, answered, replies, failures, stacklevel + 1)
 
 
-__all__ = ["DeepEngine", "screen_replies"]
+__all__ = ["DeepEngine", "failure_reason", "join_rows", "reply_parts", "screen_replies"]

@@ -113,7 +113,7 @@ class VectorisedEngine(InProcessEngine):
             first = self.clients[names[0]]
             with private_params():
                 self._guides[size] = build_local_guide(
-                    first.model, first._structure, batch, type(self._template)
+                    first.model, first.structure, batch, type(self._template)
                 )
         return self._guides[size]
 

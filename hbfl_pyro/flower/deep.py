@@ -55,7 +55,6 @@ raised the engine raises (a bug in the code, not a client's fault).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -63,10 +62,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..engines.base import Engine
-from ..engines.deep import _join_rows, _reason, _reply_parts, screen_replies
-from .env import RAY_INIT_ARGS
+from ..engines.deep import failure_reason, join_rows, reply_parts, screen_replies
 from .messaging import discover_clients, error_text, logger, send_and_receive
 from .records import decode, num_bytes, record_dict
+from .simulation import run_apps
 
 #: Run-config keys of a deep run, with their defaults.
 DEEP_CONFIG_DEFAULTS: Dict[str, Any] = {
@@ -198,10 +197,10 @@ def train_client(trainer, client: int, message: Dict) -> Dict:
     try:
         replies = trainer.local_updates(server_round, [client])
     except Exception as exc:  # the client's failure, reported to the server
-        return {"client": client, "round": server_round, "error": _reason(exc)}
+        return {"client": client, "round": server_round, "error": failure_reason(exc)}
     finally:
         engine.sent = (0, {})
-    row = tuple(p[0] if isinstance(p, torch.Tensor) else None for p in _reply_parts(replies))
+    row = tuple(p[0] if isinstance(p, torch.Tensor) else None for p in reply_parts(replies))
     return trainer.reply_message(server_round, client, row)
 
 
@@ -321,7 +320,7 @@ class DeepFlowerEngine(Engine):
             logger.warning("hbfl: client %s (node %s) failed: %s", client, self.nodes[client], why)
         replies = None
         if answered:
-            replies = _join_rows(
+            replies = join_rows(
                 [
                     tuple(_row(good[client].get(name)) for name in trainer.REPLY)
                     if len(trainer.REPLY) > 1
@@ -480,11 +479,7 @@ def simulate_deep(
         >>> fit = make_trainer(); load_deep_result(fit, result)  # doctest: +SKIP
         >>> fit.global_weights()  # as after fit.run(3) in process  # doctest: +SKIP
     """
-    import logging
-
     _flwr()
-    from flwr.simulation import run_simulation
-
     path, name = parse_trainer_spec(trainer)
     config = merged_deep_config(
         None,
@@ -497,30 +492,13 @@ def simulate_deep(
     )
     num_clients = load_trainer(config).num_clients
     config["num-clients"] = config["num-clients"] or num_clients
-    cpus = num_cpus or max(1, min(2, os.cpu_count() or 1))
-    backend_config: Dict = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {**RAY_INIT_ARGS, "num_cpus": cpus, "num_gpus": 0},
-    }
-    results: List[Dict] = []
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    if not verbose:
-        flwr_logger.setLevel(logging.ERROR)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    try:
-        run_simulation(
-            server_app=deep_server_app(config, on_result=results.append),
-            client_app=deep_client_app(config),
-            num_supernodes=num_clients,
-            backend_config=backend_config,
-            verbose_logging=verbose,
-        )
-    finally:
-        flwr_logger.setLevel(level)
-    if not results:
-        raise RuntimeError("the Flower simulation ended without a result (see its log above)")
-    return results[0]
+    return run_apps(
+        lambda on_result: deep_server_app(config, on_result=on_result),
+        deep_client_app(config),
+        num_clients,
+        num_cpus=num_cpus,
+        verbose=verbose,
+    )
 
 
 def load_deep_result(trainer, result: Mapping) -> None:

@@ -61,8 +61,6 @@ def simulate(
     from . import require_flower
 
     require_flower()
-    from flwr.simulation import run_simulation
-
     from ..data import FederatedData
     from .apps import client_app, load_spec, server_app
 
@@ -79,6 +77,39 @@ def simulate(
         per_client = spec.options.get("per_client", ())
         num_supernodes = len(FederatedData(spec.model_file.load_data(), per_client))
     config["num-clients"] = config.get("num-clients") or num_supernodes
+    return run_apps(
+        lambda on_result: server_app(config, on_result=on_result),
+        client_app(config),
+        num_supernodes,
+        num_cpus=num_cpus,
+        backend_config=backend_config,
+        verbose=verbose,
+    )
+
+
+def run_apps(
+    make_server_app,
+    client_app,
+    num_supernodes: int,
+    *,
+    num_cpus: Optional[int] = None,
+    backend_config: Optional[Dict] = None,
+    verbose: bool = False,
+) -> Dict:
+    """Run a ServerApp and a ClientApp in Flower's simulation engine and return the
+    result the ServerApp hands to its ``on_result`` (what :func:`simulate` and
+    :func:`~hbfl_pyro.flower.deep.simulate_deep` share).
+
+    :param make_server_app: ``make_server_app(on_result)``, the ServerApp.
+    :param client_app: the ClientApp.
+    :param num_supernodes: virtual nodes.
+    :param num_cpus: CPUs Ray may use (default: up to 2); each ClientApp worker takes one.
+    :param backend_config: Flower's simulation backend config (replaces the default).
+    :param verbose: keep Flower's INFO log.
+    :raises RuntimeError: when the ServerApp ended without a result.
+    """
+    from flwr.simulation import run_simulation
+
     if backend_config is None:
         cpus = num_cpus or max(1, min(2, os.cpu_count() or 1))
         backend_config = {
@@ -94,8 +125,8 @@ def simulate(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     try:
         run_simulation(
-            server_app=server_app(config, on_result=results.append),
-            client_app=client_app(config),
+            server_app=make_server_app(results.append),
+            client_app=client_app,
             num_supernodes=num_supernodes,
             backend_config=backend_config,
             verbose_logging=verbose,

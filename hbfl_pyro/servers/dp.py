@@ -401,7 +401,7 @@ class FamilyDifferentialPrivacy(DifferentialPrivacy):
             return self.clip_updates(rows(s), m0)
 
         sums = summed_summaries(server.family, weights, clipped, len(clients), server.eps)
-        if self.dp._z > 0:
+        if self.dp.multiplier > 0:
             seed = self.dp.noise_seed(server.seed, server_round)
             sums = self._noisy(sums, m0, float(weights.max()), seed)
         self.dp_releases += 1
@@ -415,7 +415,7 @@ class FamilyDifferentialPrivacy(DifferentialPrivacy):
         """The sums with the release's noise (see the class doc), projected onto moments
         that clients could have sent."""
         gen = torch.Generator().manual_seed(seed)  # the server's own: global RNG untouched
-        std = self.dp._z * self.sensitivity * largest
+        std = self.dp.multiplier * self.sensitivity * largest
         m = sums["sum_m"]
         first = std * torch.randn(m.shape, generator=gen, dtype=m.dtype).to(m.device)
         noisy = dict(sums)
