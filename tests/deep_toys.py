@@ -19,3 +19,18 @@ def toy(sizes=(20, 9, 14, 5, 12, 17), seed=0, nan=()):
         clients.append((x, torch.randint(0, 3, (n,), generator=gen)))
     torch.manual_seed(seed)
     return mlp((4, 6, 3)).double(), clients
+
+
+def break_client(fit, client, message="disk on fire"):
+    """Make a deep trainer's ``client`` raise whenever its data are trained; returns the
+    trainer's own ``train`` (to restore it)."""
+    x_bad = fit.data[client][0]
+    original = fit.train
+
+    def train(starts, data, schedules, penalty=None, spec=None):
+        if any(x is x_bad for x, _ in data):
+            raise RuntimeError(message)
+        return original(starts, data, schedules, penalty, spec)
+
+    fit.train = train
+    return original

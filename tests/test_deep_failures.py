@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from deep_toys import break_client
 
 from hbfl_pyro import ClientFailureError, ClientFailureWarning
 from hbfl_pyro.deep import (
@@ -78,20 +79,6 @@ def quietly(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ClientFailureWarning)
         return fn(*args, **kwargs)
-
-
-def break_client(fit, client, message="disk on fire"):
-    """Make ``client``'s local training raise (whenever its data are trained)."""
-    x_bad = fit.data[client][0]
-    original = fit.train
-
-    def train(starts, data, schedules, penalty=None, spec=None):
-        if any(x is x_bad for x, _ in data):
-            raise RuntimeError(message)
-        return original(starts, data, schedules, penalty, spec)
-
-    fit.train = train
-    return original
 
 
 # --------------------------------------------------------------------------------------

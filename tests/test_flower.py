@@ -365,13 +365,14 @@ class Deployment:
             pids += [proc.pid] + _descendants(proc.pid)
         return pids
 
-    def flwr_run(self, run_config: dict):
+    def flwr_run(self, run_config: dict, app: Path = APP):
+        """``flwr run`` of ``app`` (the core's app by default) with ``run_config``."""
         text = " ".join(
             f"{k}={json.dumps(v) if not isinstance(v, str) else repr(v)}"
             for k, v in run_config.items()
         )
         done = subprocess.run(
-            [str(self.bin / "flwr"), "run", str(APP), "hbfl-test", "--run-config", text],
+            [str(self.bin / "flwr"), "run", str(app), "hbfl-test", "--run-config", text],
             env=self.env,
             capture_output=True,
             text=True,

@@ -243,8 +243,6 @@ def _write_app(directory: Path) -> Path:
 def test_deployment_on_loopback_equals_in_process(flwr, tmp_path):
     """A SuperLink and six SuperNodes on 127.0.0.1 (started and stopped by PID, as the
     core's deployment tests do): FedHB's 2 rounds equal the in-process run bit for bit."""
-    import subprocess
-
     from test_flower import LOOPBACK, Deployment, _alive, _listening, _wait_for
 
     app = _write_app(tmp_path / "app")
@@ -256,17 +254,8 @@ def test_deployment_on_loopback_equals_in_process(flwr, tmp_path):
         "out-dir": str(out),
         "round-timeout": 120.0,
     }
-    text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in config.items())
     with Deployment(tmp_path, num_nodes=6) as deployment:
-        done = subprocess.run(
-            [str(deployment.bin / "flwr"), "run", str(app), "hbfl-test", "--run-config", text],
-            env=deployment.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=deployment.dir,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
+        deployment.flwr_run(config, app=app)
         listening = _listening(deployment.pids())
         assert listening and all(address in LOOPBACK for address, _ in listening), listening
         _wait_for(out / "result.pt", 240, deployment)

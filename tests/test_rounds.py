@@ -7,7 +7,7 @@ import warnings
 import normal_normal
 import pytest
 import torch
-from deep_toys import OPTS, toy
+from deep_toys import OPTS, break_client, toy
 from tree_asserts import assert_same
 
 from hbfl_pyro import ClientFailureError, ClientFailureWarning, FederatedSVI
@@ -27,19 +27,6 @@ def quietly(fn, *args, **kwargs):
 
 def without_seconds(history):
     return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
-
-
-def break_client(fit, client, message="disk on fire"):
-    """Make a deep trainer's ``client`` raise whenever its data are trained."""
-    x_bad = fit.data[client][0]
-    original = fit.train
-
-    def train(starts, data, schedules, penalty=None, spec=None):
-        if any(x is x_bad for x, _ in data):
-            raise RuntimeError(message)
-        return original(starts, data, schedules, penalty, spec)
-
-    fit.train = train
 
 
 # --------------------------------------------------------------------------------------
